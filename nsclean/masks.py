@@ -1,0 +1,817 @@
+"""Background masks for NSClean, built from arrays only (no file I/O).
+
+A background mask is a boolean image in the DMS frame of the rate file:
+``True`` marks a pixel whose signal is background (dark sky and detector
+noise) and may be used to fit the correlated read noise; ``False`` marks a
+pixel that is or may be illuminated, flagged, or otherwise unusable.
+
+The automatic mask follows the recipe of Rauscher (2024, section 3.5) and the
+TEMPLATES team (Rigby et al. 2023): start from everything, remove the science
+footprint taken from the stage-2 ``_cal`` product (grown by a small binary
+dilation), the fixed-slit band for IFU and MOS full frames, pixels flagged in
+DQ, and bright pixels that remain; then report columns left with too few
+background pixels. Every step is switchable through :class:`MaskOptions` and
+recorded in the ``info`` dictionary returned with the mask.
+
+Reading files (cal and rate products, user masks, PNG images) lives in
+:mod:`nsclean.exposure`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from skimage.morphology import dilation, disk, isotropic_dilation
+
+from . import dq as dqflags
+
+__all__ = [
+    "DETECTOR_SIZE",
+    "FIXED_SLIT_ROWS",
+    "REFERENCE_BORDER",
+    "MaskOptions",
+    "SlitRegion",
+    "background_mask_from_footprint",
+    "build_background_mask",
+    "bright_pixels",
+    "column_background_counts",
+    "combine_masks",
+    "dilate_footprint",
+    "fixed_slit_band",
+    "flagged_pixels",
+    "guard_report",
+    "ifu_footprint",
+    "longest_masked_run",
+    "mask_from_shaded_rgb",
+    "quicklook_rgb",
+    "reference_pixel_border",
+    "slit_footprint",
+]
+
+DETECTOR_SIZE = 2048
+REFERENCE_BORDER = 4
+# DMS rows (0-indexed, inclusive) that the fixed slits illuminate on both
+# detectors; the jwst pipeline masks the same rows for IFU and MOS exposures.
+FIXED_SLIT_ROWS = (922, 1115)
+
+_FOOTPRINT_MODES = ("trace", "box")
+_BAND_MODES = ("auto", "always", "never")
+# Modes whose full frames carry fixed-slit light on top of the science
+# footprint (the fixed slits are always open).
+_BAND_EXP_TYPES = ("NRS_IFU", "NRS_MSASPEC")
+# Small disks are fastest with a direct structuring element; beyond this
+# radius a Euclidean distance transform is faster and still exact.
+_DIRECT_DILATION_MAX_RADIUS = 5
+_MAD_TO_SIGMA = 1.4826
+
+
+@dataclass(frozen=True)
+class MaskOptions:
+    """Options of the automatic background mask; every step can be switched off.
+
+    Parameters
+    ----------
+    use_footprint : bool
+        Remove the science footprint taken from the cal product.
+    footprint_mode : {"trace", "box"}
+        For slit products (MOS, fixed slit, BOTS): ``"trace"`` removes the
+        pixels the pipeline calibrated (finite in the slit's SCI cutout),
+        ``"box"`` removes the slit's whole bounding box. IFU footprints are
+        always the finite pixels of the full-frame SCI.
+    dilation_radius : int
+        Radius in pixels of the disk by which the footprint is grown, to keep
+        light scattered past the footprint edge out of the fit (0 = none).
+    fixed_slit_band : {"auto", "always", "never"}
+        Remove DMS rows ``fixed_slit_rows``. ``"auto"`` does so for IFU and
+        MOS full frames, where the always-open fixed slits add light that the
+        cal product does not describe.
+    fixed_slit_rows : tuple of int
+        First and last (inclusive) full-frame DMS row of the fixed-slit band.
+    mask_nan : bool
+        Remove pixels that are NaN in the rate image.
+    mask_do_not_use : bool
+        Remove pixels flagged DO_NOT_USE in DQ.
+    mask_reference_pixels : bool
+        Remove the 4-pixel reference border (by position and by the
+        REFERENCE_PIXEL flag): those pixels do not see light or dark current.
+    mask_failed_open : bool
+        Remove pixels flagged MSA_FAILED_OPEN (light from stuck-open shutters).
+    mask_jump : bool
+        Remove pixels flagged JUMP_DET. Off by default: see ``docs/masks.md``.
+    clip_sigma : float or None
+        Remove pixels more than this many robust sigma above the background
+        level of their column (``None`` or 0 = no clipping).
+    guard_min_pixels : int
+        Columns with fewer background pixels than this are reported as weak
+        (capped at a quarter of the column length for short subarrays).
+    guard_max_gap : int
+        Columns whose longest run of masked pixels exceeds this are reported
+        as weak: the fitted model is poorly constrained inside long gaps.
+    """
+
+    use_footprint: bool = True
+    footprint_mode: str = "trace"
+    dilation_radius: int = 2
+    fixed_slit_band: str = "auto"
+    fixed_slit_rows: tuple[int, int] = FIXED_SLIT_ROWS
+    mask_nan: bool = True
+    mask_do_not_use: bool = True
+    mask_reference_pixels: bool = True
+    mask_failed_open: bool = True
+    mask_jump: bool = False
+    clip_sigma: float | None = 4.0
+    guard_min_pixels: int = 34
+    guard_max_gap: int = 500
+
+    def __post_init__(self):
+        if self.footprint_mode not in _FOOTPRINT_MODES:
+            raise ValueError(
+                f"footprint_mode must be one of {_FOOTPRINT_MODES}, got {self.footprint_mode!r}"
+            )
+        if self.fixed_slit_band not in _BAND_MODES:
+            raise ValueError(
+                f"fixed_slit_band must be one of {_BAND_MODES}, got {self.fixed_slit_band!r}"
+            )
+        radius = self.dilation_radius
+        if isinstance(radius, bool) or int(radius) != radius or radius < 0:
+            raise ValueError(f"dilation_radius must be an integer >= 0, got {radius!r}")
+        object.__setattr__(self, "dilation_radius", int(radius))
+        rows = tuple(int(r) for r in self.fixed_slit_rows)
+        if len(rows) != 2 or rows[0] > rows[1] or rows[0] < 0:
+            raise ValueError(
+                f"fixed_slit_rows must be (first, last) with 0 <= first <= last, "
+                f"got {self.fixed_slit_rows!r}"
+            )
+        object.__setattr__(self, "fixed_slit_rows", rows)
+        if self.clip_sigma is not None:
+            if not (self.clip_sigma >= 0):
+                raise ValueError(f"clip_sigma must be >= 0 or None, got {self.clip_sigma!r}")
+            object.__setattr__(self, "clip_sigma", float(self.clip_sigma))
+        for name in ("guard_min_pixels", "guard_max_gap"):
+            value = getattr(self, name)
+            if int(value) != value or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+    @classmethod
+    def from_mapping(cls, options: Mapping | None = None, **overrides) -> MaskOptions:
+        """Build options from a mapping (e.g. a config section) plus keyword overrides.
+
+        Unknown names raise ``ValueError`` listing the accepted ones, so that a
+        misspelt option is never silently ignored.
+        """
+        merged = dict(options or {})
+        merged.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown mask option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**merged)
+
+    def to_dict(self) -> dict:
+        """Return the options as a JSON-serialisable dictionary."""
+        out = dataclasses.asdict(self)
+        out["fixed_slit_rows"] = list(self.fixed_slit_rows)
+        return out
+
+
+@dataclass(frozen=True)
+class SlitRegion:
+    """One slit of a MOS, fixed-slit or BOTS cal product, placed on the rate array.
+
+    Parameters
+    ----------
+    name : str
+        Slit name (``SLTNAME``).
+    xstart, ystart : int
+        0-indexed column and row of the cutout's first pixel in the rate
+        array (``SLTSTRT1 - 1``, ``SLTSTRT2 - 1``).
+    data : ndarray
+        The slit's SCI cutout; finite pixels are on the trace.
+    """
+
+    name: str
+    xstart: int
+    ystart: int
+    data: np.ndarray = field(repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.data.shape)
+
+
+def ifu_footprint(cal_sci: np.ndarray) -> np.ndarray:
+    """Science footprint of an IFU exposure: the finite pixels of its cal SCI.
+
+    Parameters
+    ----------
+    cal_sci : ndarray
+        Full-frame (or subarray) SCI image of an ``NRS_IFU`` cal product,
+        NaN outside the 30 slices.
+
+    Returns
+    -------
+    ndarray of bool
+        ``True`` on the slices (science), same shape as ``cal_sci``.
+    """
+    cal_sci = np.asarray(cal_sci)
+    if cal_sci.ndim != 2:
+        raise ValueError(f"cal SCI must be 2-D, got shape {cal_sci.shape}")
+    return np.isfinite(cal_sci)
+
+
+def slit_footprint(
+    shape: tuple[int, int], slits: Iterable[SlitRegion], *, mode: str = "trace"
+) -> np.ndarray:
+    """Science footprint of slit exposures (MOS, fixed slit, BOTS).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape of the rate image the slits are placed on.
+    slits : iterable of SlitRegion
+        The slits, with 0-indexed placement in the rate array.
+    mode : {"trace", "box"}
+        ``"trace"``: the finite pixels of each cutout; ``"box"``: each
+        cutout's whole bounding box.
+
+    Returns
+    -------
+    ndarray of bool
+        ``True`` where a slit puts science light.
+
+    Raises
+    ------
+    ValueError
+        If a slit does not lie inside the image.
+    """
+    if mode not in _FOOTPRINT_MODES:
+        raise ValueError(f"mode must be one of {_FOOTPRINT_MODES}, got {mode!r}")
+    nrows, ncols = shape
+    footprint = np.zeros(shape, dtype=bool)
+    for slit in slits:
+        ny, nx = slit.shape
+        y0, x0 = int(slit.ystart), int(slit.xstart)
+        if y0 < 0 or x0 < 0 or y0 + ny > nrows or x0 + nx > ncols:
+            raise ValueError(
+                f"slit {slit.name!r} ({ny} x {nx} at row {y0 + 1}, column {x0 + 1}, 1-indexed) "
+                f"does not fit in the {nrows} x {ncols} image"
+            )
+        region = footprint[y0 : y0 + ny, x0 : x0 + nx]
+        if mode == "box":
+            region[...] = True
+        else:
+            region |= np.isfinite(slit.data)
+    return footprint
+
+
+def dilate_footprint(footprint: np.ndarray, radius: int) -> np.ndarray:
+    """Grow a footprint by a disk of ``radius`` pixels (binary dilation).
+
+    Parameters
+    ----------
+    footprint : ndarray of bool
+        ``True`` on science pixels.
+    radius : int
+        Disk radius in pixels; 0 returns a copy.
+
+    Returns
+    -------
+    ndarray of bool
+        The dilated footprint (a new array).
+
+    Notes
+    -----
+    Light from a spectral trace spreads past the pixels the pipeline
+    calibrated (PSF wings, scattered light); a background pixel touched by
+    that light biases the fitted noise model and so the extracted flux.
+    """
+    footprint = np.asarray(footprint, dtype=bool)
+    radius = int(radius)
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    if radius == 0:
+        return footprint.copy()
+    if radius <= _DIRECT_DILATION_MAX_RADIUS:
+        return dilation(footprint, disk(radius))
+    return isotropic_dilation(footprint, radius)
+
+
+def fixed_slit_band(
+    shape: tuple[int, int],
+    rows: tuple[int, int] = FIXED_SLIT_ROWS,
+    *,
+    origin: tuple[int, int] = (0, 0),
+) -> np.ndarray:
+    """Pixels in the fixed-slit band (full-frame DMS rows ``rows``, inclusive).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape of the image.
+    rows : tuple of int
+        First and last full-frame DMS row (0-indexed) of the band.
+    origin : tuple of int
+        0-indexed full-frame (row, column) of the image's first pixel, i.e.
+        ``(SUBSTRT2 - 1, SUBSTRT1 - 1)`` for subarrays.
+
+    Returns
+    -------
+    ndarray of bool
+        ``True`` inside the band.
+    """
+    band = np.zeros(shape, dtype=bool)
+    first = max(rows[0] - origin[0], 0)
+    last = min(rows[1] - origin[0], shape[0] - 1)
+    if first <= last:
+        band[first : last + 1, :] = True
+    return band
+
+
+def reference_pixel_border(
+    shape: tuple[int, int],
+    *,
+    origin: tuple[int, int] = (0, 0),
+    border: int = REFERENCE_BORDER,
+    detector_size: int = DETECTOR_SIZE,
+) -> np.ndarray:
+    """Pixels of the detector's reference border that fall inside the image.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Shape of the image.
+    origin : tuple of int
+        0-indexed full-frame (row, column) of the image's first pixel.
+    border : int
+        Width of the reference border (4 on NIRSpec, on all four sides).
+    detector_size : int
+        Full-frame size in pixels.
+
+    Returns
+    -------
+    ndarray of bool
+        ``True`` on reference pixels.
+    """
+    rows = np.arange(shape[0]) + origin[0]
+    cols = np.arange(shape[1]) + origin[1]
+    row_ref = (rows < border) | (rows >= detector_size - border)
+    col_ref = (cols < border) | (cols >= detector_size - border)
+    return row_ref[:, None] | col_ref[None, :]
+
+
+def flagged_pixels(
+    dq: np.ndarray,
+    *,
+    do_not_use: bool = True,
+    failed_open: bool = True,
+    reference_pixels: bool = True,
+    jump: bool = False,
+) -> np.ndarray:
+    """Pixels whose DQ carries any of the selected flags.
+
+    Parameters
+    ----------
+    dq : ndarray of int
+        DQ array of the rate product.
+    do_not_use, failed_open, reference_pixels, jump : bool
+        Which flags to test: DO_NOT_USE, MSA_FAILED_OPEN, REFERENCE_PIXEL,
+        JUMP_DET.
+
+    Returns
+    -------
+    ndarray of bool
+        ``True`` where any selected flag is set.
+    """
+    bits = 0
+    if do_not_use:
+        bits |= dqflags.DO_NOT_USE
+    if failed_open:
+        bits |= dqflags.MSA_FAILED_OPEN
+    if reference_pixels:
+        bits |= dqflags.REFERENCE_PIXEL
+    if jump:
+        bits |= dqflags.JUMP_DET
+    dq = np.asarray(dq)
+    if bits == 0:
+        return np.zeros(dq.shape, dtype=bool)
+    return (dq.astype(np.uint32, copy=False) & np.uint32(bits)) != 0
+
+
+def bright_pixels(
+    image: np.ndarray, background_mask: np.ndarray, n_sigma: float
+) -> tuple[np.ndarray, dict]:
+    """Background candidates more than ``n_sigma`` robust sigma above their column's level.
+
+    Parameters
+    ----------
+    image : ndarray
+        The rate image (DMS frame).
+    background_mask : ndarray of bool
+        Current background candidates; only these are tested.
+    n_sigma : float
+        Clipping threshold in units of the robust sigma.
+
+    Returns
+    -------
+    bright : ndarray of bool
+        ``True`` on candidates that are too bright to be background.
+    stats : dict
+        ``sigma`` (robust sigma of the candidates about their column medians)
+        and ``n_columns_without_level``.
+
+    Notes
+    -----
+    The level is the median of each column's candidates, because 1/f noise
+    shifts whole columns (vertical banding): a single image-wide level would
+    mistake bright stripes for sources. The sigma is one number for the image
+    (1.4826 x the median absolute deviation of the residuals), so faint
+    sources in one column cannot inflate their own threshold. Only the high
+    side is clipped: uncovered light is positive.
+    """
+    image = np.asarray(image)
+    candidates = np.asarray(background_mask, dtype=bool) & np.isfinite(image)
+    bright = np.zeros(image.shape, dtype=bool)
+    if not candidates.any():
+        return bright, {"sigma": None, "n_columns_without_level": int(image.shape[1])}
+    work = np.where(candidates, image, np.nan).astype(np.float32, copy=False)
+    has_level = candidates.any(axis=0)
+    column_level = np.zeros(image.shape[1], dtype=np.float32)
+    column_level[has_level] = np.nanmedian(work[:, has_level], axis=0)
+    residual = image[candidates] - np.broadcast_to(column_level, image.shape)[candidates]
+    sigma = _MAD_TO_SIGMA * float(np.median(np.abs(residual - np.median(residual))))
+    if sigma > 0:
+        with np.errstate(invalid="ignore"):
+            bright = candidates & (image > column_level[None, :] + n_sigma * sigma)
+    return bright, {"sigma": sigma, "n_columns_without_level": int((~has_level).sum())}
+
+
+def column_background_counts(background_mask: np.ndarray) -> np.ndarray:
+    """Number of background pixels in each DMS column (one fast-scan line)."""
+    return np.asarray(background_mask, dtype=bool).sum(axis=0)
+
+
+def longest_masked_run(background_mask: np.ndarray) -> np.ndarray:
+    """Length of the longest run of non-background pixels in each column.
+
+    Runs that touch the top or bottom of the column count in full: the
+    fitted model is extrapolated there, which is worse than interpolating.
+    """
+    background_mask = np.asarray(background_mask, dtype=bool)
+    nrows = background_mask.shape[0]
+    row_index = np.arange(nrows, dtype=np.int32)[:, None]
+    last_background = np.where(background_mask, row_index, np.int32(-1))
+    np.maximum.accumulate(last_background, axis=0, out=last_background)
+    run = np.where(background_mask, 0, row_index - last_background)
+    return run.max(axis=0) if nrows else np.zeros(background_mask.shape[1], dtype=np.int32)
+
+
+def guard_report(
+    background_mask: np.ndarray,
+    options: MaskOptions | None = None,
+    *,
+    origin: tuple[int, int] = (0, 0),
+) -> dict:
+    """Report the columns a mask leaves with too little background.
+
+    Parameters
+    ----------
+    background_mask : ndarray of bool
+        ``True`` = background.
+    options : MaskOptions, optional
+        Supplies ``guard_min_pixels`` and ``guard_max_gap``.
+    origin : tuple of int
+        0-indexed full-frame (row, column) of the mask's first pixel; the
+        reference columns of the detector are never reported.
+
+    Returns
+    -------
+    dict
+        ``column_counts`` and ``longest_gap`` (one entry per column),
+        ``weak_columns`` (indices), ``n_weak_columns``, ``n_columns_too_few``,
+        ``n_columns_long_gap``, and the thresholds used.
+
+    Notes
+    -----
+    Fitting K real parameters from n background pixels adds about K/n of the
+    pixel variance to the whole column, and inside a masked run the model
+    variance grows steeply with the run length (about 0.5 sigma^2 at 500 px,
+    1.5 at 600 px for the default 17 parameters): both are checked.
+    """
+    options = options or MaskOptions()
+    background_mask = np.asarray(background_mask, dtype=bool)
+    nrows, ncols = background_mask.shape
+    counts = column_background_counts(background_mask)
+    longest_gap = longest_masked_run(background_mask)
+    min_pixels = min(options.guard_min_pixels, max(nrows // 4, 1))
+    # Reference columns are whole fast-scan lines of reference pixels: the fit
+    # skips them, so an empty one is expected, not a weakness.
+    columns = np.arange(ncols) + origin[1]
+    science_column = (columns >= REFERENCE_BORDER) & (columns < DETECTOR_SIZE - REFERENCE_BORDER)
+    too_few = (counts < min_pixels) & science_column
+    too_long = (longest_gap > options.guard_max_gap) & science_column
+    weak = np.flatnonzero(too_few | too_long)
+    return {
+        "min_pixels": int(min_pixels),
+        "max_gap": int(options.guard_max_gap),
+        "column_counts": counts.astype(int).tolist(),
+        "longest_gap": longest_gap.astype(int).tolist(),
+        "weak_columns": weak.astype(int).tolist(),
+        "n_weak_columns": int(weak.size),
+        "n_columns_too_few": int(too_few.sum()),
+        "n_columns_long_gap": int(too_long.sum()),
+    }
+
+
+def build_background_mask(
+    image: np.ndarray,
+    dq: np.ndarray | None = None,
+    footprint: np.ndarray | None = None,
+    *,
+    exp_type: str | None = None,
+    origin: tuple[int, int] = (0, 0),
+    full_frame: bool | None = None,
+    options: MaskOptions | Mapping | None = None,
+    **option_overrides,
+) -> tuple[np.ndarray, dict]:
+    """Automatic background mask for one rate image.
+
+    Parameters
+    ----------
+    image : ndarray
+        The rate SCI image (DMS frame). Never modified.
+    dq : ndarray of int, optional
+        The rate DQ array; ``None`` skips the DQ steps.
+    footprint : ndarray of bool, optional
+        Science footprint (``True`` = science), e.g. from :func:`ifu_footprint`
+        or :func:`slit_footprint`; ``None`` skips the footprint step.
+    exp_type : str, optional
+        ``EXP_TYPE`` of the exposure; decides the fixed-slit band in
+        ``"auto"`` mode.
+    origin : tuple of int
+        0-indexed full-frame DMS (row, column) of ``image[0, 0]``:
+        ``(SUBSTRT2 - 1, SUBSTRT1 - 1)``.
+    full_frame : bool, optional
+        Whether the image is a full frame; default: its shape is 2048 x 2048.
+    options : MaskOptions or mapping, optional
+        Mask options; ``option_overrides`` (same names) take precedence.
+
+    Returns
+    -------
+    mask : ndarray of bool
+        ``True`` = background usable for the fit.
+    info : dict
+        JSON-serialisable record: ``options``, ``steps`` (one entry per step:
+        name, whether applied, pixels it removed), ``n_background``,
+        ``background_fraction``, ``clip_sigma_value`` and ``guard``
+        (``column_counts``, ``longest_gap``, ``weak_columns`` ...).
+
+    Notes
+    -----
+    Steps run in this order: NaN, DQ flags, reference border, fixed-slit
+    band, dilated science footprint, bright-pixel clipping, guard. Clipping
+    runs last so that its robust statistics describe the background only.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.zeros((64, 64), dtype=np.float32)
+    >>> footprint = np.zeros((64, 64), dtype=bool)
+    >>> footprint[30:34, 10:50] = True
+    >>> mask, info = build_background_mask(image, footprint=footprint, dilation_radius=1)
+    >>> bool(mask[31, 20]), bool(mask[29, 20]), bool(mask[28, 20])
+    (False, False, True)
+    """
+    if isinstance(options, MaskOptions):
+        opts = dataclasses.replace(options, **option_overrides) if option_overrides else options
+    else:
+        opts = MaskOptions.from_mapping(options, **option_overrides)
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {image.shape}")
+    shape = image.shape
+    if dq is not None and np.shape(dq) != shape:
+        raise ValueError(f"dq shape {np.shape(dq)} differs from image shape {shape}")
+    if footprint is not None and np.shape(footprint) != shape:
+        raise ValueError(f"footprint shape {np.shape(footprint)} differs from image shape {shape}")
+    if full_frame is None:
+        full_frame = shape == (DETECTOR_SIZE, DETECTOR_SIZE)
+    exp_type = (exp_type or "").strip().upper()
+
+    mask = np.ones(shape, dtype=bool)
+    steps = []
+
+    def remove(name, applied, pixels=None, **extra):
+        before = int(mask.sum())
+        if applied and pixels is not None:
+            mask[pixels] = False
+        steps.append(
+            {"step": name, "applied": bool(applied), "n_removed": before - int(mask.sum()), **extra}
+        )
+
+    remove("nan", opts.mask_nan, ~np.isfinite(image) if opts.mask_nan else None)
+    dq_bits_on = (
+        opts.mask_do_not_use,
+        opts.mask_failed_open,
+        opts.mask_reference_pixels,
+        opts.mask_jump,
+    )
+    use_dq = dq is not None and any(dq_bits_on)
+    flagged = (
+        flagged_pixels(
+            dq,
+            do_not_use=opts.mask_do_not_use,
+            failed_open=opts.mask_failed_open,
+            reference_pixels=opts.mask_reference_pixels,
+            jump=opts.mask_jump,
+        )
+        if use_dq
+        else None
+    )
+    remove(
+        "dq",
+        use_dq,
+        flagged,
+        do_not_use=opts.mask_do_not_use,
+        failed_open=opts.mask_failed_open,
+        reference_pixel_flag=opts.mask_reference_pixels,
+        jump=opts.mask_jump,
+    )
+    remove(
+        "reference_border",
+        opts.mask_reference_pixels,
+        reference_pixel_border(shape, origin=origin) if opts.mask_reference_pixels else None,
+    )
+    if opts.fixed_slit_band == "auto":
+        band_on = full_frame and exp_type in _BAND_EXP_TYPES
+    else:
+        band_on = opts.fixed_slit_band == "always"
+    remove(
+        "fixed_slit_band",
+        band_on,
+        fixed_slit_band(shape, opts.fixed_slit_rows, origin=origin) if band_on else None,
+        rows=list(opts.fixed_slit_rows),
+        mode=opts.fixed_slit_band,
+    )
+    use_footprint = opts.use_footprint and footprint is not None
+    remove(
+        "footprint",
+        use_footprint,
+        dilate_footprint(footprint, opts.dilation_radius) if use_footprint else None,
+        dilation_radius=opts.dilation_radius,
+        footprint_mode=opts.footprint_mode,
+        footprint_given=footprint is not None,
+        n_footprint=int(np.count_nonzero(footprint)) if footprint is not None else 0,
+    )
+    clip_on = bool(opts.clip_sigma)
+    sigma_value = None
+    if clip_on:
+        bright, clip_stats = bright_pixels(image, mask, opts.clip_sigma)
+        sigma_value = clip_stats["sigma"]
+        remove("clip", True, bright, n_sigma=opts.clip_sigma, robust_sigma=sigma_value)
+    else:
+        remove("clip", False, n_sigma=opts.clip_sigma)
+
+    guard = guard_report(mask, opts, origin=origin)
+    n_background = int(mask.sum())
+    info = {
+        "options": opts.to_dict(),
+        "exp_type": exp_type,
+        "shape": list(shape),
+        "origin": [int(origin[0]), int(origin[1])],
+        "full_frame": bool(full_frame),
+        "steps": steps,
+        "n_background": n_background,
+        "background_fraction": n_background / mask.size if mask.size else 0.0,
+        "clip_sigma_value": sigma_value,
+        "guard": guard,
+    }
+    return mask, info
+
+
+def background_mask_from_footprint(footprint: np.ndarray, dilation_radius: int = 2) -> np.ndarray:
+    """Simplest mask: everything except the dilated footprint is background.
+
+    A convenience for notebooks; :func:`build_background_mask` adds the DQ,
+    fixed-slit, clipping and guard steps.
+    """
+    return ~dilate_footprint(footprint, dilation_radius)
+
+
+def combine_masks(automatic: np.ndarray, user: np.ndarray, mode: str = "and") -> np.ndarray:
+    """Combine an automatic mask with a user mask.
+
+    Parameters
+    ----------
+    automatic, user : ndarray of bool
+        Background masks (``True`` = background), same shape.
+    mode : {"and", "replace"}
+        ``"and"``: a pixel is background only if both masks say so (the user
+        mask can only remove pixels); ``"replace"``: the user mask alone.
+
+    Returns
+    -------
+    ndarray of bool
+        The combined mask (a new array).
+    """
+    automatic = np.asarray(automatic, dtype=bool)
+    user = np.asarray(user, dtype=bool)
+    if automatic.shape != user.shape:
+        raise ValueError(f"user mask shape {user.shape} differs from image shape {automatic.shape}")
+    if mode == "and":
+        return automatic & user
+    if mode == "replace":
+        return user.copy()
+    raise ValueError(f"mode must be 'and' or 'replace', got {mode!r}")
+
+
+def mask_from_shaded_rgb(
+    rgb: np.ndarray, *, min_red_excess: float = 20.0, flip_vertical: bool = True
+) -> np.ndarray:
+    """Background mask from an image with the background shaded red.
+
+    This is the hand-made workflow of Rauscher (2024, section 3.4): display
+    the rate image in DS9, export it to PNG, select the background in an
+    image editor (GIMP), shade it red and export again.
+
+    Parameters
+    ----------
+    rgb : ndarray
+        ``(ny, nx, 3)`` or ``(ny, nx, 4)`` 8-bit image (RGB or RGBA).
+    min_red_excess : float
+        A pixel is background when its red value exceeds both green and blue
+        by at least this much (0-255 scale). Shading a grey pixel with red at
+        opacity ``a`` raises red over green and blue by ``255 a`` whatever the
+        grey level: 77 for the paper's 30 % shading.
+    flip_vertical : bool
+        Flip rows: DS9 and image editors show FITS row 0 at the bottom, PNG
+        stores the top row first.
+
+    Returns
+    -------
+    ndarray of bool
+        ``True`` = background, in FITS (DMS) row order when ``flip_vertical``.
+        Fully transparent pixels are never background.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] not in (3, 4):
+        raise ValueError(f"expected an RGB or RGBA image of shape (ny, nx, 3|4), got {rgb.shape}")
+    channels = rgb.astype(np.int16)
+    red, green, blue = channels[..., 0], channels[..., 1], channels[..., 2]
+    background = (red - np.maximum(green, blue)) >= min_red_excess
+    if rgb.shape[2] == 4:
+        background &= channels[..., 3] > 0
+    return background[::-1].copy() if flip_vertical else background
+
+
+def quicklook_rgb(
+    image: np.ndarray,
+    background_mask: np.ndarray,
+    *,
+    shade: float = 0.3,
+    percentiles: tuple[float, float] = (1.0, 99.0),
+    flip_vertical: bool = True,
+) -> np.ndarray:
+    """Grey-scale view of an image with the background shaded red.
+
+    The convention matches :func:`mask_from_shaded_rgb`, so a quick-look PNG
+    can be edited by hand and read back as a mask.
+
+    Parameters
+    ----------
+    image : ndarray
+        Image to show (NaN shown black).
+    background_mask : ndarray of bool
+        ``True`` = background, shaded red.
+    shade : float
+        Opacity of the red shading (0-1).
+    percentiles : tuple of float
+        Grey-scale limits as percentiles of the finite pixels.
+    flip_vertical : bool
+        Put row 0 at the bottom, as DS9 shows FITS images.
+
+    Returns
+    -------
+    ndarray of uint8
+        ``(ny, nx, 3)`` RGB image.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    background_mask = np.asarray(background_mask, dtype=bool)
+    if image.shape != background_mask.shape:
+        raise ValueError(f"mask shape {background_mask.shape} differs from image {image.shape}")
+    finite = np.isfinite(image)
+    grey = np.zeros(image.shape, dtype=np.float32)
+    if finite.any():
+        low, high = np.percentile(image[finite], percentiles)
+        span = high - low if high > low else 1.0
+        grey = np.clip((np.where(finite, image, low) - low) / span, 0.0, 1.0) * 255.0
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    rgb[background_mask] *= 1.0 - shade
+    rgb[background_mask, 0] += 255.0 * shade
+    out = np.rint(np.clip(rgb, 0, 255)).astype(np.uint8)
+    return out[::-1].copy() if flip_vertical else out
