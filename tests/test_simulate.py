@@ -1,0 +1,374 @@
+"""Tests of nsclean.simulate: truth decomposition, orientation, spectra and file layout."""
+
+import re
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from nsclean import dq as dqflags
+from nsclean import simulate
+from nsclean.simulate import (
+    DEFAULT_AMPLITUDES,
+    SUBARRAYS,
+    SimulatedExposure,
+    make_demo_program,
+    simulate_exposure,
+    write_exposure,
+)
+
+QUIET = {"pink_correlated": 0.0, "pink_uncorrelated": 0.0, "alternating_column": 0.0,
+         "picture_frame": 0.0}
+
+
+@pytest.fixture(scope="module")
+def ifu():
+    return simulate_exposure("ifu", "NRS1", seed=11)
+
+
+@pytest.fixture(scope="module")
+def mos():
+    return simulate_exposure("mos", "NRS2", seed=12, observation=7, exposure=3)
+
+
+@pytest.fixture(scope="module")
+def fs():
+    return simulate_exposure("fs", "NRS1", seed=13, readout="NRS", observation=3)
+
+
+@pytest.fixture(scope="module")
+def bots():
+    return simulate_exposure("bots", "NRS1", seed=14, observation=4)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory, ifu, mos, fs, bots):
+    directory = tmp_path_factory.mktemp("sim")
+    assert len({sim.stem for sim in (ifu, mos, fs, bots)}) == 4
+    return {sim.meta["kind"]: (sim, *write_exposure(sim, directory))
+            for sim in (ifu, mos, fs, bots)}
+
+
+def _arrays(sim):
+    return {f.name: getattr(sim, f.name) for f in simulate.dataclasses.fields(sim)
+            if isinstance(getattr(sim, f.name), np.ndarray)}
+
+
+# --- determinism and truth ----------------------------------------------------------------
+def test_same_seed_is_bit_identical(ifu):
+    again = simulate_exposure("ifu", "NRS1", seed=11)
+    for name, array in _arrays(ifu).items():
+        other = getattr(again, name)
+        assert array.dtype == other.dtype, name
+        assert np.array_equal(array, other, equal_nan=array.dtype.kind == "f"), name
+    assert again.slits[3]["xstart"] == ifu.slits[3]["xstart"]
+
+
+def test_seed_and_detector_change_the_realisation(bots):
+    other_seed = simulate_exposure("bots", "NRS1", seed=15, observation=4)
+    other_detector = simulate_exposure("bots", "NRS2", seed=14)
+    assert not np.allclose(bots.noise_total, other_seed.noise_total)
+    assert not np.allclose(bots.noise_total, other_detector.noise_total)
+
+
+def test_changing_one_amplitude_keeps_scene_and_other_components(bots):
+    louder = simulate_exposure("bots", "NRS1", seed=14, observation=4,
+                               white=2 * DEFAULT_AMPLITUDES["white"])
+    assert np.array_equal(louder.signal, bots.signal)
+    assert np.array_equal(louder.noise_correlated, bots.noise_correlated)
+    assert not np.array_equal(louder.noise_white, bots.noise_white)
+
+
+@pytest.mark.parametrize("name", ["ifu", "mos", "fs", "bots"])
+def test_truth_sums_to_rate(name, request):
+    sim = request.getfixturevalue(name)
+    assert np.array_equal(sim.noise_total, sim.noise_white + sim.noise_correlated)
+    expected = sim.signal + sim.artifacts + sim.noise_total
+    usable = (sim.dq & dqflags.DO_NOT_USE) == 0
+    assert np.array_equal(sim.rate[usable], expected[usable])
+    assert np.isnan(sim.rate[~usable]).all()
+    assert np.isfinite(sim.rate[usable]).all()
+
+
+# --- shapes, dtypes, flags ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["ifu", "mos", "fs", "bots"])
+def test_dtypes_and_shapes(name, request):
+    sim = request.getfixturevalue(name)
+    assert isinstance(sim, SimulatedExposure)
+    shape = (sim.meta["subsize2"], sim.meta["subsize1"])
+    for array_name, array in _arrays(sim).items():
+        assert array.shape == shape, array_name
+    for array_name in ("rate", "signal", "noise_total", "noise_white", "noise_correlated",
+                       "err", "var_poisson", "var_rnoise", "artifacts"):
+        assert getattr(sim, array_name).dtype == np.float32, array_name
+    assert sim.dq.dtype == np.uint32
+    assert sim.footprint.dtype == bool
+    assert sim.footprint.any()
+
+
+@pytest.mark.parametrize("subarray", sorted(set(SUBARRAYS) - {"FULL"}))
+def test_subarrays_noise_only(subarray):
+    sim = simulate_exposure("dark", "NRS2", subarray=subarray, seed=1)
+    xstart, ystart, xsize, ysize = SUBARRAYS[subarray]
+    assert sim.rate.shape == (ysize, xsize)
+    assert sim.meta["readpatt"] == "NRSRAPID"
+    assert not sim.footprint.any()
+    assert np.nanstd(sim.noise_correlated) > 0
+    # the full-frame reference columns appear only where the subarray reaches them
+    ref_cols = np.arange(xstart - 1, xstart - 1 + xsize)
+    ref_cols = (ref_cols < 4) | (ref_cols >= 2044)
+    flagged = (sim.dq & dqflags.REFERENCE_PIXEL) != 0
+    assert np.array_equal(flagged.all(axis=0), ref_cols)
+
+
+def test_reference_border_and_flags(ifu):
+    border = np.zeros(ifu.dq.shape, bool)
+    border[:4] = border[-4:] = True
+    border[:, :4] = border[:, -4:] = True
+    reference = (ifu.dq & dqflags.REFERENCE_PIXEL) != 0
+    assert np.array_equal(reference, border)
+    assert ((ifu.dq[border] & dqflags.DO_NOT_USE) != 0).all()
+    assert not ifu.footprint[border].any()
+    jumps = (ifu.dq & dqflags.JUMP_DET) != 0
+    assert 500 < jumps.sum() < 20000
+    assert ifu.artifacts[jumps].mean() > 0
+    interior_bad = ((ifu.dq & dqflags.DO_NOT_USE) != 0) & ~border
+    assert 10 < interior_bad.sum() < 1000
+
+
+def test_meta_and_stem(mos):
+    meta = mos.meta
+    assert meta["stem"] == "jw09999007001_03101_00003_nrs2"
+    assert re.fullmatch(r"jw\d{11}_\d{5}_\d{5}_nrs[12]", meta["stem"])
+    assert meta["exp_type"] == "NRS_MSASPEC"
+    assert meta["program"] == "09999"
+    assert (meta["fastaxis"], meta["slowaxis"]) == (-2, -1)
+    assert meta["readpatt"] == "NRSIRS2"
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="kind"):
+        simulate_exposure("imaging")
+    with pytest.raises(ValueError, match="full frame"):
+        simulate_exposure("ifu", subarray="SUB2048")
+    with pytest.raises(ValueError, match="noise option"):
+        simulate_exposure("bots", pink=3.0)
+    with pytest.raises(ValueError, match="detector"):
+        simulate_exposure("bots", "NRS3")
+    with pytest.raises(ValueError, match="readout"):
+        simulate_exposure("bots", readout="FAST")
+
+
+# --- scenes -----------------------------------------------------------------------------------
+def test_ifu_has_30_slices_with_narrow_background_runs(ifu):
+    assert len(ifu.slits) == 30
+    column = ifu.footprint[:, 1000]
+    edges = np.flatnonzero(np.diff(column.astype(int)))
+    gaps = np.diff(edges)[1::2]  # background runs between consecutive slices
+    assert len(gaps) == 29
+    assert 5 <= np.median(gaps) <= 15
+    background_fraction = 1 - column.mean()
+    assert 0.1 < background_fraction < 0.35
+
+
+def test_mos_slitlets(mos):
+    assert 30 <= len(mos.slits) <= 60
+    taken = np.zeros(mos.rate.shape, int)
+    for slit in mos.slits:
+        assert 5 <= slit["ysize"] <= 30
+        assert 200 <= slit["xsize"] <= 1500
+        ys = slice(slit["ystart"] - 1, slit["ystart"] - 1 + slit["ysize"])
+        xs = slice(slit["xstart"] - 1, slit["xstart"] - 1 + slit["xsize"])
+        taken[ys, xs] += 1
+        assert np.array_equal(slit["footprint"], mos.footprint[ys, xs])
+    assert taken.max() == 1  # boxes never overlap
+
+
+def test_wings_reach_beyond_the_footprint(mos):
+    from scipy.ndimage import binary_dilation
+
+    ring = binary_dilation(mos.footprint, iterations=2) & ~mos.footprint
+    far = ~binary_dilation(mos.illuminated, iterations=8)
+    assert mos.signal[ring].mean() > 1e-4
+    assert np.all(mos.signal[far] == 0)
+    assert np.all(mos.illuminated[mos.footprint])
+
+
+def test_fixed_slits_sit_in_the_fixed_slit_band(fs):
+    assert {slit["name"] for slit in fs.slits} == {"S200A1", "S200A2", "S400A1", "S1600A1",
+                                                   "S200B1"}
+    rows = np.flatnonzero(fs.footprint.any(axis=1))
+    assert rows.min() >= 922 and rows.max() <= 1115
+
+
+def test_bots_trace(bots):
+    assert bots.rate.shape == (32, 2048)
+    assert bots.meta["subarray"] == "SUB2048"
+    profile = np.nanmedian(bots.signal[:, 200:1800], axis=1)
+    assert 10 <= np.argmax(profile) <= 22
+    assert profile.max() > 10 * np.nanstd(bots.noise_white)
+
+
+# --- noise structure ----------------------------------------------------------------------------
+def _slope(series, sample_time, f_lo, f_hi):
+    power = np.abs(np.fft.rfft(series - series.mean(), axis=-1)) ** 2
+    freq = np.fft.rfftfreq(series.shape[-1], sample_time)
+    power = power.mean(axis=0) if power.ndim > 1 else power
+    keep = (freq > f_lo) & (freq < f_hi)
+    return np.polyfit(np.log(freq[keep]), np.log(power[keep]), 1)[0]
+
+
+def test_pink_series_is_one_over_f():
+    rng = np.random.default_rng(5)
+    series = simulate._pink_series(rng, 8, 2**16, 1e-5)
+    assert abs(np.std(series) - 1) < 0.25
+    assert -1.15 < _slope(series, 1e-5, 10.0, 2e4) < -0.85
+    white = rng.standard_normal((8, 2**16))
+    assert abs(_slope(white, 1e-5, 10.0, 2e4)) < 0.1
+
+
+def test_irs2_stripes_are_smooth_along_columns_traditional_is_not():
+    irs2 = simulate_exposure("dark", "NRS1", seed=3, **{**QUIET, "pink_correlated": 3.0})
+    trad = simulate_exposure("dark", "NRS1", seed=3, readout="NRS",
+                             **{**QUIET, "pink_correlated": 3.0})
+    for sim, smooth in ((irs2, True), (trad, False)):
+        block = sim.noise_correlated[600:1000, 100:1900].astype(float)  # inside output 1
+        column_means = block.mean(axis=0)
+        along = np.std(block - column_means, axis=0).mean()
+        across = column_means.std()
+        assert (along < 0.3 * across) == smooth
+        # columns are lines in time: neighbours along a column are 1 tick apart, neighbours
+        # along a row a whole line (>500 ticks) apart; transposing the noise breaks this
+        step_along = np.diff(block, axis=0).std()
+        step_across = np.diff(block, axis=1).std()
+        assert step_along < 0.5 * step_across
+    # the same series is read backwards by odd outputs: output 1 mirrors output 0 exactly
+    only_shared = irs2.noise_correlated
+    assert np.allclose(only_shared[0:512], only_shared[1023:511:-1], atol=1e-9)
+    assert np.allclose(only_shared[1024:1536], only_shared[2047:1535:-1], atol=1e-9)
+    assert np.allclose(only_shared[0:512], only_shared[1024:1536], atol=1e-9)
+
+
+def test_column_means_have_a_pink_spectrum():
+    sim = simulate_exposure("dark", "NRS2", seed=4, **{**QUIET, "pink_correlated": 3.0})
+    column_means = sim.noise_correlated[:, 4:-4].astype(float).mean(axis=0)
+    line_time = simulate.IRS2_ROW_TICKS * simulate.PIXEL_TIME
+    slope = _slope(column_means[None, :], line_time, 0.5, 90.0)
+    assert -1.4 < slope < -0.6
+
+
+def test_picture_frame_is_strongest_at_the_edges():
+    only_frame = {**QUIET, "picture_frame": DEFAULT_AMPLITUDES["picture_frame"]}
+    nrs2 = simulate_exposure("dark", "NRS2", seed=6, **only_frame)
+    frame = np.abs(nrs2.noise_correlated.astype(float))
+    edge = np.concatenate([frame[4:40].ravel(), frame[-40:-4].ravel(),
+                           frame[:, 4:40].ravel(), frame[:, -40:-4].ravel()])
+    interior = frame[700:1350, 700:1350]
+    assert edge.mean() > 20 * interior.mean()
+    nrs1 = simulate_exposure("dark", "NRS1", seed=6, **only_frame)
+    to_e = simulate.GAIN["NRS2"] / simulate.GAIN["NRS1"]
+    assert np.std(nrs2.noise_correlated) * to_e > 1.5 * np.std(nrs1.noise_correlated)
+    other = simulate_exposure("dark", "NRS2", seed=7, **only_frame)
+    assert not np.allclose(other.noise_correlated, nrs2.noise_correlated)
+
+
+def test_amplitudes_scale_the_rate_noise(bots):
+    time = DEFAULT_AMPLITUDES["effective_time"]
+    expected = DEFAULT_AMPLITUDES["white"] / (simulate.GAIN["NRS1"] * time)
+    dark = (~bots.illuminated) & ((bots.dq & (dqflags.DO_NOT_USE | dqflags.JUMP_DET)) == 0)
+    assert np.std(bots.noise_white[dark]) == pytest.approx(expected, rel=0.05)
+    assert np.allclose(bots.var_rnoise[dark], expected**2, rtol=1e-5)
+
+
+# --- files --------------------------------------------------------------------------------------
+def test_rate_file_layout(written):
+    sim, rate_path, _ = written["mos"]
+    assert rate_path.name == f"{sim.meta['stem']}_rate.fits"
+    with fits.open(rate_path) as hdul:
+        names = [hdu.name for hdu in hdul]
+        assert names == ["PRIMARY", "SCI", "ERR", "DQ", "VAR_POISSON", "VAR_RNOISE"]
+        header = hdul[0].header
+        assert header["PROGRAM"] == "09999" and isinstance(header["PROGRAM"], str)
+        assert header["OBSERVTN"] == "007"
+        assert header["EXPOSURE"] == "3"
+        assert header["DETECTOR"] == "NRS2"
+        assert header["INSTRUME"] == "NIRSPEC"
+        assert header["DATAMODL"] == "ImageModel"
+        assert header["FILENAME"] == rate_path.name
+        assert (header["FASTAXIS"], header["SLOWAXIS"]) == (-2, -1)
+        assert (header["SUBSIZE1"], header["SUBSIZE2"]) == (2048, 2048)
+        assert hdul["SCI"].header["BUNIT"] == "DN/s"
+        assert hdul["SCI"].data.dtype == np.dtype(">f4")
+        assert hdul["DQ"].data.dtype == np.uint32
+        assert np.array_equal(hdul["SCI"].data, sim.rate, equal_nan=True)
+        assert np.array_equal(hdul["DQ"].data, sim.dq)
+    assert not list(rate_path.parent.glob("*.tmp"))
+
+
+def test_files_open_with_stdatamodels(written):
+    datamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
+    expected = {"ifu": "IFUImageModel", "mos": "MultiSlitModel", "fs": "MultiSlitModel",
+                "bots": "SlitModel"}
+    for kind, (sim, rate_path, cal_path) in written.items():
+        with datamodels.open(rate_path) as model:
+            assert type(model).__name__ == "ImageModel"
+            assert model.meta.instrument.detector == sim.meta["detector"]
+            assert model.meta.exposure.type == sim.meta["exp_type"]
+            assert model.meta.subarray.name == sim.meta["subarray"]
+            model.validate()
+        with datamodels.open(cal_path) as model:
+            assert type(model).__name__ == expected[kind]
+            model.validate()
+            if kind == "ifu":
+                usable = sim.footprint & ((sim.dq & dqflags.DO_NOT_USE) == 0)
+                assert np.array_equal(np.isfinite(model.data), usable)
+            elif kind == "bots":
+                assert model.name == "S1600A1"
+            else:
+                assert len(model.slits) == len(sim.slits)
+
+
+@pytest.mark.parametrize("kind", ["mos", "fs"])
+def test_slit_placement_round_trips(written, kind):
+    datamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
+    sim, rate_path, cal_path = written[kind]
+    with fits.open(rate_path) as hdul:
+        rate = hdul["SCI"].data.astype(np.float32)
+    with datamodels.open(cal_path) as model:
+        for slit in model.slits:
+            ys = slice(slit.ystart - 1, slit.ystart - 1 + slit.ysize)
+            xs = slice(slit.xstart - 1, slit.xstart - 1 + slit.xsize)
+            region = rate[ys, xs]
+            assert slit.data.shape == region.shape
+            on_trace = sim.footprint[ys, xs] & ((sim.dq[ys, xs] & dqflags.DO_NOT_USE) == 0)
+            assert np.array_equal(np.isfinite(slit.data), on_trace), slit.name
+            assert np.array_equal(slit.data[on_trace], region[on_trace])
+            # off-trace corners of tilted traces are NaN but inside the box
+            assert np.isfinite(slit.wavelength).any()
+
+
+def test_cal_headers_match_the_real_layout(written):
+    _, _, cal_path = written["mos"]
+    with fits.open(cal_path) as hdul:
+        sci = [hdu for hdu in hdul if hdu.name == "SCI"]
+        assert [hdu.ver for hdu in sci] == list(range(1, len(sci) + 1))
+        for key in ("SLTNAME", "SLTSTRT1", "SLTSIZE1", "SLTSTRT2", "SLTSIZE2", "SOURCEID"):
+            assert key in sci[0].header
+        assert isinstance(sci[0].header["SLTNAME"], str)
+        assert {hdu.name for hdu in hdul} >= {"SCI", "ERR", "DQ", "WAVELENGTH"}
+        assert hdul[0].header["DATAMODL"] == "MultiSlitModel"
+
+
+def test_demo_program(tmp_path):
+    pairs = make_demo_program(tmp_path, n_exposures=2, seed=1)
+    assert len(pairs) == 2
+    stems = {rate.name.removesuffix("_rate.fits") for rate, _ in pairs}
+    assert stems == {"jw09999001001_03101_00001_nrs1", "jw09999001001_03101_00001_nrs2"}
+    for rate, cal in pairs:
+        assert rate.exists() and cal.exists()
+        assert cal.name == rate.name.replace("_rate", "_cal")
+    plan = simulate._DEMO_PLAN
+    assert len(plan) >= 8
+    assert {kind for kind, *_ in plan} == {"ifu", "mos", "fs", "bots"}
+    keys = [(obs, exp, det) for _, det, obs, exp, _ in plan]
+    assert len(set(keys)) == len(keys)
