@@ -1,0 +1,123 @@
+"""Figures are written atomically as valid PNGs of the documented size."""
+
+import os
+import struct
+import time
+
+import numpy as np
+import pytest
+
+from nsclean import figures
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(path):
+    """(width, height) from the IHDR chunk; fails unless the file is a PNG."""
+    with open(path, "rb") as handle:
+        header = handle.read(24)
+    assert header[:8] == PNG_SIGNATURE, f"{path} is not a PNG"
+    assert header[12:16] == b"IHDR"
+    return struct.unpack(">II", header[16:24])
+
+
+def _decodes(path):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return image.size
+
+
+def _exposure(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = np.arange(shape[0])[:, None]
+    mask = np.broadcast_to(rows % 40 < 12, shape).copy()
+    stripes = np.broadcast_to(rng.normal(0.0, 2.0, shape[1]), shape)
+    spectra = np.where(mask, 0.0, 40.0 * np.exp(-((((rows % 40) - 26) / 4.0) ** 2)))
+    white = rng.normal(0.0, 5.0, shape)
+    before = white + stripes + spectra
+    before[5, 7] = np.nan
+    return before, before - stripes, np.array(stripes), mask
+
+
+def _expected(kind):
+    width, height = figures.FIGURE_SIZES[kind]
+    return round(width * figures.DPI), round(height * figures.DPI)
+
+
+def test_individual_figures(tmp_path):
+    before, after, model, mask = _exposure((256, 256))
+    written = {
+        "comparison": figures.plot_comparison(
+            before, after, model, tmp_path / "c.png", background_mask=mask, title="t"
+        ),
+        "mask": figures.plot_mask(before, mask, tmp_path / "m.png"),
+        "column": figures.plot_column(before, model, mask, tmp_path / "col.png", column=10),
+        "spectrum": figures.plot_power_spectrum(before, after, mask, tmp_path / "s.png"),
+    }
+    for kind, path in written.items():
+        assert os.path.isfile(path)
+        assert _png_size(path) == _expected(kind)
+        assert _decodes(path) == _expected(kind)
+    thumb = figures.write_thumbnail(before, after, tmp_path / "t.png", background_mask=mask)
+    # 256 px -> blocks of 2 -> 128 rows; two halves and a 2-column gap.
+    assert _png_size(thumb) == (2 * 128 + 2, 128)
+    # No temporary files are left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["c.png", "m.png", "col.png", "s.png", "t.png"]
+    )
+
+
+def test_thumbnail_shows_cleaning(tmp_path):
+    """The after half must be visibly less striped than the before half."""
+    from PIL import Image
+
+    before, after, _, mask = _exposure((512, 512), seed=2)
+    path = figures.write_thumbnail(before, after, tmp_path / "t.png", background_mask=mask)
+    with Image.open(path) as image:
+        grey = np.asarray(image.convert("L"), dtype=float)
+    half = (grey.shape[1] - 2) // 2
+    left, right = grey[:, :half], grey[:, half + 2 :]
+    assert left.shape == right.shape == (128, 128)
+    # Column-to-column scatter of the column means = the banding on display.
+    assert np.std(left.mean(axis=0)) > 3 * np.std(right.mean(axis=0))
+
+
+def test_column_out_of_range(tmp_path):
+    before, _, model, mask = _exposure((64, 64))
+    with pytest.raises(ValueError, match="column"):
+        figures.plot_column(before, model, mask, tmp_path / "x.png", column=64)
+    assert not list(tmp_path.iterdir())
+
+
+def test_subarray_and_empty_mask(tmp_path):
+    before, after, model, mask = _exposure((32, 2048))
+    paths = figures.write_figures(before, after, model, mask, tmp_path, "sub")
+    assert _png_size(paths["comparison"]) == _expected("comparison_wide")
+    assert _png_size(paths["mask"]) == _expected("mask_wide")
+    empty = np.zeros_like(mask)
+    paths = figures.write_figures(before, after, None, empty, tmp_path / "e", "empty")
+    for path in paths.values():
+        _decodes(path)
+
+
+def test_full_frame_set(tmp_path):
+    before, after, model, mask = _exposure((2048, 2048))
+    figures.write_figures(
+        before[:64, :64],
+        after[:64, :64],
+        model[:64, :64],
+        mask[:64, :64],
+        tmp_path / "warm",
+        "warm",
+    )
+    start = time.perf_counter()
+    paths = figures.write_figures(before, after, model, mask, tmp_path, "jw01345062001_nrs1")
+    elapsed = time.perf_counter() - start
+    print(f"full-frame figure set: {elapsed:.2f} s")
+    assert set(paths) == {"comparison", "mask", "column", "spectrum", "thumbnail"}
+    for kind in ("comparison", "mask", "column", "spectrum"):
+        assert _png_size(paths[kind]) == _expected(kind)
+        assert os.path.basename(paths[kind]) == f"jw01345062001_nrs1_{kind}.png"
+    assert _png_size(paths["thumbnail"]) == (2 * 128 + 2, 128)
