@@ -441,9 +441,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _send(self, record: RequestRecord, status: int, body: bytes,
               content_type: str = "application/json", fault: str = "",
-              extra_headers: dict | None = None, head: bool = False) -> None:
+              extra_headers: dict | None = None, head: bool = False,
+              recorded: bool = False) -> None:
         record.status, record.fault = status, fault
-        self.mast._record(record)
+        if not recorded:
+            self.mast._record(record)
         announced = len(body)
         if fault == "wrong_size":
             body = body[:-100] if len(body) > 100 else body[:-1]
@@ -480,13 +482,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                        fault=fault)
             return
         body = json.dumps(payload).encode()
-        if fault == "slow":
+        if fault == "slow":  # record on arrival: the client may give up before the answer
+            record.fault = fault
+            self.mast._record(record)
             time.sleep(self.mast.slow_seconds)
-            fault_for_body = ""
-        else:
-            fault_for_body = fault
-        self._send(record, 200, body, fault=fault_for_body)
-        record.fault = fault
+            self._send(record, 200, body, recorded=True)
+            record.fault = fault
+            return
+        self._send(record, 200, body, fault=fault)
 
     def _form(self) -> dict[str, str]:
         length = int(self.headers.get("Content-Length", 0) or 0)

@@ -1,0 +1,366 @@
+"""nsclean.archive: the manifest, the local source, downloads, and the real astroquery
+client against the loopback MAST server (in child processes, because astroquery fixes
+its URLs at import)."""
+
+from __future__ import annotations
+
+import logging
+import runpy
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import network_guard
+import pytest
+from archive_helpers import EXPOSURES, make_program, run_child
+
+from nsclean import archive
+from nsclean.mastserver import MastServer
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+TOKEN = "tok-3f9c1d7e-SECRET-do-not-log"
+RATE = "jw01345062001_03101_00001_nrs1_rate.fits"
+FAST = {"timeout": (2.0, 0.5), "backoff": 0.01, "max_backoff": 0.05}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _loopback_only():
+    network_guard.install()
+    yield
+    assert not network_guard.ATTEMPTS, network_guard.ATTEMPTS
+
+
+@pytest.fixture(scope="module")
+def program_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("program")
+    # the BOTS exposure has no cal file: it cannot get an automatic mask
+    make_program(directory, without_cal={"jw02222001001_04102_00001_nrs1"})
+    return directory
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in Path(directory).iterdir() if p.name.startswith("."))
+
+
+# ---------------------------------------------------------------------------------------
+# pure functions: stems, pairing, manifest file, local source
+# ---------------------------------------------------------------------------------------
+def test_stem_of():
+    assert archive.stem_of("a/jw01345062001_03101_00001_nrs2_rate.fits") == \
+        "jw01345062001_03101_00001_nrs2"
+    assert archive.stem_of("jw01345062001_03101_00001_nrs2_cal.fits") == \
+        "jw01345062001_03101_00001_nrs2"
+    with pytest.raises(ValueError, match="not a"):
+        archive.stem_of("jw01345062001_03101_00001_nrs2_s2d.fits")
+
+
+def test_local_source_pairs_by_stem_and_applies_policy(program_dir, tmp_path):
+    products = archive.scan_local(program_dir)
+    manifest = archive.build_manifest(products)
+    assert [r.stem for r in manifest.rows] == sorted(e[0] for e in EXPOSURES)
+    assert manifest.without_cal == ["jw02222001001_04102_00001_nrs1"]
+    bots = manifest.rows[-1]
+    assert (bots.status, bots.cal_file, bots.subarray, bots.exp_type) == \
+        ("skipped", "", "SUB2048", "NRS_BRIGHTOBJ")
+    assert "no cal" in bots.reason
+    ok = manifest.rows[0]
+    assert ok.status == "ok" and ok.rate_file.endswith("_rate.fits")
+    assert ok.cal_file == ok.stem + "_cal.fits" and ok.mask_source == "cal"
+    assert ok.rate_size == (program_dir / ok.rate_file).stat().st_size
+    assert (ok.program, ok.observation, ok.visit, ok.detector) == ("01345", "062", "001", "NRS1")
+
+    kept = archive.build_manifest(products, missing_cal="user_mask")
+    assert (kept.rows[-1].status, kept.rows[-1].mask_source) == ("ok", "user")
+    with pytest.raises(archive.ArchiveError, match="jw02222001001_04102_00001_nrs1"):
+        archive.build_manifest(products, missing_cal="error")
+
+    selected = archive.fetch_manifest("1345", source="local", local_dir=program_dir,
+                                      modes="IFU", detectors="nrs1")
+    assert [r.stem for r in selected.rows] == ["jw01345062001_03101_00001_nrs1",
+                                               "jw01345062001_03101_00002_nrs1"]
+    assert archive.fetch_manifest(source="local", local_dir=program_dir, observations=63,
+                                  gratings="G395M").rows[0].exp_type == "NRS_MSASPEC"
+    with pytest.raises(ValueError, match="unknown NIRSpec mode"):
+        archive.fetch_manifest("1345", source="local", local_dir=program_dir, modes="WFSS")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_manifest_round_trip(program_dir, tmp_path, suffix):
+    manifest = archive.fetch_manifest(source="local", local_dir=program_dir)
+    path = archive.write_manifest(manifest, tmp_path / f"manifest{suffix}")
+    header = path.read_text().splitlines()[0]
+    assert header.split("\t" if suffix == ".tsv" else ",") == list(archive.MANIFEST_COLUMNS)
+    assert archive.read_manifest(path) == manifest.rows
+    assert leftovers(tmp_path) == []
+    (tmp_path / "bad.csv").write_text("stem,program\nx,1\n")
+    with pytest.raises(ValueError, match="missing columns"):
+        archive.read_manifest(tmp_path / "bad.csv")
+
+
+def test_local_files_are_linked_or_copied_atomically(program_dir, tmp_path):
+    row = archive.fetch_manifest(source="local", local_dir=program_dir).rows[0]
+    paths = archive.download_exposure(row, tmp_path / "cache")
+    assert paths["rate"].read_bytes() == (program_dir / row.rate_file).read_bytes()
+    again = archive.download_file(row.rate_uri, paths["rate"], expected_size=row.rate_size)
+    assert not again.fetched
+    with pytest.raises(archive.DownloadError, match="manifest says"):
+        archive.download_file(row.cal_uri, tmp_path / "other" / row.cal_file,
+                              expected_size=row.cal_size + 1)
+    assert leftovers(tmp_path / "other") == []
+
+
+# ---------------------------------------------------------------------------------------
+# downloads against the loopback server (requests only, in process)
+# ---------------------------------------------------------------------------------------
+def uri(name):
+    return f"mast:JWST/product/{name}"
+
+
+def test_download_then_cache_hit_makes_no_request(program_dir, tmp_path):
+    size = (program_dir / RATE).stat().st_size
+    with MastServer(program_dir) as server:
+        first = archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
+                                      archive_url=server.url, token="", **FAST)
+        assert first.fetched and first.attempts == 1 and first.nbytes == size
+        assert (tmp_path / RATE).read_bytes() == (program_dir / RATE).read_bytes()
+        second = archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
+                                       archive_url=server.url, token="", **FAST)
+        assert not second.fetched and second.attempts == 0
+        assert server.count(RATE) == 1
+        # without the catalogue size, a HEAD decides
+        third = archive.download_file(uri(RATE), tmp_path / RATE, archive_url=server.url,
+                                      token="", **FAST)
+        assert not third.fetched and server.count(RATE, "HEAD") == 1
+        # a file of the wrong size on disk is fetched again
+        (tmp_path / RATE).write_bytes(b"partial")
+        assert archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
+                                     archive_url=server.url, token="", **FAST).fetched
+        assert (tmp_path / RATE).stat().st_size == size
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "cut", "wrong_size", "slow"])
+def test_each_fault_is_retried_to_success(program_dir, tmp_path, fault):
+    size = (program_dir / RATE).stat().st_size
+    with MastServer(program_dir, faults={RATE: [fault, fault]}, slow_seconds=1.0) as server:
+        result = archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
+                                       archive_url=server.url, token="", retries=3, **FAST)
+        assert result.fetched and result.attempts == 3
+        assert [r.fault for r in server.requests if r.method == "GET"] == [fault, fault, ""]
+    assert (tmp_path / RATE).read_bytes() == (program_dir / RATE).read_bytes()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("fault", ["500", "cut", "wrong_size", "slow"])
+def test_persistent_fault_gives_clear_error_and_no_file(program_dir, tmp_path, fault):
+    size = (program_dir / RATE).stat().st_size
+    with MastServer(program_dir, faults={RATE: fault}, slow_seconds=1.0) as server:
+        started = time.monotonic()
+        with pytest.raises(archive.DownloadError) as error:
+            archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
+                                  archive_url=server.url, token="", retries=2, **FAST)
+        assert time.monotonic() - started < 5
+        assert server.count(RATE, "GET") == 3
+    message = str(error.value)
+    assert RATE in message and "after 3 attempts" in message
+    assert not (tmp_path / RATE).exists() and leftovers(tmp_path) == []
+
+
+def test_exclusive_file_needs_token_and_token_is_never_logged(program_dir, tmp_path,
+                                                             caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG)
+    size = (program_dir / RATE).stat().st_size
+    with MastServer(program_dir, exclusive=[RATE], tokens={TOKEN: "Ada"}) as server:
+        monkeypatch.delenv("MAST_API_TOKEN", raising=False)
+        with pytest.raises(archive.AuthenticationRequired, match="MAST_API_TOKEN") as error:
+            archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
+                                  archive_url=server.url, **FAST)
+        assert "token is needed" in str(error.value) and RATE in str(error.value)
+        assert server.count(RATE) == 1  # a 401 is not retried
+        monkeypatch.setenv("MAST_API_TOKEN", "wrong")
+        with pytest.raises(archive.AuthenticationRequired, match="expired or lack"):
+            archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
+                                  archive_url=server.url, **FAST)
+        monkeypatch.setenv("MAST_API_TOKEN", TOKEN)
+        result = archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
+                                       archive_url=server.url, **FAST)
+        assert result.fetched and server.requests[-1].authenticated
+    assert leftovers(tmp_path) == []
+    assert TOKEN not in caplog.text
+
+
+def test_unknown_file_is_not_retried(program_dir, tmp_path):
+    with MastServer(program_dir) as server:
+        with pytest.raises(archive.DownloadError, match="not found"):
+            archive.download_file(uri("jw01345099001_03101_00001_nrs1_rate.fits"),
+                                  tmp_path / "x_rate.fits", archive_url=server.url, token="",
+                                  **FAST)
+        assert len([r for r in server.requests if r.method == "GET"]) == 1
+
+
+def test_network_guard_refuses_the_real_archive(tmp_path):
+    with pytest.raises(network_guard.NonLoopbackAccess):
+        archive.download_file(uri(RATE), tmp_path / RATE, expected_size=1, token="",
+                              archive_url="https://mast.stsci.edu", retries=0)
+    network_guard.ATTEMPTS.clear()  # expected here; anything else fails the module
+
+
+# ---------------------------------------------------------------------------------------
+# the real astroquery client in child processes
+# ---------------------------------------------------------------------------------------
+QUERY = """
+import logging, sys
+logging.basicConfig(stream=sys.stderr, level=logging.DEBUG)
+from nsclean import archive
+archive.configure_mast_server({url!r})
+manifest = archive.fetch_manifest(["1345", "2222"], archive_url={url!r}, pagesize={pagesize},
+                                  backoff=0.01, timeout={timeout}, **{selections!r})
+archive.write_manifest(manifest, {manifest_path!r})
+result = {{"rows": [r.stem for r in manifest.rows], "skipped": [r.stem for r in manifest.rows
+           if r.status == "skipped"], "without_cal": manifest.without_cal}}
+"""
+
+
+def query_in_child(server, tmp_path, *, pagesize=None, env=None, timeout=5, **selections):
+    code = QUERY.format(url=server.url, pagesize=pagesize, selections=selections, timeout=timeout,
+                        manifest_path=str(tmp_path / "manifest.csv"))
+    return run_child(code, env_extra=env, timeout=60)
+
+
+def test_astroquery_program_query_paging_executing_and_downloads(program_dir, tmp_path):
+    with MastServer(program_dir, executing_polls=1) as server:
+        child = query_in_child(server, tmp_path, pagesize=3)
+        assert child["rc"] == 0, child["stderr"][-3000:]
+        filtered = [r for r in server.requests if r.target == "Mast.Caom.Filtered"]
+        # 9 observation rows (3 level-3, 6 level-2) in pages of 3, each page polled
+        # twice (EXECUTING first)
+        assert [r.page for r in filtered] == [1, 1, 2, 2, 3, 3]
+        assert [r.executing for r in filtered] == [True, False] * 3
+        assert server.count("Mast.Caom.Products") >= 2
+        result = child["result"]
+        assert result["rows"] == sorted(e[0] for e in EXPOSURES)
+        assert result["without_cal"] == result["skipped"] == ["jw02222001001_04102_00001_nrs1"]
+
+        rows = archive.read_manifest(tmp_path / "manifest.csv")
+        ifu = rows[0]
+        assert (ifu.exp_type, ifu.grating, ifu.filter, ifu.data_rights) == \
+            ("NRS_IFU", "PRISM", "CLEAR", "PUBLIC")
+        assert ifu.rate_uri == f"mast:JWST/product/{ifu.rate_file}"
+        assert [r.exp_type for r in rows][-1] == "NRS_BRIGHTOBJ"
+
+        cache = tmp_path / "cache"
+        started = time.monotonic()
+        for row in rows:
+            if row.status == "ok":
+                archive.download_exposure(row, cache, archive_url=server.url, token="", **FAST)
+        seconds = time.monotonic() - started
+        downloads = len([r for r in server.requests if r.method == "GET" and
+                         r.target.endswith(".fits")])
+        assert downloads == 10
+        for row in rows[:-1]:
+            assert (cache / row.rate_file).read_bytes() == \
+                (program_dir / row.rate_file).read_bytes()
+        for row in rows:  # second run: everything is a cache hit, no request at all
+            if row.status == "ok":
+                archive.download_exposure(row, cache, archive_url=server.url, token="", **FAST)
+        assert len([r for r in server.requests if r.method == "GET" and
+                    r.target.endswith(".fits")]) == downloads
+        assert seconds < 10
+
+
+def test_astroquery_selection_by_observation_detector_and_grating(program_dir, tmp_path):
+    with MastServer(program_dir) as server:
+        child = query_in_child(server, tmp_path, modes=["MOS", "BOTS"], detectors=["NRS2"])
+        assert child["rc"] == 0, child["stderr"][-3000:]
+        assert child["result"]["rows"] == ["jw01345063001_03101_00001_nrs2"]
+        child = query_in_child(server, tmp_path, observations=[62], gratings="PRISM")
+        assert child["result"]["rows"] == ["jw01345062001_03101_00001_nrs1",
+                                           "jw01345062001_03101_00001_nrs2",
+                                           "jw01345062001_03101_00002_nrs1"]
+        instruments = [r for r in server.requests if r.target == "Mast.Caom.Filtered"]
+        assert len(instruments) == 2
+
+
+def test_astroquery_token_login_and_bad_token(program_dir, tmp_path):
+    with MastServer(program_dir, tokens={TOKEN: "Ada Lovelace"}) as server:
+        child = query_in_child(server, tmp_path, env={"MAST_API_TOKEN": TOKEN},
+                               modes="FS")
+        assert child["rc"] == 0, child["stderr"][-3000:]
+        whoami = [r for r in server.requests if r.target == "whoami"]
+        assert len(whoami) == 1 and whoami[0].authenticated
+        assert all(r.authenticated for r in server.requests)
+        everything = child["stdout"] + child["stderr"] + (tmp_path / "manifest.csv").read_text()
+        assert "welcome Ada Lovelace" in child["stderr"]
+        assert TOKEN not in everything
+
+        bad = query_in_child(server, tmp_path, env={"MAST_API_TOKEN": "not-" + TOKEN})
+        assert bad["rc"] != 0
+        assert "ArchiveError: MAST did not accept the token from MAST_API_TOKEN" in bad["stderr"]
+        assert TOKEN not in bad["stdout"] + bad["stderr"]
+
+
+def test_astroquery_query_faults_retry_or_fail_clearly(program_dir, tmp_path):
+    faults = {"Mast.Caom.Filtered": ["500", "cut"], "Mast.Caom.Products": ["slow"],
+              "columnsconfig": ["503"]}
+    with MastServer(program_dir, faults=faults, slow_seconds=2.0) as server:
+        child = query_in_child(server, tmp_path, modes="IFU", timeout=1)
+        assert child["rc"] == 0, child["stderr"][-3000:]
+        assert len(child["result"]["rows"]) == 3
+        seen = [(r.target, r.fault) for r in server.requests if r.fault]
+        assert seen == [("columnsconfig", "503"), ("Mast.Caom.Filtered", "500"),
+                        ("Mast.Caom.Filtered", "cut"), ("Mast.Caom.Products", "slow")]
+    with MastServer(program_dir, faults={"Mast.Caom.Filtered": "500"}) as server:
+        child = query_in_child(server, tmp_path, modes="IFU")
+        assert child["rc"] != 0
+        assert "observation query for programs 1345,2222 failed after 4 attempts; " \
+               "last error: HTTP 500" in child["stderr"]
+        assert server.count("Mast.Caom.Filtered") == 4
+
+
+def test_configure_after_import_is_refused(program_dir):
+    child = run_child("""
+from nsclean import archive
+archive.configure_mast_server("http://127.0.0.1:9")
+import astroquery.mast
+ok = astroquery.mast.Observations._portal_api_connection.MAST_REQUEST_URL
+assert archive.configure_mast_server("http://127.0.0.1:9") is None
+try:
+    archive.configure_mast_server("http://127.0.0.1:10")
+except archive.ArchiveConfigError as exc:
+    result = [ok, str(exc)]
+""")
+    assert child["rc"] == 0, child["stderr"]
+    url, message = child["result"]
+    assert url == "http://127.0.0.1:9/api/v0/invoke"
+    assert "imported before configure_mast_server" in message
+
+
+# ---------------------------------------------------------------------------------------
+# rule scripts, run with a stand-in for Snakemake's `snakemake` object
+# ---------------------------------------------------------------------------------------
+class _Named(list):
+    def __init__(self, items=(), **named):
+        super().__init__(list(items) + list(named.values()))
+        self.__dict__.update(named)
+
+    def get(self, key, default=None):
+        return self.__dict__.get(key, default)
+
+
+def test_rule_scripts_with_local_source(program_dir, tmp_path):
+    log = tmp_path / "fetch_manifest.log"
+    manifest = tmp_path / "01345" / "manifest.tsv"
+    config = {"archive": {"source": "local", "local_dir": str(program_dir)}}
+    smk = SimpleNamespace(params=_Named(), config=config, log=_Named([str(log)]),
+                          output=_Named(manifest=str(manifest)),
+                          wildcards=SimpleNamespace(program="01345"))
+    runpy.run_path(str(SCRIPTS / "fetch_manifest.py"), init_globals={"snakemake": smk})
+    rows = archive.read_manifest(manifest)
+    assert {r.program for r in rows} == {"01345"} and len(rows) == 5
+    assert "5 exposures to process" in log.read_text()
+
+    target = tmp_path / "01345" / "archive" / rows[0].cal_file
+    smk = SimpleNamespace(params=_Named(), config=config, log=_Named([str(tmp_path / "f.log")]),
+                          input=_Named(manifest=str(manifest)), output=_Named(path=str(target)))
+    runpy.run_path(str(SCRIPTS / "fetch_file.py"), init_globals={"snakemake": smk})
+    assert target.read_bytes() == (program_dir / rows[0].cal_file).read_bytes()
+    assert "fetched" in (tmp_path / "f.log").read_text()
