@@ -1,0 +1,566 @@
+"""Self-contained HTML report and CSV table of a cleaning run.
+
+A run leaves one JSON record per exposure (see :func:`write_record` for the
+layout); :func:`load_records` reads them back and :func:`write_report` turns
+any list of records into one HTML file (inline CSS and a few lines of inline
+JavaScript to sort the table, no external resources) plus a CSV of the same
+table. The report can therefore be rebuilt from the run's outputs alone, for
+one program or for the whole run.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import html
+import io
+import json
+import math
+import os
+import tempfile
+import urllib.parse
+
+from .qa import FLAT_METRIC_KEYS, flatten_metrics
+
+__all__ = [
+    "BASE_COLUMNS",
+    "CSV_COLUMNS",
+    "FIGURE_KINDS",
+    "STATUSES",
+    "load_records",
+    "write_record",
+    "write_report",
+]
+
+STATUSES = ("cleaned", "failed", "skipped")
+BASE_COLUMNS = ("program", "stem", "status", "reason", "cleaned_file")
+#: CSV header: the five record fields, then every QA metric in a stable order.
+CSV_COLUMNS = BASE_COLUMNS + FLAT_METRIC_KEYS
+#: Figures linked from the table, in display order; "thumbnail" is shown inline.
+FIGURE_KINDS = ("comparison", "mask", "column", "spectrum")
+
+
+# --------------------------------------------------------------------------------------
+# Records on disk
+# --------------------------------------------------------------------------------------
+
+
+def _atomic_write_text(path, text):
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _normalise(record, source="record"):
+    """Check a record and fill the optional fields; returns a new dict."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(record).__name__}")
+    missing = [key for key in ("program", "stem", "status") if not record.get(key)]
+    if missing:
+        raise ValueError(f"{source}: missing required field(s) {missing}")
+    status = record["status"]
+    if status not in STATUSES:
+        raise ValueError(f"{source}: status {status!r} is not one of {STATUSES}")
+    out = {
+        "program": str(record["program"]),
+        "stem": str(record["stem"]),
+        "status": status,
+        "reason": str(record.get("reason") or ""),
+        "cleaned_file": record.get("cleaned_file") or None,
+        "metrics": record.get("metrics") or None,
+        "figures": dict(record.get("figures") or {}),
+        "timing": dict(record.get("timing") or {}),
+    }
+    for key in ("metrics",):
+        if out[key] is not None and not isinstance(out[key], dict):
+            raise ValueError(f"{source}: {key} must be an object or null")
+    return out
+
+
+def write_record(record, json_path):
+    """Write one per-exposure QA record as JSON (atomically).
+
+    Parameters
+    ----------
+    record : dict
+        ``program`` (str, e.g. "01345"), ``stem`` (exposure stem), ``status``
+        (one of "cleaned", "failed", "skipped"), ``reason`` (str, why it
+        failed or was skipped; "" otherwise), ``cleaned_file`` (path of the
+        cleaned product relative to the results directory, or None),
+        ``metrics`` (the dict of :func:`nsclean.qa.exposure_metrics`, or
+        None), ``figures`` (kind -> PNG path, absolute or relative to the
+        current directory; kinds "comparison", "mask", "column", "spectrum",
+        "thumbnail") and ``timing`` (step -> seconds).
+    json_path : str or os.PathLike
+        Where to write. Figure paths are stored relative to this file's
+        folder, so a results tree can be moved as a whole.
+
+    Returns
+    -------
+    str
+        ``json_path``.
+    """
+    record = _normalise(record)
+    base = os.path.dirname(os.path.abspath(json_path))
+    record["figures"] = {
+        kind: os.path.relpath(os.path.abspath(path), base).replace(os.sep, "/")
+        for kind, path in record["figures"].items()
+    }
+    text = json.dumps(record, indent=1, allow_nan=False, default=_json_default)
+    return _atomic_write_text(json_path, text + "\n")
+
+
+def _json_default(value):
+    # numpy scalars and arrays, without importing numpy here
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def load_records(json_paths):
+    """Read per-exposure QA records written by :func:`write_record`.
+
+    Parameters
+    ----------
+    json_paths : iterable of str or os.PathLike
+        The record files.
+
+    Returns
+    -------
+    list of dict
+        Records in the given order, with figure paths made absolute.
+
+    Raises
+    ------
+    ValueError
+        If a file is not valid JSON or lacks ``program``, ``stem`` or a known
+        ``status``; the message names the file.
+    """
+    records = []
+    for path in json_paths:
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as handle:
+                raw = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error})") from error
+        record = _normalise(raw, source=path)
+        base = os.path.dirname(os.path.abspath(path))
+        record["figures"] = {
+            kind: os.path.normpath(os.path.join(base, figure))
+            for kind, figure in record["figures"].items()
+        }
+        records.append(record)
+    return records
+
+
+# --------------------------------------------------------------------------------------
+# Table
+# --------------------------------------------------------------------------------------
+
+
+def _metric(record, key):
+    flat = record.get("_flat")
+    if flat is None:
+        flat = record["_flat"] = flatten_metrics(record.get("metrics"))
+    return flat.get(key)
+
+
+def _fmt(value):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
+
+
+def _sort_key(value):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+# (header, tooltip, function record -> raw value). Raw values sort; _fmt shows.
+_NUMERIC_COLUMNS = (
+    ("bg frac", "background pixel fraction", lambda r: _metric(r, "background_fraction")),
+    (
+        "bg rms before",
+        "robust rms of background pixels before cleaning",
+        lambda r: _metric(r, "before.background_rms"),
+    ),
+    (
+        "bg rms after",
+        "robust rms of background pixels after cleaning",
+        lambda r: _metric(r, "after.background_rms"),
+    ),
+    (
+        "banding before",
+        "rms of background column means before",
+        lambda r: _metric(r, "before.banding_rms"),
+    ),
+    (
+        "banding after",
+        "rms of background column means after",
+        lambda r: _metric(r, "after.banding_rms"),
+    ),
+    (
+        "banding white",
+        "banding expected from white noise alone (after)",
+        lambda r: _metric(r, "after.banding_white_rms"),
+    ),
+    ("banding ratio", "banding after / before", lambda r: _metric(r, "ratio.banding_rms")),
+    (
+        "frame before",
+        "picture-frame amplitude before",
+        lambda r: _metric(r, "before.picture_frame_amplitude"),
+    ),
+    (
+        "frame after",
+        "picture-frame amplitude after",
+        lambda r: _metric(r, "after.picture_frame_amplitude"),
+    ),
+    (
+        "LF rows before",
+        "low-frequency power of the column-mean series before",
+        lambda r: _metric(r, "before.lowfreq_power_rows"),
+    ),
+    (
+        "LF rows after",
+        "low-frequency power of the column-mean series after",
+        lambda r: _metric(r, "after.lowfreq_power_rows"),
+    ),
+    (
+        "LF cols before",
+        "low-frequency power of the row-mean series before",
+        lambda r: _metric(r, "before.lowfreq_power_columns"),
+    ),
+    (
+        "LF cols after",
+        "low-frequency power of the row-mean series after",
+        lambda r: _metric(r, "after.lowfreq_power_columns"),
+    ),
+    (
+        "model rms",
+        "rms of the subtracted model about its median",
+        lambda r: _metric(r, "model.rms"),
+    ),
+    ("guarded", "lines guarded + left uncleaned by the cleaner", lambda r: _guarded(r)),
+    ("time (s)", "total processing time of the exposure", lambda r: _total_time(r)),
+)
+
+
+def _guarded(record):
+    guarded = _metric(record, "guard.n_guarded")
+    uncleaned = _metric(record, "guard.n_uncleaned")
+    if guarded is None and uncleaned is None:
+        return None
+    return (guarded or 0) + (uncleaned or 0)
+
+
+def _total_time(record):
+    values = [v for v in record["timing"].values() if isinstance(v, int | float)]
+    return float(sum(values)) if values else None
+
+
+def _flags(record):
+    return list((record.get("metrics") or {}).get("flags") or [])
+
+
+def _row_state(record):
+    if record["status"] == "failed":
+        return "failed"
+    if record["status"] == "skipped":
+        return "skipped"
+    return "flagged" if _flags(record) else "ok"
+
+
+def _href(path, base):
+    """Relative, percent-encoded URL of a file, for an attribute value."""
+    relative = os.path.relpath(os.path.abspath(path), base).replace(os.sep, "/")
+    # Quoting ":" too means no data value can turn into a javascript: or
+    # other scheme URL; the result is always a relative path.
+    return html.escape(urllib.parse.quote(relative, safe="/"), quote=True)
+
+
+def _e(value):
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+h1{font-size:1.4em;margin-bottom:.2em}
+.meta{color:#555;font-size:.9em}
+table{border-collapse:collapse;font-size:.82em;margin:.8em 0}
+th,td{border:1px solid #ccc;padding:.25em .45em;vertical-align:top}
+th{background:#eee;position:sticky;top:0}
+table.sortable th{cursor:pointer;user-select:none}
+table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
+table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+tr.failed{background:#f8d7da}
+tr.flagged{background:#fff3cd}
+tr.skipped{background:#eceff1;color:#666}
+td.why ul{margin:0;padding-left:1.1em}
+img.thumb{display:block;height:64px}
+img.broken{outline:2px solid red}
+.counts span{margin-right:1.2em}
+details{margin:.6em 0}
+""".strip()
+
+# Sorting: click a header to sort by it, click again to reverse. Cells carry
+# their raw value in data-sort; numbers compare as numbers, empty cells go
+# last in either direction. Images that fail to load get a red outline.
+_JS = """
+(function(){
+function key(c){return c.getAttribute('data-sort')||'';}
+function cmp(a,b){var x=parseFloat(a),y=parseFloat(b);
+ if(!isNaN(x)&&!isNaN(y)&&isFinite(a)&&isFinite(b))return x-y;
+ return a<b?-1:a>b?1:0;}
+document.querySelectorAll('table.sortable').forEach(function(t){
+ var hs=t.tHead.rows[0].cells;
+ Array.prototype.forEach.call(hs,function(th,i){th.addEventListener('click',function(){
+  var asc=th.getAttribute('aria-sort')!=='ascending';
+  Array.prototype.forEach.call(hs,function(h){h.removeAttribute('aria-sort');});
+  th.setAttribute('aria-sort',asc?'ascending':'descending');
+  var b=t.tBodies[0],rows=Array.prototype.slice.call(b.rows);
+  rows.sort(function(r,s){var a=key(r.cells[i]),c=key(s.cells[i]);
+   if(a===''||c==='')return (a==='')-(c==='');
+   var d=cmp(a,c);return asc?d:-d;});
+  rows.forEach(function(r){b.appendChild(r);});});});});
+document.querySelectorAll('img').forEach(function(im){
+ im.addEventListener('error',function(){im.classList.add('broken');});});
+})();
+""".strip()
+
+
+def _flatten_config(config, prefix=""):
+    items = []
+    if isinstance(config, dict):
+        for key, value in config.items():
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if isinstance(value, dict) and value:
+                items.extend(_flatten_config(value, name))
+            else:
+                items.append((name, value))
+    else:
+        items.append((prefix or "config", config))
+    return items
+
+
+def _config_html(config):
+    if not config:
+        return "<p class=meta>No configuration recorded.</p>"
+    rows = []
+    for name, value in _flatten_config(config):
+        text = value if isinstance(value, str) else json.dumps(value, default=str)
+        if len(text) > 300:
+            text = text[:297] + "..."
+        rows.append(f"<tr><th>{_e(name)}</th><td>{_e(text)}</td></tr>")
+    return "<details><summary>Configuration</summary><table>" + "".join(rows) + "</table></details>"
+
+
+def _counts(records):
+    counts = dict.fromkeys((*STATUSES, "flagged"), 0)
+    for record in records:
+        counts[record["status"]] += 1
+        if _row_state(record) == "flagged":
+            counts["flagged"] += 1
+    return counts
+
+
+def _program_summary(records):
+    programs = {}
+    for record in records:
+        programs.setdefault(record["program"], []).append(record)
+    if len(programs) < 2:
+        return ""
+    rows = []
+    for program in sorted(programs):
+        counts = _counts(programs[program])
+        cells = "".join(
+            f'<td class=num data-sort="{counts[k]}">{counts[k]}</td>'
+            for k in (*STATUSES, "flagged")
+        )
+        total = len(programs[program])
+        rows.append(
+            f'<tr><td data-sort="{_e(program)}">{_e(program)}</td>'
+            f'<td class=num data-sort="{total}">{total}</td>{cells}</tr>'
+        )
+    head = "".join(f"<th>{h}</th>" for h in ("program", "exposures", *STATUSES, "flagged"))
+    return (
+        "<h2>Programs</h2><table class=sortable id=programs><thead><tr>"
+        + head
+        + "</tr></thead><tbody>"
+        + "".join(rows)
+        + "</tbody></table>"
+    )
+
+
+def _exposure_row(record, base, results_dir):
+    state = _row_state(record)
+    figures = record["figures"]
+    cells = []
+
+    thumb = figures.get("thumbnail")
+    if thumb:
+        target = figures.get("comparison") or thumb
+        image = (
+            f'<a href="{_href(target, base)}"><img class=thumb src="{_href(thumb, base)}"'
+            f' alt="{_e(record["stem"])} before|after"></a>'
+        )
+    else:
+        image = ""
+    cells.append(f'<td data-sort="{1 if thumb else 0}">{image}</td>')
+    cells.append(f'<td data-sort="{_e(record["program"])}">{_e(record["program"])}</td>')
+    cells.append(f'<td class=stem data-sort="{_e(record["stem"])}">{_e(record["stem"])}</td>')
+    status_key = {"failed": 0, "flagged": 1, "skipped": 2, "ok": 3}[state]
+    label = "cleaned (flagged)" if state == "flagged" else record["status"]
+    cells.append(f'<td class=status data-sort="{status_key}">{_e(label)}</td>')
+
+    reasons = ([record["reason"]] if record["reason"] else []) + _flags(record)
+    why = "<ul>" + "".join(f"<li>{_e(text)}</li>" for text in reasons) + "</ul>"
+    cells.append(f'<td class=why data-sort="{len(reasons)}">{why if reasons else ""}</td>')
+    for header, _tip, getter in _NUMERIC_COLUMNS:
+        value = getter(record)
+        title = ""
+        if header == "time (s)" and record["timing"]:
+            breakdown = ", ".join(f"{k} {_fmt(v)}" for k, v in record["timing"].items())
+            title = f' title="{_e(breakdown)}"'
+        cells.append(
+            f'<td class=num data-sort="{_e(_sort_key(value))}"{title}>{_e(_fmt(value))}</td>'
+        )
+
+    links = [
+        f'<a href="{_href(figures[kind], base)}">{kind}</a>'
+        for kind in FIGURE_KINDS
+        if figures.get(kind)
+    ]
+    cells.append(f'<td data-sort="{len(links)}">{" ".join(links)}</td>')
+    cleaned = record["cleaned_file"]
+    if cleaned and results_dir is not None:
+        link = f'<a href="{_href(os.path.join(results_dir, cleaned), base)}">{_e(cleaned)}</a>'
+    else:
+        link = _e(cleaned)
+    cells.append(f'<td data-sort="{_e(cleaned)}">{link}</td>')
+    return f'<tr class="{state}" data-stem="{_e(record["stem"])}">' + "".join(cells) + "</tr>"
+
+
+def _html(records, html_path, *, title, config, results_dir):
+    from . import __version__
+
+    base = os.path.dirname(os.path.abspath(html_path))
+    counts = _counts(records)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    headers = (
+        [("", "thumbnail (before | after); click for the full comparison")]
+        + [("program", ""), ("stem", "exposure stem"), ("status", ""), ("why", "reason / flags")]
+        + [(h, tip) for h, tip, _ in _NUMERIC_COLUMNS]
+        + [("figures", ""), ("cleaned file", "relative to the results directory")]
+    )
+    head = "".join(
+        f'<th title="{_e(tip)}">{_e(text)}</th>' if tip else f"<th>{_e(text)}</th>"
+        for text, tip in headers
+    )
+    # Problems first: failed, then flagged, skipped, fine; by stem within each.
+    order = {"failed": 0, "flagged": 1, "skipped": 2, "ok": 3}
+    ordered = sorted(records, key=lambda r: (order[_row_state(r)], r["program"], r["stem"]))
+    body = "\n".join(_exposure_row(r, base, results_dir) for r in ordered)
+    count_html = "".join(
+        f'<span class=count-{k}>{k}: <b id="n-{k}">{counts[k]}</b></span>'
+        for k in (*STATUSES, "flagged")
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_e(title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<h1>{_e(title)}</h1>
+<p class=meta>nsclean {_e(__version__)} &middot; generated {_e(now)} &middot;
+{len(records)} exposures</p>
+<p class=counts>{count_html}</p>
+{_config_html(config)}
+{_program_summary(records)}
+<h2>Exposures</h2>
+<p class=meta>Click a column header to sort. Yellow rows: cleaned but flagged by the
+QA checks; red: failed; grey: skipped. Metrics are in the image's units (DN/s for rate
+files); see docs/qa.md.</p>
+<table class=sortable id=exposures>
+<thead><tr>{head}</tr></thead>
+<tbody>
+{body}
+</tbody>
+</table>
+<script>{_JS}</script>
+</body>
+</html>
+"""
+
+
+def _csv(records):
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for record in sorted(records, key=lambda r: (r["program"], r["stem"])):
+        row = [record[key] if record[key] is not None else "" for key in BASE_COLUMNS]
+        for key in FLAT_METRIC_KEYS:
+            value = _metric(record, key)
+            row.append("" if value is None else value)
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def write_report(records, html_path, csv_path, *, title, config=None, results_dir=None):
+    """Write the HTML report and the CSV table of a set of exposure records.
+
+    Parameters
+    ----------
+    records : iterable of dict
+        Per-exposure records (the layout of :func:`write_record`; figure paths
+        absolute or relative to the current directory, as returned by
+        :func:`load_records`).
+    html_path, csv_path : str or os.PathLike
+        Outputs, written atomically. Links to figures are made relative to
+        the HTML file's folder.
+    title : str
+        Report title (e.g. "nsclean: program 01345").
+    config : dict, optional
+        Run configuration, shown (flattened) in the report header.
+    results_dir : str or os.PathLike, optional
+        Folder that ``cleaned_file`` paths are relative to; when given, the
+        cleaned files are linked.
+
+    Returns
+    -------
+    tuple of str
+        ``(html_path, csv_path)``.
+
+    Notes
+    -----
+    The CSV has one row per exposure sorted by program and stem, columns
+    :data:`CSV_COLUMNS`: ``program, stem, status, reason, cleaned_file``
+    followed by :data:`nsclean.qa.FLAT_METRIC_KEYS`. Every string from the
+    records is HTML-escaped; URLs are percent-encoded relative paths.
+    """
+    records = [_normalise(r, source=f"record {i}") for i, r in enumerate(records)]
+    text = _html(records, html_path, title=title, config=config, results_dir=results_dir)
+    _atomic_write_text(html_path, text)
+    _atomic_write_text(csv_path, _csv(records))
+    return os.fspath(html_path), os.fspath(csv_path)
