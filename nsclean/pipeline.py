@@ -1,0 +1,231 @@
+"""Per-exposure step bookkeeping for the workflow: status records, provenance, failures.
+
+Every per-exposure rule of the workflow (mask, clean, QA) always produces all of its
+declared outputs, so that the job graph stays the same whatever happens to one
+exposure and the reports are always made.  A step that meets an input problem it can
+name (``nsclean.errors.NSCleanInputError``: a corrupt rate, a cal that does not match
+the rate, a file the archive refused) records ``status: failed`` with the reason in
+its status record and leaves *empty* placeholder files for its data products; the
+next steps see the failed status and pass it on without opening the placeholders.
+Anything else (a bug) is not caught and stops the job.
+
+Status records are small JSON files written atomically, with sorted keys and no time
+stamps, so that results are bit-identical from one run to the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+
+from . import __version__
+from .errors import NSCleanInputError
+
+__all__ = [
+    "CLEANED",
+    "FAILED",
+    "SKIPPED",
+    "StepFailed",
+    "OK",
+    "atomic_write_text",
+    "file_checksum",
+    "require_ok",
+    "script_logging",
+    "input_checksums",
+    "read_status",
+    "step",
+    "write_placeholders",
+    "write_status",
+]
+
+CLEANED = "cleaned"
+FAILED = "failed"
+SKIPPED = "skipped"
+#: Status of a step that succeeded but is not the last one (mask, clean).
+OK = "ok"
+
+
+def script_logging(log_path: str | os.PathLike, name: str = "nsclean") -> logging.Logger:
+    """Send a rule script's logging, warnings and stray output to the rule's log file.
+
+    Parameters
+    ----------
+    log_path : str or os.PathLike
+        The rule's ``log:`` file (``snakemake.log[0]``).
+    name : str
+        Logger name.
+
+    Returns
+    -------
+    logging.Logger
+        Logger writing to the log file.
+    """
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    stream = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    # Library warnings (astropy, numpy) and prints belong in the log, not the console.
+    sys.stdout = sys.stderr = stream
+    logging.basicConfig(stream=stream, level=logging.INFO, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.captureWarnings(True)
+    return logging.getLogger(name)
+
+
+class StepFailed(Exception):
+    """Raised inside :func:`step` to stop a step with a reason (an upstream failure)."""
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (temporary file in the same directory, then rename).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination.
+    text : str
+        Content.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def file_checksum(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's content (read in 1 MiB blocks)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"{algorithm}:{digest.hexdigest()}"
+
+
+def input_checksums(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """Map each input file's name to its checksum (empty placeholders included)."""
+    return {Path(p).name: file_checksum(p) for p in paths}
+
+
+def write_status(path: str | os.PathLike, status: str, reason: str = "", **fields) -> dict:
+    """Write a step's status record (JSON, sorted keys, atomic) and return it.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The record's path.
+    status : str
+        ``"ok"``, ``"cleaned"``, ``"failed"`` or ``"skipped"``.
+    reason : str
+        Why the step failed or was skipped (empty otherwise).
+    **fields
+        Further JSON-serialisable entries (metrics, provenance, ...).
+
+    Returns
+    -------
+    dict
+        The record as written.
+    """
+    record = {"status": status, "reason": reason, "nsclean_version": __version__, **fields}
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=_jsonable)
+                      + "\n")
+    return record
+
+
+def read_status(path: str | os.PathLike) -> dict:
+    """Read a status record written by :func:`write_status`."""
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def write_placeholders(paths: Iterable[str | os.PathLike]) -> None:
+    """Leave an empty file at each path (the data products of a failed step)."""
+    for path in paths:
+        atomic_write_text(path, "")
+
+
+@contextlib.contextmanager
+def step(status_path: str | os.PathLike, products: Iterable[str | os.PathLike] = (),
+         logger=None) -> Iterator[dict]:
+    """Run one per-exposure step, turning input problems into a ``failed`` record.
+
+    Parameters
+    ----------
+    status_path : str or os.PathLike
+        Where the status record goes.  On success the body is expected to have
+        written it (through :func:`write_status`); if it did not, a bare ``ok``
+        record is written.
+    products : iterable of path
+        Data products of the step: on failure each is replaced by an empty
+        placeholder so that every declared output exists.
+    logger : logging.Logger, optional
+        Where the failure is reported.
+
+    Yields
+    ------
+    dict
+        A scratch dictionary the body may fill with fields for the failure record
+        (for instance the provenance it had gathered before the failure).
+
+    Notes
+    -----
+    Caught: :class:`~nsclean.errors.NSCleanInputError` (the library's "this input
+    cannot be used") and :class:`StepFailed` (an upstream step failed).  Everything
+    else propagates and fails the job, because it is a bug rather than bad data.
+    """
+    products = list(products)
+    extra: dict = {}
+    try:
+        yield extra
+    except (NSCleanInputError, StepFailed) as error:
+        reason = str(error)
+        if logger is not None:
+            logger.warning("exposure failed: %s", reason)
+        write_placeholders(products)
+        write_status(status_path, FAILED, reason, **extra)
+        return
+    if not Path(status_path).exists():
+        write_status(status_path, OK, **extra)
+
+
+def require_ok(status_paths: Iterable[str | os.PathLike]) -> list[dict]:
+    """Read upstream status records; raise :class:`StepFailed` if one of them failed.
+
+    Parameters
+    ----------
+    status_paths : iterable of path
+        Status records of the steps this one depends on.
+
+    Returns
+    -------
+    list of dict
+        The records, in order.
+    """
+    records = [read_status(p) for p in status_paths]
+    for record in records:
+        if record.get("status") == FAILED:
+            raise StepFailed(record.get("reason") or "an earlier step failed")
+    return records
+
+
+def _jsonable(value):
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"not JSON-serialisable: {value!r}")

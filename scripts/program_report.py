@@ -1,0 +1,21 @@
+"""Rule ``program_report``: the HTML report and CSV table of one program.
+
+input:  qa       -- the per-exposure records of rule ``qa`` (nsclean.report layout)
+        figures  -- the per-exposure figure directories (linked from the report)
+output: html, csv -- ``<results>/<program>/report.html`` and ``report.csv``
+"""
+
+from pathlib import Path
+
+from nsclean.pipeline import script_logging
+
+smk = snakemake  # noqa: F821 (injected by Snakemake)
+log = script_logging(smk.log[0])
+
+from nsclean import report  # noqa: E402
+
+records = report.load_records(smk.input.qa)
+report.write_report(records, smk.output.html, smk.output.csv,
+                    title=f"nsclean: program {smk.wildcards.program}", config=smk.config,
+                    results_dir=Path(smk.output.csv).parents[1])
+log.info("program %s: %d exposures reported", smk.wildcards.program, len(records))

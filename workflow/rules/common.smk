@@ -1,0 +1,84 @@
+# Configuration validation, output paths and input functions shared by all rules.
+import os
+
+from snakemake.utils import validate
+
+validate(config, schema="../schemas/config.schema.yaml")
+
+RESULTS = os.path.normpath(config["results"])
+# Program IDs as the FITS PROGRAM keyword writes them: five digits, zero-padded.
+PROGRAMS = [f"{int(program):05d}" for program in config["programs"]]
+# Only the options a rule uses go into its params, so that Snakemake's params
+# rerun trigger rebuilds exactly the outputs an option change affects.
+ARCHIVE = config["archive"]
+MASK_OPTIONS = config["mask"]
+CLEAN_OPTIONS = config["clean"]
+QA_OPTIONS = config["qa"]
+
+
+wildcard_constraints:
+    program=r"\d{5}",
+    stem=r"[A-Za-z0-9][A-Za-z0-9_\-]*",
+    filename=r"[A-Za-z0-9][A-Za-z0-9_\-.]*\.fits",
+
+
+def results_path(*parts):
+    """Path under the results directory (the argument of every output pattern)."""
+    return os.path.join(RESULTS, *parts)
+
+
+def log_path(rule_name, *parts):
+    return results_path("logs", rule_name, *parts) + ".log"
+
+
+def benchmark_path(rule_name, *parts):
+    return results_path("benchmarks", rule_name, *parts) + ".tsv"
+
+
+def processed_stems(program):
+    """Stems of the exposures a program's manifest lists for processing.
+
+    Evaluated after the fetch_manifest checkpoint has run.
+    """
+    from nsclean.archive import read_manifest
+
+    manifest = checkpoints.fetch_manifest.get(program=program).output.manifest
+    return [row.stem for row in read_manifest(manifest)]
+
+
+def program_qa_records(wildcards):
+    """QA records of every exposure of a program that is not skipped."""
+    return expand(
+        results_path("{program}", "{stem}", "{stem}_qa.json"),
+        program=wildcards.program,
+        stem=processed_stems(wildcards.program),
+    )
+
+
+def run_qa_records(wildcards):
+    """QA records of every exposure of every configured program."""
+    return [
+        path
+        for program in PROGRAMS
+        for path in expand(
+            results_path("{program}", "{stem}", "{stem}_qa.json"),
+            program=program,
+            stem=processed_stems(program),
+        )
+    ]
+
+
+def program_figure_dirs(wildcards):
+    return expand(
+        results_path("{program}", "{stem}", "figures"),
+        program=wildcards.program,
+        stem=processed_stems(wildcards.program),
+    )
+
+
+def final_targets():
+    return [
+        results_path("report.html"),
+        results_path("report.csv"),
+        results_path("run_status.json"),
+    ]

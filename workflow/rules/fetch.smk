@@ -1,0 +1,48 @@
+# Archive access: a checkpoint lists a program's exposures (the manifest), then
+# one download job per file.  With archive.source "local" the same rules take
+# the files from archive.local_dir instead of MAST.  The token for
+# exclusive-access data is read from MAST_API_TOKEN by the scripts, never
+# passed as a param (params end up in logs and job metadata).
+
+
+checkpoint fetch_manifest:
+    output:
+        manifest=results_path("{program}", "manifest.csv"),
+    log:
+        log_path("fetch_manifest", "{program}"),
+    benchmark:
+        benchmark_path("fetch_manifest", "{program}")
+    conda:
+        "../../envs/nsclean.yaml"
+    resources:
+        mem_mb=500,
+        runtime=30,
+        mast_connections=1,
+    params:
+        programs=lambda wildcards: [wildcards.program],
+        source=ARCHIVE["source"],
+        archive_url=ARCHIVE["url"],
+        local_dir=ARCHIVE["local_dir"] or None,
+    script:
+        "../../scripts/fetch_manifest.py"
+
+
+rule fetch_file:
+    input:
+        manifest=results_path("{program}", "manifest.csv"),
+    output:
+        results_path("{program}", "archive", "{filename}"),
+    log:
+        log_path("fetch_file", "{program}", "{filename}"),
+    benchmark:
+        benchmark_path("fetch_file", "{program}", "{filename}")
+    conda:
+        "../../envs/nsclean.yaml"
+    resources:
+        mem_mb=500,
+        runtime=60,
+        mast_connections=1,
+    params:
+        archive_url=ARCHIVE["url"],
+    script:
+        "../../scripts/fetch_file.py"

@@ -1,0 +1,24 @@
+# Background mask per exposure: True where a pixel is dark sky usable for the fit.
+
+
+rule mask:
+    input:
+        rate=results_path("{program}", "archive", "{stem}_rate.fits"),
+        cal=results_path("{program}", "archive", "{stem}_cal.fits"),
+    output:
+        mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
+        status=results_path("{program}", "{stem}", "{stem}_mask.json"),
+    log:
+        log_path("mask", "{program}", "{stem}"),
+    benchmark:
+        benchmark_path("mask", "{program}", "{stem}")
+    conda:
+        "../../envs/nsclean.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    params:
+        options=MASK_OPTIONS,
+    script:
+        "../../scripts/make_mask.py"

@@ -1,0 +1,33 @@
+# Metrics before and after cleaning, and the figures, per exposure.
+
+
+rule qa:
+    input:
+        rate=results_path("{program}", "archive", "{stem}_rate.fits"),
+        cleaned=results_path("{program}", "{stem}", "{stem}_nsclean_rate.fits"),
+        mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
+        clean_status=results_path("{program}", "{stem}", "{stem}_clean.json"),
+    output:
+        metrics=results_path("{program}", "{stem}", "{stem}_qa.json"),
+        figures=report(
+            directory(results_path("{program}", "{stem}", "figures")),
+            patterns=["{figure}.png"],
+            caption="../report/exposure_figures.rst",
+            category="Exposures",
+            subcategory="{program}",
+            labels={"exposure": "{stem}", "figure": "{figure}"},
+        ),
+    log:
+        log_path("qa", "{program}", "{stem}"),
+    benchmark:
+        benchmark_path("qa", "{program}", "{stem}")
+    conda:
+        "../../envs/nsclean.yaml"
+    threads: 1
+    resources:
+        mem_mb=1500,
+        runtime=10,
+    params:
+        options=QA_OPTIONS,
+    script:
+        "../../scripts/qa_exposure.py"
