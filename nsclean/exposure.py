@@ -325,6 +325,7 @@ def read_rate(path: str | os.PathLike) -> RateExposure:
     with _open_fits(path) as hdul:
         header = hdul[0].header.copy()
         _check_nirspec(path, header)
+        _check_product_kind(path, header, "rate")
         sci = _image_data(path, hdul, "SCI")
         dq = _image_data(path, hdul, "DQ")
     if sci.ndim != 2:
@@ -376,6 +377,7 @@ def read_cal(path: str | os.PathLike) -> CalExposure:
     with _open_fits(path) as hdul:
         header = hdul[0].header.copy()
         _check_nirspec(path, header)
+        _check_product_kind(path, header, "cal")
         exp_type = str(header.get("EXP_TYPE", "")).strip().upper()
         sci_hdus = [hdu for hdu in hdul[1:] if hdu.name == "SCI"]
         if not sci_hdus:
@@ -626,12 +628,7 @@ def build_exposure_mask(
     """
     if cal is not None:
         check_match(rate, cal)
-    if isinstance(options, masklib.MaskOptions):
-        opts = options
-        if option_overrides:
-            opts = masklib.MaskOptions.from_mapping(opts.to_dict(), **option_overrides)
-    else:
-        opts = masklib.MaskOptions.from_mapping(options, **option_overrides)
+    opts = _as_options(options, **option_overrides)
     if user_mask is not None and user_mask_mode == "replace":
         mask = np.array(user_mask, dtype=bool)
         if mask.shape != rate.sci.shape:
@@ -675,6 +672,12 @@ def build_exposure_mask(
     if not mask.any():
         raise NSCleanInputError(rate.path, "the background mask leaves no background pixel")
     return mask, info
+
+
+def _as_options(options, **overrides) -> masklib.MaskOptions:
+    if isinstance(options, masklib.MaskOptions):
+        options = options.to_dict()
+    return masklib.MaskOptions.from_mapping(options, **overrides)
 
 
 def _summary_of(mask: np.ndarray, opts: masklib.MaskOptions, origin) -> dict:
@@ -1055,9 +1058,7 @@ def clean_exposure(
                 "source": "user",
                 "n_background": int(mask.sum()),
                 "background_fraction": float(mask.mean()),
-                "guard": masklib.guard_report(
-                    mask, masklib.MaskOptions.from_mapping(mask_options), origin=rate.origin
-                ),
+                "guard": masklib.guard_report(mask, _as_options(mask_options), origin=rate.origin),
             }
             options_record = _options_from_header(user_header)
         else:
@@ -1360,6 +1361,37 @@ def _check_nirspec(path: Path, header: fits.Header) -> None:
         raise NSCleanInputError(
             path, f"DETECTOR = {detector or '(missing)'}, expected NRS1 or NRS2"
         )
+
+
+_RATE_MODELS = ("IMAGEMODEL",)
+_CAL_MODELS = ("IFUIMAGEMODEL", "MULTISLITMODEL", "SLITMODEL")
+_CAL_NAME_RE = re.compile(r"_(cal|s2d|x1d|photom|phot|flat)[._]", re.IGNORECASE)
+_RATE_NAME_RE = re.compile(r"_(rate|rateints|nsclean|cfn_rate)[._]", re.IGNORECASE)
+
+
+def _check_product_kind(path: Path, header: fits.Header, expected: str) -> None:
+    """Catch a cal given for a rate and vice versa (e.g. swapped arguments)."""
+    model = str(header.get("DATAMODL", "")).strip().upper()
+    name = path.name
+    if expected == "rate":
+        if model and model not in _RATE_MODELS:
+            raise NSCleanInputError(
+                path,
+                f"is a {header['DATAMODL'].strip()} product, expected a rate file (ImageModel); "
+                "were the cal and rate files swapped?",
+            )
+        if not model and _CAL_NAME_RE.search(name):
+            raise NSCleanInputError(path, "looks like a cal product by its name, expected a rate")
+    else:
+        if model and model not in _CAL_MODELS:
+            raise NSCleanInputError(
+                path,
+                f"is a {header['DATAMODL'].strip()} product, expected a stage-2 cal file "
+                "(IFUImageModel, MultiSlitModel or SlitModel); were the cal and rate files "
+                "swapped?",
+            )
+        if not model and _RATE_NAME_RE.search(name):
+            raise NSCleanInputError(path, "looks like a rate product by its name, expected a cal")
 
 
 def _check_subarray(path: Path, header: fits.Header, shape: tuple[int, int]) -> None:
