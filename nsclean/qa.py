@@ -28,9 +28,11 @@ SCHEMA_VERSION = 1
 DEFAULT_THRESHOLDS = {
     "rms_increase_tolerance": 0.02,
     "max_banding_ratio": 0.9,
+    "max_residual_banding": 2.0,
     "max_frame_ratio": 1.1,
     "max_model_ratio": 1.0,
-    "max_guarded_fraction": 0.10,
+    "max_guarded_fraction": 0.5,
+    "max_uncleaned_fraction": 0.02,
     "min_background_fraction": 0.05,
     "starved_column_fraction": 0.02,
     "max_starved_fraction": 0.10,
@@ -59,7 +61,8 @@ FLAT_METRIC_KEYS = (
     + tuple(f"after.{k}" for k in _IMAGE_KEYS)
     + ("ratio.background_rms", "ratio.banding_rms", "ratio.frame_rms")
     + ("model.rms", "model.max_abs", "model.n_nonfinite")
-    + ("guard.n_lines", "guard.n_guarded", "guard.n_uncleaned", "guard.guarded_fraction")
+    + ("guard.n_lines", "guard.n_guarded", "guard.n_uncleaned")
+    + ("guard.guarded_fraction", "guard.uncleaned_fraction")
     + ("worst_columns",)
 )
 
@@ -272,6 +275,7 @@ def _guard_metrics(fit_info, max_listed):
         "n_guarded": None,
         "n_uncleaned": None,
         "guarded_fraction": None,
+        "uncleaned_fraction": None,
         "uncleaned_lines": [],
         "guarded_lines": [],
     }
@@ -288,11 +292,11 @@ def _guard_metrics(fit_info, max_listed):
         uncleaned = np.flatnonzero(frequencies < 0)
         fitted = frequencies[frequencies >= 0]
         # The guard lowers the highest frequency on lines whose gaps make the
-        # full fit unstable; lines below the requested (or, if the info does
-        # not say, the most common) frequency are the guarded ones.
+        # full fit unstable; lines below the requested frequency (or, if the
+        # info does not say, below the highest one used) are the guarded ones.
         nominal = fit_info.get("max_frequency")
         if nominal is None and fitted.size:
-            nominal = int(np.bincount(fitted).argmax())
+            nominal = int(fitted.max())
         if nominal is not None:
             guarded = np.flatnonzero((frequencies >= 0) & (frequencies < nominal))
         else:
@@ -302,12 +306,16 @@ def _guard_metrics(fit_info, max_listed):
         if n_uncleaned is None:
             n_uncleaned = uncleaned.size
     n_guarded = fit_info.get("n_guarded")
+    if n_guarded is None and frequencies is not None and frequencies.size:
+        n_guarded = guarded.size
     guard["n_lines"] = None if n_lines is None else int(n_lines)
     guard["n_guarded"] = None if n_guarded is None else int(n_guarded)
     guard["n_uncleaned"] = None if n_uncleaned is None else int(n_uncleaned)
     if guard["n_lines"]:
-        stepped_in = (guard["n_guarded"] or 0) + (guard["n_uncleaned"] or 0)
-        guard["guarded_fraction"] = stepped_in / guard["n_lines"]
+        if guard["n_guarded"] is not None:
+            guard["guarded_fraction"] = guard["n_guarded"] / guard["n_lines"]
+        if guard["n_uncleaned"] is not None:
+            guard["uncleaned_fraction"] = guard["n_uncleaned"] / guard["n_lines"]
     return guard
 
 
@@ -342,6 +350,17 @@ def _flags(metrics, thresholds):
             f"banding not reduced: {before['banding_rms']:.4g} -> {after['banding_rms']:.4g} "
             f"(x{ratio['banding_rms']:.3f} > {thresholds['max_banding_ratio']})"
         )
+    if (
+        after["banding_excess_rms"] is not None
+        and after["banding_white_rms"]
+        and after["banding_excess_rms"]
+        > thresholds["max_residual_banding"] * after["banding_white_rms"]
+    ):
+        flags.append(
+            f"residual banding: excess {after['banding_excess_rms']:.4g} after cleaning is "
+            f"over {thresholds['max_residual_banding']} x the white-noise level "
+            f"{after['banding_white_rms']:.4g}"
+        )
     if ratio["frame_rms"] is not None and ratio["frame_rms"] > thresholds["max_frame_ratio"]:
         flags.append(
             f"picture frame rms went up: {before['frame_rms']:.4g} -> {after['frame_rms']:.4g} "
@@ -367,8 +386,16 @@ def _flags(metrics, thresholds):
         and guard["guarded_fraction"] > thresholds["max_guarded_fraction"]
     ):
         flags.append(
-            f"guard stepped in on {guard['guarded_fraction']:.1%} of lines "
-            f"({guard['n_guarded']} guarded, {guard['n_uncleaned']} uncleaned)"
+            f"guard lowered the frequencies on {guard['guarded_fraction']:.1%} of lines "
+            f"({guard['n_guarded']} of {guard['n_lines']})"
+        )
+    if (
+        guard["uncleaned_fraction"] is not None
+        and guard["uncleaned_fraction"] > thresholds["max_uncleaned_fraction"]
+    ):
+        flags.append(
+            f"{guard['uncleaned_fraction']:.1%} of lines left uncleaned "
+            f"({guard['n_uncleaned']} of {guard['n_lines']})"
         )
     return flags
 
@@ -416,9 +443,10 @@ def exposure_metrics(
         At most this many guarded / uncleaned line indices are listed.
     **thresholds
         Overrides for :data:`DEFAULT_THRESHOLDS` (``rms_increase_tolerance``,
-        ``max_banding_ratio``, ``max_frame_ratio``, ``max_model_ratio``,
-        ``max_guarded_fraction``, ``min_background_fraction``,
-        ``starved_column_fraction``, ``max_starved_fraction``).
+        ``max_banding_ratio``, ``max_residual_banding``, ``max_frame_ratio``,
+        ``max_model_ratio``, ``max_guarded_fraction``, ``max_uncleaned_fraction``,
+        ``min_background_fraction``, ``starved_column_fraction``,
+        ``max_starved_fraction``); see docs/qa.md.
 
     Returns
     -------

@@ -223,14 +223,35 @@ def test_guard_lines_from_fit_info():
     guard = m["guard"]
     assert guard["uncleaned_lines"] == [3, 7]
     assert guard["guarded_lines"] == list(range(10, 30))  # capped at 20
-    assert guard["guarded_fraction"] == pytest.approx(202 / SHAPE[1])
-    assert any("guard stepped in" in f for f in m["flags"])
+    assert guard["guarded_fraction"] == pytest.approx(200 / SHAPE[1])
+    assert guard["uncleaned_fraction"] == pytest.approx(2 / SHAPE[1])
+    assert m["flags"] == []  # 20 % guarded, 0.2 % uncleaned: below the defaults
 
-    info["frequencies"] = np.full(SHAPE[1], 8)
-    info["n_guarded"] = info["n_uncleaned"] = 0
+    # As loaded back from JSON (a list) and without max_frequency or counts:
+    # everything is derived from the per-line frequencies.
+    frequencies[:600] = 3
+    frequencies[600:640] = -1
+    info = {"frequencies": frequencies.tolist()}
     m = qa.exposure_metrics(white + stripes, white, stripes, mask, fit_info=info)
-    assert m["guard"]["guarded_lines"] == [] and m["flags"] == []
+    assert m["guard"]["n_lines"] == SHAPE[1]
+    assert m["guard"]["n_uncleaned"] == 40
+    assert m["guard"]["n_guarded"] == 600
+    assert m["guard"]["guarded_lines"] == list(range(20))
+    text = " ".join(m["flags"])
+    assert "guard lowered the frequencies on 58.6% of lines" in text
+    assert "3.9% of lines left uncleaned" in text
     json.dumps(m, allow_nan=False)
+
+
+def test_residual_banding_flag():
+    white, stripes, _ = _scene(stripe=2.0)
+    mask = _mask()
+    before = white + stripes
+    # Half the stripes removed: reduced enough, yet far above the white level.
+    m = qa.exposure_metrics(before, before - 0.5 * stripes, 0.5 * stripes, mask)
+    assert m["ratio"]["banding_rms"] == pytest.approx(0.5, rel=0.05)
+    assert any("residual banding" in f for f in m["flags"])
+    assert not any("banding not reduced" in f for f in m["flags"])
 
 
 def test_inputs_untouched_and_shapes_checked():
