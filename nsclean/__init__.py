@@ -7,3 +7,7 @@ least squares, apodized, transformed back and subtracted.
 """
 
 __version__ = "0.1.0"
+
+from .core import FitResult, NSClean, apodizer, clean, fit, fit_background  # noqa: E402
+
+__all__ = ["FitResult", "NSClean", "apodizer", "clean", "fit", "fit_background", "__version__"]

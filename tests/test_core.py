@@ -1,0 +1,340 @@
+"""Tests of the core cleaner against known truth (pure numpy, no files)."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+import nsclean
+from nsclean import core
+from nsclean.orientation import detector_to_dms, dms_to_detector
+
+N = 2048
+
+
+def in_band_lines(n_lines, rng, n=N, kmax=7):
+    """Noiseless lines containing only frequencies 0..kmax (gain 1 in the apodizer)."""
+    x = np.arange(n)
+    out = np.zeros((n, n_lines))
+    for k in range(kmax + 1):
+        out += rng.normal(size=n_lines) * np.cos(2 * np.pi * k * x / n)[:, None]
+        if k:
+            out += rng.normal(size=n_lines) * np.sin(2 * np.pi * k * x / n)[:, None]
+    return out
+
+
+def ifu_like_mask(shape, period=50, run=10, offset=0):
+    rows = np.arange(shape[0])
+    return np.repeat((((rows + offset) % period) < run)[:, None], shape[1], axis=1)
+
+
+def digest(a):
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+@pytest.mark.parametrize("detector", ["NRS1", "nrs2"])
+def test_in_band_signal_is_reproduced_exactly_on_gapped_lines(detector):
+    rng = np.random.default_rng(1)
+    signal = in_band_lines(96, rng)
+    mask = ifu_like_mask(signal.shape)
+    # Irregular gaps of up to 60 px on top of the slice pattern, different per line.
+    for j in range(signal.shape[1]):
+        start = rng.integers(100, 1800)
+        mask[start : start + rng.integers(20, 60), j] = False
+    result = nsclean.fit(signal, mask, detector)
+    assert result.info["n_guarded"] == 0 and result.info["n_uncleaned"] == 0
+    error = np.abs(result.model - signal).max() / np.abs(signal).max()
+    assert error < 1e-6
+
+
+def test_out_of_band_frequencies_are_apodized():
+    n = N
+    x = np.arange(n)
+    mask = np.ones((n, 4), bool)
+    k8 = np.repeat(np.cos(2 * np.pi * 8 * x / n)[:, None], 4, axis=1)
+    k12 = np.repeat(np.cos(2 * np.pi * 12 * x / n)[:, None], 4, axis=1)
+    opts = dict(outlier_sigma=None)
+    # k = 8 sits in the middle of the cosine roll-off (gain 0.5), k = 12 is outside.
+    np.testing.assert_allclose(nsclean.fit_background(k8, mask, **opts), 0.5 * k8, atol=1e-9)
+    np.testing.assert_allclose(nsclean.fit_background(k12, mask, **opts), 0, atol=1e-9)
+
+
+def test_apodizer_gains_match_paper_defaults():
+    gains = nsclean.apodizer(np.arange(12) / 2048)
+    np.testing.assert_allclose(gains[:8], 1.0)
+    assert gains[8] == pytest.approx(0.5)
+    np.testing.assert_allclose(gains[9:], 0.0)
+
+
+# ------------------------------------------------------------------- quality against truth
+
+
+def test_removes_column_stripes_and_picture_frame_against_truth():
+    rng = np.random.default_rng(2)
+    shape = (N, N)
+    white = rng.normal(size=shape)
+    stripes = 0.8 * rng.normal(size=N)[None, :]
+    rows = np.arange(N)[:, None]
+    # A smooth picture-frame-like term: strong near the top and bottom, varying per column.
+    frame = (np.exp(-rows / 150.0) + np.exp(-(N - 1 - rows) / 150.0)) * rng.normal(size=N)
+    correlated = stripes + frame
+    mask = ifu_like_mask(shape)
+    cleaned = nsclean.clean(white + correlated, mask, "NRS1")
+    interior = (slice(4, -4), slice(4, -4))
+    residual = (cleaned - white)[interior]
+    before = correlated[interior]
+    # What is left is the fit's own noise, about sigma^2 K / n' = 17 / 410 = 0.04: the
+    # correlated variance (0.76 here) is removed down to that floor.
+    assert before.var() > 0.5
+    assert residual.var() < 0.06
+    # Banding: rms of column means is down by more than 5x.
+    assert residual.mean(axis=0).std() < 0.2 * before.mean(axis=0).std()
+
+
+def test_outliers_do_not_pull_the_model():
+    rng = np.random.default_rng(3)
+    shape = (N, 64)
+    stripes = rng.normal(size=64)[None, :]
+    image = rng.normal(size=shape) + stripes
+    mask = ifu_like_mask(shape)
+    clean_model = nsclean.fit_background(image, mask)
+    hot = image.copy()
+    bg_rows = np.flatnonzero(mask[:, 0])
+    for j in range(64):
+        rows = rng.choice(bg_rows, 5, replace=False)
+        hot[rows, j] += 1e4  # hot pixels / snowball residue in the background
+    hot_model = nsclean.fit_background(hot, mask)
+    # Dropping 5 of ~400 samples moves the model by a fraction of its own noise.
+    assert np.abs(hot_model - clean_model).mean() < 0.02
+    assert np.abs(hot_model - clean_model).max() < 0.3
+    no_rejection = nsclean.fit_background(hot, mask, outlier_sigma=None)
+    assert np.abs(no_rejection - clean_model).max() > 10  # the rejection is what helps
+
+
+# ------------------------------------------------------------------------------- guard
+
+
+def test_guard_bounds_model_noise_in_long_gaps():
+    rng = np.random.default_rng(4)
+    shape = (N, 400)
+    mask = np.ones(shape, bool)
+    mask[600:1400] = False  # an 800-px gap: unguarded, the model variance is ~1e6 sigma^2
+    white = rng.normal(size=shape)
+    result = nsclean.fit(white, mask, "NRS1", max_model_variance=0.25)
+    assert result.info["n_guarded"] == shape[1]
+    assert np.isfinite(result.model).all()
+    # Measured against truth: the model of pure white noise is the fit's own noise.
+    model_variance = result.model.var(axis=1)
+    assert model_variance.max() < 0.25 * 1.5
+    unguarded = nsclean.fit(white, mask, "NRS1", max_model_variance=None)
+    assert unguarded.model.var(axis=1).max() > 100
+
+
+def test_sparse_and_empty_lines_never_give_wild_values():
+    rng = np.random.default_rng(5)
+    shape = (N, 32)
+    image = rng.normal(size=shape)
+    mask = ifu_like_mask(shape)
+    mask[:, 0] = False
+    mask[[100, 900, 1700], 0] = True  # 3 background pixels
+    mask[:, 1] = False  # no background at all
+    image[:, 2] = np.nan  # all-NaN line
+    result = nsclean.fit(image, mask, "NRS1")
+    assert np.isfinite(result.model).all()
+    assert result.info["frequencies"][1] == -1 and result.info["frequencies"][2] == -1
+    assert np.all(result.model[:, 1] == 0)
+    assert result.info["n_uncleaned"] >= 2
+    # Three samples: at most a mean is fitted, never more than the data support.
+    assert result.info["frequencies"][0] <= 0
+    assert np.abs(result.model[:, 0]).max() < 3
+    cleaned = nsclean.clean(image, mask)
+    assert np.isnan(cleaned[:, 2]).all()
+
+
+# ---------------------------------------------------------------------- orientation
+
+
+@pytest.mark.parametrize("shape", [(N, 256), (32, 2048)])
+def test_nrs2_is_nrs1_rotated_by_180_degrees(shape):
+    rng = np.random.default_rng(6)
+    image = rng.normal(size=shape) + rng.normal(size=shape[1])[None, :]
+    mask = ifu_like_mask(shape, period=8, run=4)
+    m1 = nsclean.fit_background(image, mask, "NRS1")
+    m2 = nsclean.fit_background(image[::-1, ::-1], mask[::-1, ::-1], "NRS2")
+    np.testing.assert_allclose(m2[::-1, ::-1], m1, rtol=0, atol=1e-9)
+
+
+def test_timeseries_mode_removes_drift_that_is_smooth_in_read_order():
+    """NRS2 read order: lines run right to left, pixels top to bottom in DMS."""
+    rng = np.random.default_rng(7)
+    shape = (32, 2048)
+    n_lines, n = shape[1], shape[0]
+    stride = n + core.LINE_OVERHEAD_TICKS
+    t = np.arange(n_lines * stride).reshape(n_lines, stride)[:, :n]
+    drift = np.zeros(t.shape)
+    for period in (40000.0, 9000.0, 3000.0):
+        drift += np.sin(2 * np.pi * t / period + rng.uniform(0, 6))
+    dms_noise = detector_to_dms(drift, "NRS2")
+    white = 0.1 * rng.normal(size=shape)
+    mask = np.ones(shape, bool)
+    mask[12:20] = False  # a trace across the subarray
+    residual = nsclean.clean(white + dms_noise, mask, "NRS2") - white
+    assert residual.std() < 0.1 * dms_noise.std()
+
+
+def test_orientation_views_round_trip():
+    a = np.arange(12.0).reshape(3, 4)
+    for det in ("NRS1", "NRS2"):
+        np.testing.assert_array_equal(detector_to_dms(dms_to_detector(a, det), det), a)
+    # NRS2: the first line read is the last DMS column, read from the top.
+    np.testing.assert_array_equal(dms_to_detector(a, "NRS2")[0], a[::-1, -1])
+
+
+# ---------------------------------------------------------------------------- subarray
+
+
+def test_subarray_timeseries_removes_one_over_f_like_noise():
+    rng = np.random.default_rng(8)
+    shape = (32, 2048)
+    n_lines, n = shape[1], shape[0]
+    stride = n + core.LINE_OVERHEAD_TICKS
+    total = n_lines * stride
+    # 1/f noise on the time axis, sampled at the pixels.
+    freqs = np.fft.rfftfreq(total)
+    amp = np.zeros_like(freqs)
+    amp[1:] = 1 / np.sqrt(freqs[1:])
+    series = np.fft.irfft(amp * np.exp(2j * np.pi * rng.random(freqs.size)), n=total)
+    series /= series.std()
+    timeline = series.reshape(n_lines, stride)[:, :n]
+    correlated = detector_to_dms(timeline, "NRS1")
+    white = rng.normal(size=shape)
+    mask = np.ones(shape, bool)
+    mask[10:22] = False
+    result = nsclean.fit(white + correlated, mask, "NRS1")
+    assert result.info["mode"] == "timeseries"
+    residual = correlated - result.model
+    assert residual.var() < 0.5 * correlated.var()
+    assert np.isfinite(result.model).all()
+
+
+# ------------------------------------------------------------------------------- API
+
+
+def test_input_is_never_modified_and_nans_stay_nan():
+    rng = np.random.default_rng(9)
+    image = rng.normal(size=(N, N)).astype(np.float32)
+    image[500, 700] = np.nan
+    mask = ifu_like_mask(image.shape)
+    before_img, before_mask = digest(image), digest(mask)
+    cleaned = nsclean.clean(image, mask, "NRS1")
+    assert digest(image) == before_img and digest(mask) == before_mask
+    assert cleaned.dtype == np.float32 and cleaned is not image
+    assert np.isnan(cleaned[500, 700]) and np.isfinite(np.delete(cleaned.ravel(), 500 * N + 700)).all()
+
+
+def test_reference_pixels_are_left_unchanged():
+    rng = np.random.default_rng(10)
+    image = rng.normal(size=(N, N)) + rng.normal(size=N)[None, :]
+    mask = np.ones(image.shape, bool)  # even if the mask claims them as background
+    cleaned = nsclean.clean(image, mask)
+    border = core._reference_border(image.shape)
+    np.testing.assert_array_equal(cleaned[border], image[border])
+    assert not np.allclose(cleaned[~border], image[~border])
+
+
+def test_nan_pixels_are_not_used_in_the_fit():
+    rng = np.random.default_rng(11)
+    image = rng.normal(size=(N, 16))
+    mask = ifu_like_mask(image.shape)
+    with_nan = image.copy()
+    with_nan[::7] = np.nan
+    reduced_mask = mask.copy()
+    reduced_mask[::7] = False
+    np.testing.assert_allclose(
+        nsclean.fit_background(with_nan, mask), nsclean.fit_background(image, reduced_mask)
+    )
+
+
+@pytest.mark.parametrize(
+    "image, mask, exc, words",
+    [
+        (np.zeros((4, 4, 4)), np.ones((4, 4, 4), bool), ValueError, "2-D"),
+        (np.zeros((8, 8)), np.ones((8, 9), bool), ValueError, "shape"),
+        (np.zeros((8, 8)), np.ones((8, 8), int), TypeError, "boolean"),
+        (np.zeros((8, 8), int), np.ones((8, 8), bool), TypeError, "floating"),
+        (np.zeros((8, 8)), np.zeros((8, 8), bool), ValueError, "empty"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(image, mask, exc, words):
+    with pytest.raises(exc, match=words):
+        nsclean.clean(image, mask)
+
+
+def test_bad_detector_and_options_are_rejected():
+    image, mask = np.zeros((64, 64)), np.ones((64, 64), bool)
+    with pytest.raises(ValueError, match="NRS1, NRS2"):
+        nsclean.clean(image, mask, "NRC1")
+    with pytest.raises(TypeError, match="unknown option"):
+        nsclean.clean(image, mask, frequencies=3)
+    with pytest.raises(ValueError, match="weight_sigma"):
+        nsclean.clean(image, mask, weight_sigma=-1)
+    with pytest.raises(ValueError, match="method"):
+        nsclean.clean(image, mask, method="magic")
+
+
+def test_median_method_subtracts_column_median_per_channel():
+    rng = np.random.default_rng(12)
+    image = rng.normal(size=(N, 8)) * 0.01
+    offsets = rng.normal(size=(4, 8))
+    image += np.repeat(offsets, 512, axis=0)
+    mask = ifu_like_mask(image.shape)
+    model = nsclean.fit_background(image, mask, method="median", per_channel=True)
+    np.testing.assert_allclose(model[::512], offsets, atol=0.05)
+    whole = nsclean.fit_background(image, mask, method="median")
+    np.testing.assert_allclose(whole[0], np.median(image[mask[:, 0]], axis=0))
+
+
+def test_options_are_reported_for_headers():
+    result = nsclean.fit(np.zeros((64, 64)), np.ones((64, 64), bool), cutoff=1 / 128)
+    assert result.options["cutoff"] == 1 / 128
+    assert result.options["weight_sigma"] == 32.0
+    assert all(isinstance(v, (str, int, float, bool, type(None))) for v in result.options.values())
+
+
+def test_nsclean_compatibility_class():
+    rng = np.random.default_rng(13)
+    image = rng.normal(size=(N, 64)) + rng.normal(size=64)[None, :]
+    mask = ifu_like_mask(image.shape)
+    cleaner = nsclean.NSClean("NRS2", mask)
+    original = image.copy()
+    out = cleaner.clean(image)
+    np.testing.assert_array_equal(image, original)
+    np.testing.assert_allclose(out, nsclean.clean(image, mask, "NRS2"))
+    np.testing.assert_allclose(cleaner.fit(image), image - out)
+    buffed = cleaner.clean(image, buff=True)
+    assert not np.allclose(buffed, out)
+
+
+def test_density_weights_are_centred_and_symmetric():
+    density = core._DensityFilter(N, 32.0)
+    mask = np.zeros((N, 1), bool)
+    mask[300:340] = True
+    mask[1000] = True
+    w = density.weights(mask)
+    w_reversed = density.weights(mask[::-1])
+    np.testing.assert_allclose(w_reversed[::-1], w, rtol=1e-9)
+    # The isolated pixel is in a sparse neighbourhood: it weighs more than the run.
+    assert w[1000, 0] > w[320, 0]
+
+
+def test_result_does_not_depend_on_block_size(monkeypatch):
+    rng = np.random.default_rng(14)
+    image = rng.normal(size=(N, 300)).astype(np.float32)
+    mask = ifu_like_mask(image.shape)
+    a = nsclean.fit_background(image, mask)
+    monkeypatch.setattr(core, "_BLOCK_LINES", 37)
+    b = nsclean.fit_background(image, mask)
+    np.testing.assert_array_equal(a, b)
