@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -453,7 +454,8 @@ def _retrying(call: Callable, what: str, *, retries: int, backoff: float,
             if status not in _RETRY_STATUS:
                 raise ArchiveError(f"MAST answered HTTP {status} to {what}") from exc
             last = f"HTTP {status}"
-        except (requests.RequestException, TimeoutError, ValueError) as exc:
+        except (requests.RequestException, TimeoutError, json.JSONDecodeError) as exc:
+            # a truncated JSON answer surfaces as a decode error
             last = f"{type(exc).__name__}: {exc}"
         if attempt <= retries:
             delay = _backoff_delay(attempt, backoff, max_backoff)

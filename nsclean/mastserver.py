@@ -49,6 +49,7 @@ import argparse
 import http.server
 import ipaddress
 import json
+import shutil
 import socket
 import sys
 import threading
@@ -611,16 +612,22 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault in ("500", "503"):
             self._send(record, int(fault), b"injected server error", "text/plain", fault=fault)
             return
-        body = b"" if head else path.read_bytes()
-        if head:
+        if head or not fault:  # stream the file: real exposures are ~84 MB each
             record.status = 200
             self.mast._record(record)
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(path.stat().st_size))
+            self.send_header("Content-Disposition", f"attachment; filename={name}")
             self.end_headers()
+            if not head:
+                try:
+                    with open(path, "rb") as handle:
+                        shutil.copyfileobj(handle, self.wfile, 1 << 20)
+                except (BrokenPipeError, ConnectionResetError, OSError):
+                    self.close_connection = True
             return
-        self._send(record, 200, body, "application/octet-stream", fault=fault,
+        self._send(record, 200, path.read_bytes(), "application/octet-stream", fault=fault,
                    extra_headers={"Content-Disposition": f"attachment; filename={name}"})
 
 

@@ -212,17 +212,23 @@ import logging, sys
 logging.basicConfig(stream=sys.stderr, level=logging.DEBUG)
 from nsclean import archive
 archive.configure_mast_server({url!r})
-manifest = archive.fetch_manifest(["1345", "2222"], archive_url={url!r}, pagesize={pagesize},
-                                  backoff=0.01, timeout={timeout}, **{selections!r})
-archive.write_manifest(manifest, {manifest_path!r})
-result = {{"rows": [r.stem for r in manifest.rows], "skipped": [r.stem for r in manifest.rows
-           if r.status == "skipped"], "without_cal": manifest.without_cal}}
+result = []
+for selections in {selections!r}:
+    manifest = archive.fetch_manifest(["1345", "2222"], archive_url={url!r},
+                                      pagesize={pagesize}, backoff=0.01, timeout={timeout},
+                                      **selections)
+    archive.write_manifest(manifest, {manifest_path!r})
+    result.append({{"rows": [r.stem for r in manifest.rows], "skipped": [
+        r.stem for r in manifest.rows if r.status == "skipped"],
+        "without_cal": manifest.without_cal}})
+result = result[0] if len(result) == 1 else result
 """
 
 
-def query_in_child(server, tmp_path, *, pagesize=None, env=None, timeout=5, **selections):
-    code = QUERY.format(url=server.url, pagesize=pagesize, selections=selections, timeout=timeout,
-                        manifest_path=str(tmp_path / "manifest.csv"))
+def query_in_child(server, tmp_path, *, pagesize=None, env=None, timeout=5, runs=None,
+                   **selections):
+    code = QUERY.format(url=server.url, pagesize=pagesize, selections=runs or [selections],
+                        timeout=timeout, manifest_path=str(tmp_path / "manifest.csv"))
     return run_child(code, env_extra=env, timeout=60)
 
 
@@ -269,15 +275,18 @@ def test_astroquery_program_query_paging_executing_and_downloads(program_dir, tm
 
 def test_astroquery_selection_by_observation_detector_and_grating(program_dir, tmp_path):
     with MastServer(program_dir) as server:
-        child = query_in_child(server, tmp_path, modes=["MOS", "BOTS"], detectors=["NRS2"])
+        child = query_in_child(server, tmp_path, runs=[
+            {"modes": ["MOS", "BOTS"], "detectors": ["NRS2"]},
+            {"observations": [62], "gratings": "PRISM"},
+            {"modes": "BOTS"}])
         assert child["rc"] == 0, child["stderr"][-3000:]
-        assert child["result"]["rows"] == ["jw01345063001_03101_00001_nrs2"]
-        child = query_in_child(server, tmp_path, observations=[62], gratings="PRISM")
-        assert child["result"]["rows"] == ["jw01345062001_03101_00001_nrs1",
-                                           "jw01345062001_03101_00001_nrs2",
-                                           "jw01345062001_03101_00002_nrs1"]
-        instruments = [r for r in server.requests if r.target == "Mast.Caom.Filtered"]
-        assert len(instruments) == 2
+        mos, ifu, bots = child["result"]
+        assert mos["rows"] == ["jw01345063001_03101_00001_nrs2"]
+        assert ifu["rows"] == ["jw01345062001_03101_00001_nrs1",
+                               "jw01345062001_03101_00001_nrs2",
+                               "jw01345062001_03101_00002_nrs1"]
+        assert bots["rows"] == bots["skipped"] == ["jw02222001001_04102_00001_nrs1"]
+        assert server.count("Mast.Caom.Filtered") == 3
 
 
 def test_astroquery_token_login_and_bad_token(program_dir, tmp_path):
