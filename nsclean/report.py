@@ -564,3 +564,41 @@ def write_report(records, html_path, csv_path, *, title, config=None, results_di
     _atomic_write_text(html_path, text)
     _atomic_write_text(csv_path, _csv(records))
     return os.fspath(html_path), os.fspath(csv_path)
+
+
+def main(argv=None):
+    """Rebuild a report from per-exposure JSON records: ``python -m nsclean.report``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m nsclean.report",
+        description="Write the HTML report and CSV table from per-exposure QA records.",
+    )
+    parser.add_argument("records", nargs="+", help="per-exposure QA JSON files")
+    parser.add_argument("--html", required=True, help="HTML report to write")
+    parser.add_argument("--csv", required=True, help="CSV table to write")
+    parser.add_argument("--title", default="nsclean report")
+    parser.add_argument("--config", help="YAML or JSON run configuration to show")
+    parser.add_argument("--results-dir", help="folder that cleaned_file paths are relative to")
+    args = parser.parse_args(argv)
+    config = None
+    if args.config:
+        import yaml
+
+        with open(args.config, encoding="utf-8") as handle:
+            config = yaml.safe_load(handle)
+    records = load_records(args.records)
+    write_report(
+        records,
+        args.html,
+        args.csv,
+        title=args.title,
+        config=config,
+        results_dir=args.results_dir,
+    )
+    print(f"{len(records)} exposures -> {args.html}, {args.csv}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

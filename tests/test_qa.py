@@ -254,6 +254,21 @@ def test_residual_banding_flag():
     assert not any("banding not reduced" in f for f in m["flags"])
 
 
+def test_float32_with_pedestal_matches_float64():
+    """A large sky level in float32 must not cost the banding its precision."""
+    white, stripes, frame = _scene(stripe=2.0, frame=3.0)
+    mask = _mask()
+    before = 1000.0 + white + stripes + frame
+    after = 1000.0 + white
+    m64 = qa.exposure_metrics(before, after, stripes + frame, mask)
+    m32 = qa.exposure_metrics(
+        before.astype(np.float32), after.astype(np.float32), None, mask.astype(np.uint8)
+    )
+    for key in ("banding_rms", "banding_excess_rms", "frame_rms", "lowfreq_power_rows"):
+        for state in ("before", "after"):
+            assert m32[state][key] == pytest.approx(m64[state][key], rel=1e-3), (state, key)
+
+
 def test_inputs_untouched_and_shapes_checked():
     white, stripes, _ = _scene(stripe=2.0, shape=(256, 256))
     before = white + stripes

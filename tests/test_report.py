@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -271,3 +272,36 @@ def test_report_in_headless_chromium(run, tmp_path):
     assert check["ascending"][-2:] == ["", ""]
     assert [float(v) for v in check["descending"] if v] == numbers[::-1]
     assert check["descending"][-2:] == ["", ""]
+
+
+def test_report_rebuilt_from_outputs_alone(run, tmp_path):
+    """`python -m nsclean.report` over the JSON records reproduces the CSV."""
+    root, json_paths = run
+    _, csv_path = _build(run)
+    config = tmp_path / "config.yaml"
+    config.write_text("cleaner:\n  method: fft\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nsclean.report",
+            "--title",
+            "rebuilt",
+            "--html",
+            str(tmp_path / "r.html"),
+            "--csv",
+            str(tmp_path / "r.csv"),
+            "--config",
+            str(config),
+            "--results-dir",
+            str(root),
+            *map(str, json_paths),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "r.csv").read_text() == csv_path.read_text()
+    text = (tmp_path / "r.html").read_text()
+    assert "cleaner.method" in text and "<title>rebuilt</title>" in text
