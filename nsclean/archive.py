@@ -107,6 +107,8 @@ _CAOM_MODE = {
     "NRS_FIXEDSLIT": ("NIRSPEC/SLIT", "spectrum"),
     "NRS_BRIGHTOBJ": ("NIRSPEC/SLIT", "timeseries"),
 }
+# Some MAST listings show BOTS as its own instrument name; accept it too.
+_CAOM_ALIASES = {"NIRSPEC/BOTS": "NRS_BRIGHTOBJ"}
 
 MANIFEST_COLUMNS = (
     "stem", "program", "observation", "visit", "exposure", "detector", "exp_type",
@@ -535,7 +537,8 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
         _retrying(login, "MAST login", retries=retries, backoff=backoff)
         log.info("logged in to %s with the token from %s", archive_url, TOKEN_ENV)
 
-    instruments = sorted({_CAOM_MODE[e][0] for e in exp_types})
+    instruments = sorted({_CAOM_MODE[e][0] for e in exp_types}
+                         | {name for name, e in _CAOM_ALIASES.items() if e in exp_types})
     proposal_ids = [str(int(p)) for p in program_ids]
     log.info("querying %s for JWST programs %s, %s", archive_url, ",".join(proposal_ids),
              ",".join(instruments))
@@ -548,7 +551,8 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
     obs_by_id: dict[str, dict] = {}
     for row in obs_table:
         caom = (str(row["instrument_name"]).upper(), str(row["dataproduct_type"]).lower())
-        exp_type = next((e for e, m in _CAOM_MODE.items() if m == caom), None)
+        exp_type = (_CAOM_ALIASES.get(caom[0])
+                    or next((e for e, m in _CAOM_MODE.items() if m == caom), None))
         if exp_type is None:  # e.g. NIRSPEC/SLIT with an unexpected product type
             exp_type = next((e for e, m in _CAOM_MODE.items() if m[0] == caom[0]), "")
         if exp_type not in exp_types:

@@ -34,10 +34,15 @@ files.update({r.cal_file: (r.cal_uri, r.cal_size) for r in rows if r.cal_file})
 if target.name not in files:
     raise archive.ArchiveError(f"{target.name} is not listed in {smk.input.manifest}")
 uri, size = files[target.name]
-result = archive.download_file(
-    uri, target, expected_size=size, archive_url=setting("url", archive.DEFAULT_ARCHIVE_URL),
-    retries=int(setting("retries", 4)), backoff=float(setting("backoff", 1.0)),
-    timeout=(10.0, float(setting("timeout", 60.0))))
+try:
+    result = archive.download_file(
+        uri, target, expected_size=size,
+        archive_url=setting("url", archive.DEFAULT_ARCHIVE_URL),
+        retries=int(setting("retries", 4)), backoff=float(setting("backoff", 1.0)),
+        timeout=(10.0, float(setting("timeout", 60.0))))
+except archive.ArchiveError as error:  # the reason belongs in the rule's log too
+    logging.error("%s", error)
+    raise
 logging.info("%s: %s, %d bytes, %d attempts, %.2f s", target.name,
              "fetched" if result.fetched else "cached", result.nbytes, result.attempts,
              result.seconds)

@@ -35,11 +35,15 @@ if source == "mast":  # before anything imports astroquery.mast: its URLs are fi
     archive.configure_mast_server(url)
 selections = {k: setting(k) for k in ("observations", "modes", "detectors", "gratings",
                                       "filters")}
-manifest = archive.fetch_manifest(
-    setting("programs") or [smk.wildcards.program], source=source,
-    local_dir=setting("local_dir") or None, archive_url=url,
-    missing_cal=setting("missing_cal", "skip"), retries=int(setting("retries", 3)),
-    timeout=float(setting("timeout", 120.0)), **selections)
+try:
+    manifest = archive.fetch_manifest(
+        setting("programs") or [smk.wildcards.program], source=source,
+        local_dir=setting("local_dir") or None, archive_url=url,
+        missing_cal=setting("missing_cal", "skip"), retries=int(setting("retries", 3)),
+        timeout=float(setting("timeout", 120.0)), **selections)
+except (archive.ArchiveError, ValueError) as error:  # the reason belongs in the log too
+    logging.error("%s", error)
+    raise
 archive.write_manifest(manifest, smk.output.manifest)
 logging.info("%d exposures to process; without cal: %s", len(manifest.to_process),
              ", ".join(manifest.without_cal) or "none")

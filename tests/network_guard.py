@@ -33,12 +33,13 @@ def _is_loopback(host) -> bool:
     if isinstance(host, bytes):
         host = host.decode()
     host = str(host).strip("[]")
-    if host in _LOOPBACK_NAMES:
+    if host in _LOOPBACK_NAMES or host == "":  # "" is the bind-to-any wildcard
         return True
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+        address = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
         return False
+    return address.is_loopback or address.is_unspecified  # 0.0.0.0 is this host
 
 
 def _refuse(what: str):

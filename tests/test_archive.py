@@ -373,3 +373,24 @@ def test_rule_scripts_with_local_source(program_dir, tmp_path):
     runpy.run_path(str(SCRIPTS / "fetch_file.py"), init_globals={"snakemake": smk})
     assert target.read_bytes() == (program_dir / rows[0].cal_file).read_bytes()
     assert "fetched" in (tmp_path / "f.log").read_text()
+
+
+def test_fetch_file_script_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
+    monkeypatch.delenv("MAST_API_TOKEN", raising=False)
+    products = [p for p in archive.scan_local(program_dir) if p["productFilename"] == RATE]
+    for product in products:  # the same file as MAST would list it
+        product.update(dataURI=uri(RATE), dataRights="EXCLUSIVE_ACCESS")
+    manifest = archive.write_manifest(archive.build_manifest(products, missing_cal="user_mask"),
+                                      tmp_path / "manifest.csv")
+    log = tmp_path / "fetch_file.log"
+    with MastServer(program_dir, exclusive=[RATE]) as server:
+        smk = SimpleNamespace(params=_Named(), config={"archive": {"url": server.url}},
+                              log=_Named([str(log)]), input=_Named(manifest=str(manifest)),
+                              output=_Named([str(tmp_path / "archive" / RATE)]))
+        with pytest.raises(archive.AuthenticationRequired):
+            runpy.run_path(str(SCRIPTS / "fetch_file.py"), init_globals={"snakemake": smk})
+        smk.output = _Named([str(tmp_path / "archive" / "unknown_rate.fits")])
+        with pytest.raises(archive.ArchiveError, match="not listed"):
+            runpy.run_path(str(SCRIPTS / "fetch_file.py"), init_globals={"snakemake": smk})
+    assert "a MAST API token is needed" in log.read_text()
+    assert not (tmp_path / "archive" / RATE).exists()
