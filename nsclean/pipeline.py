@@ -39,6 +39,7 @@ __all__ = [
     "require_ok",
     "script_logging",
     "input_checksums",
+    "program_records",
     "read_status",
     "step",
     "write_placeholders",
@@ -216,6 +217,48 @@ def require_ok(status_paths: Iterable[str | os.PathLike]) -> list[dict]:
     for record in records:
         if record.get("status") == FAILED:
             raise StepFailed(record.get("reason") or "an earlier step failed")
+    return records
+
+
+def program_records(program: str, manifest_path: str | os.PathLike,
+                    qa_paths: Iterable[str | os.PathLike]) -> list[dict]:
+    """Report records of one program, one per exposure of its manifest.
+
+    Parameters
+    ----------
+    program : str
+        Program ID as used in the results tree (five digits).
+    manifest_path : str or os.PathLike
+        The program's manifest (``nsclean.archive.write_manifest``).
+    qa_paths : iterable of path
+        The QA records (``nsclean.report.write_record`` layout) of the exposures the
+        manifest lists for processing.
+
+    Returns
+    -------
+    list of dict
+        In manifest order: the QA record of each processed exposure, and a
+        ``skipped`` record (with the manifest's reason) for each exposure the manifest
+        left out.
+
+    Raises
+    ------
+    ValueError
+        If a processed exposure has no QA record.
+    """
+    from .archive import read_manifest
+    from .report import load_records
+
+    by_stem = {record["stem"]: record for record in load_records(list(qa_paths))}
+    records = []
+    for row in read_manifest(manifest_path):
+        if row.status == "ok":
+            if row.stem not in by_stem:
+                raise ValueError(f"{manifest_path}: no QA record for {row.stem}")
+            records.append(by_stem[row.stem])
+        else:
+            records.append({"program": program, "stem": row.stem, "status": SKIPPED,
+                            "reason": row.reason or "skipped by the archive step"})
     return records
 
 

@@ -1,21 +1,23 @@
 """Rule ``program_report``: the HTML report and CSV table of one program.
 
-input:  qa       -- the per-exposure records of rule ``qa`` (nsclean.report layout)
+input:  manifest -- the program's manifest (every exposure, skipped ones included)
+        qa       -- the per-exposure records of rule ``qa`` (nsclean.report layout)
         figures  -- the per-exposure figure directories (linked from the report)
 output: html, csv -- ``<results>/<program>/report.html`` and ``report.csv``
 """
 
 from pathlib import Path
 
-from nsclean.pipeline import script_logging
+from nsclean.pipeline import program_records, script_logging
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 log = script_logging(smk.log[0])
 
 from nsclean import report  # noqa: E402
 
-records = report.load_records(smk.input.qa)
+program = smk.wildcards.program
+records = program_records(program, smk.input.manifest, smk.input.qa)
 report.write_report(records, smk.output.html, smk.output.csv,
-                    title=f"nsclean: program {smk.wildcards.program}", config=smk.config,
+                    title=f"nsclean: program {program}", config=smk.config,
                     results_dir=Path(smk.output.csv).parents[1])
-log.info("program %s: %d exposures reported", smk.wildcards.program, len(records))
+log.info("program %s: %d exposures reported", program, len(records))

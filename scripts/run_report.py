@@ -1,20 +1,25 @@
 """Rule ``run_report``: the HTML report and CSV table of the whole run.
 
-input:  qa        -- the per-exposure records of every program
-        programs  -- the per-program reports (made first, so that a failure shows there)
+input:  manifests -- every program's manifest (``<results>/<program>/manifest.csv``)
+        qa        -- the per-exposure records of every program
+        programs  -- the per-program tables (made first)
 output: html, csv -- ``<results>/report.html`` and ``<results>/report.csv``
 """
 
 from pathlib import Path
 
-from nsclean.pipeline import script_logging
+from nsclean.pipeline import program_records, script_logging
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 log = script_logging(smk.log[0])
 
 from nsclean import report  # noqa: E402
 
-records = report.load_records(smk.input.qa)
+records = []
+for manifest in smk.input.manifests:
+    program_dir = Path(manifest).parent
+    qa = [path for path in smk.input.qa if Path(path).parents[1] == program_dir]
+    records += program_records(program_dir.name, manifest, qa)
 report.write_report(records, smk.output.html, smk.output.csv, title="nsclean: run report",
                     config=smk.config, results_dir=Path(smk.output.csv).parent)
 log.info("%d exposures reported", len(records))

@@ -3,7 +3,28 @@ import os
 
 from snakemake.utils import validate
 
-validate(config, schema="../schemas/config.schema.yaml")
+
+def config_error(error):
+    """One message naming the offending config key and what is allowed there."""
+    # snakemake.utils.validate raises while handling jsonschema's ValidationError.
+    cause = error.__context__
+    if not hasattr(cause, "absolute_path"):
+        return str(error)
+    path = ".".join(str(part) for part in cause.absolute_path) or "(top level)"
+    allowed = ""
+    if cause.validator == "enum":
+        allowed = f"; allowed: {', '.join(map(str, cause.validator_value))}"
+    elif cause.validator == "additionalProperties":
+        allowed = f"; allowed keys: {', '.join(cause.schema.get('properties', {}))}"
+    elif "description" in cause.schema:
+        allowed = f" ({' '.join(cause.schema['description'].split())})"
+    return f"invalid configuration at {path}: {cause.message}{allowed}"
+
+
+try:
+    validate(config, schema="../schemas/config.schema.yaml")
+except WorkflowError as error:
+    raise WorkflowError(config_error(error)) from None
 
 RESULTS = os.path.normpath(config["results"])
 # Program IDs as the FITS PROGRAM keyword writes them: five digits, zero-padded.
@@ -11,6 +32,19 @@ PROGRAMS = [f"{int(program):05d}" for program in config["programs"]]
 # Only the options a rule uses go into its params, so that Snakemake's params
 # rerun trigger rebuilds exactly the outputs an option change affects.
 ARCHIVE = config["archive"]
+MANIFEST_SETTINGS = {
+    key: ARCHIVE[key]
+    for key in (
+        "source",
+        "local_dir",
+        "observations",
+        "modes",
+        "detectors",
+        "gratings",
+        "filters",
+        "missing_cal",
+    )
+}
 MASK_OPTIONS = config["mask"]
 CLEAN_OPTIONS = config["clean"]
 QA_OPTIONS = config["qa"]
@@ -43,7 +77,7 @@ def processed_stems(program):
     from nsclean.archive import read_manifest
 
     manifest = checkpoints.fetch_manifest.get(program=program).output.manifest
-    return [row.stem for row in read_manifest(manifest)]
+    return [row.stem for row in read_manifest(manifest) if row.status == "ok"]
 
 
 def program_qa_records(wildcards):

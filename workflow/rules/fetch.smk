@@ -19,10 +19,11 @@ checkpoint fetch_manifest:
         runtime=30,
         mast_connections=1,
     params:
+        **MANIFEST_SETTINGS,
+        # What decides the list of exposures.  archive.url (and retries, timeout)
+        # are read by the script from the config instead, so that a mirror or a
+        # loopback server on another port does not trigger a rerun.
         programs=lambda wildcards: [wildcards.program],
-        source=ARCHIVE["source"],
-        archive_url=ARCHIVE["url"],
-        local_dir=ARCHIVE["local_dir"] or None,
     script:
         "../../scripts/fetch_manifest.py"
 
@@ -42,7 +43,5 @@ rule fetch_file:
         mem_mb=500,
         runtime=60,
         mast_connections=1,
-    params:
-        archive_url=ARCHIVE["url"],
     script:
         "../../scripts/fetch_file.py"

@@ -3,6 +3,7 @@
 
 rule program_report:
     input:
+        manifest=results_path("{program}", "manifest.csv"),
         qa=program_qa_records,
         figures=program_figure_dirs,
     output:
@@ -33,6 +34,7 @@ rule program_report:
 
 rule run_report:
     input:
+        manifests=expand(results_path("{program}", "manifest.csv"), program=PROGRAMS),
         qa=run_qa_records,
         programs=expand(results_path("{program}", "report.csv"), program=PROGRAMS),
     output:

@@ -1,0 +1,257 @@
+"""Tests of the Snakemake workflow: lint, formatting, config validation and real runs.
+
+The end-to-end tests run the real workflow in a subprocess, as a user does: the demo
+program (8 exposures: IFU on both detectors, MOS, fixed slit) served by the loopback
+MAST and fetched through astroquery, and a local-source program of BOTS subarrays
+with a corrupt rate file and a mismatched cal, which must fail alone.  Every
+subprocess is bounded by a timeout.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SNAKEFILE = ROOT / "Snakefile"
+SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
+# Bounds on the subprocesses (a 2-core machine shared with other jobs).
+LINT_TIMEOUT = 180
+DRY_RUN_TIMEOUT = 120
+RUN_TIMEOUT = 900
+DEMO_EXPOSURES = 8
+
+
+def snakemake(*args, cwd, timeout=DRY_RUN_TIMEOUT, env=None):
+    """Run Snakemake on the repository's workflow; returns the CompletedProcess."""
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(SNAKEFILE), *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=env, check=False)
+
+
+def write_yaml(path, data):
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def read_report(results):
+    with open(results / "report.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def job_counts(output):
+    """Job counts from the "Job stats" table Snakemake prints before running."""
+    table = output.split("Job stats:", 1)[1]
+    return {name: int(count) for name, count in re.findall(r"^(\w+)\s+(\d+)\s*$", table,
+                                                           re.MULTILINE)
+            if name != "total"}
+
+
+# ------------------------------------------------------------------------------------
+# static checks
+# ------------------------------------------------------------------------------------
+def test_lint_is_clean(tmp_path):
+    result = snakemake("--lint", "--configfile", str(ROOT / "config.yaml"), cwd=tmp_path,
+                       timeout=LINT_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
+
+
+def test_snakefmt_is_clean():
+    snakefmt = shutil.which("snakefmt", path=str(Path(sys.executable).parent)) \
+        or shutil.which("snakefmt")
+    if snakefmt is None:
+        pytest.skip("snakefmt is not installed")
+    files = [str(SNAKEFILE), *map(str, sorted((ROOT / "workflow" / "rules").glob("*.smk")))]
+    result = subprocess.run([snakefmt, "--check", *files], capture_output=True, text=True,
+                            timeout=LINT_TIMEOUT, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_schema_defaults_match_the_library():
+    """The defaults the config schema fills in are the library's own defaults."""
+    from nsclean import core
+    from nsclean.masks import MaskOptions
+
+    schema = yaml.safe_load(SCHEMA.read_text())["properties"]
+    clean_defaults = {k: v["default"] for k, v in schema["clean"]["properties"].items()}
+    mask_defaults = {k: v["default"] for k, v in schema["mask"]["properties"].items()}
+    assert clean_defaults == core._DEFAULTS
+    assert mask_defaults == MaskOptions().to_dict()
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"archive": {"source": "ftp"}}, ["archive.source", "'ftp'", "mast, local"]),
+        ({"archive": {"source": "local"}}, ["archive.local_dir", "required"]),
+        ({"clean": {"methd": "fft"}}, ["clean", "'methd' was unexpected", "method"]),
+        ({"clean": {"method": "wavelet"}}, ["clean.method", "fft, median"]),
+        ({"mask": {"dilation_radius": -2}}, ["mask.dilation_radius", "-2"]),
+        ({"result": "out"}, ["'result' was unexpected", "results"]),
+        ({"programs": ["13450000"]}, ["programs.0"]),
+    ],
+)
+def test_invalid_config_stops_at_once_naming_the_key(tmp_path, config, expected):
+    config = {"programs": ["1345"], **config}
+    path = write_yaml(tmp_path / "config.yaml", config)
+    result = snakemake("-n", "--configfile", str(path), cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "invalid configuration at" in output
+    for text in expected:
+        assert text in output, output
+
+
+def test_minimal_config_gets_the_defaults(tmp_path):
+    """A config with only the interface keys is valid: a dry run plans the fetch."""
+    path = write_yaml(tmp_path / "config.yaml", {"programs": [1345]})
+    result = snakemake("-n", "--configfile", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "fetch_manifest" in result.stdout
+    assert "results/01345/manifest.csv" in result.stdout
+
+
+# ------------------------------------------------------------------------------------
+# end to end: the demo program through the loopback MAST
+# ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """Simulate the demo program, serve it, run the workflow once; yield the run."""
+    from nsclean.demo import simulate_program, write_config
+    from nsclean.mastserver import MastServer
+
+    workdir = tmp_path_factory.mktemp("demo")
+    simulate_program(workdir / "archive", DEMO_EXPOSURES)
+    with MastServer(workdir / "archive") as server:
+        config = write_config(workdir / "demo.yaml", url=server.url,
+                              results=workdir / "results")
+        first = snakemake("--cores", "2", "--configfile", str(config), cwd=workdir,
+                          timeout=RUN_TIMEOUT)
+        yield {"workdir": workdir, "config": config, "first": first, "server": server,
+               "results": workdir / "results"}
+
+
+@pytest.mark.slow
+def test_demo_run_cleans_every_exposure(demo_run):
+    first, results = demo_run["first"], demo_run["results"]
+    assert first.returncode == 0, first.stderr[-5000:]
+    rows = read_report(results)
+    assert len(rows) == DEMO_EXPOSURES
+    assert list(rows[0])[:5] == ["program", "stem", "status", "reason", "cleaned_file"]
+    assert {row["status"] for row in rows} == {"cleaned"}
+    assert {row["program"] for row in rows} == {"09999"}
+    kinds = {json.loads((results / "09999" / r["stem"] / f"{r['stem']}_qa.json").read_text())
+             ["clean"]["exp_type"] for r in rows}
+    assert kinds == {"NRS_IFU", "NRS_MSASPEC", "NRS_FIXEDSLIT"}
+    for row in rows:
+        cleaned = results / row["cleaned_file"]
+        assert cleaned.is_file() and cleaned.stat().st_size > 0
+    assert (results / "report.html").stat().st_size > 0
+    assert (results / "09999" / "report.csv").is_file()
+    assert json.loads((results / "run_status.json").read_text())["counts"] == {
+        "cleaned": DEMO_EXPOSURES}
+    # every rule left a benchmark and a log
+    for rule in ("fetch_manifest", "fetch_file", "mask", "clean", "qa", "program_report",
+                 "run_report"):
+        assert list((results / "benchmarks" / rule).rglob("*.tsv")), rule
+        assert list((results / "logs" / rule).rglob("*.log")), rule
+    # the files came through the archive protocol, not from the disk
+    assert demo_run["server"].count("Mast.Caom.Filtered") >= 1
+
+
+@pytest.mark.slow
+def test_cleaned_file_records_provenance(demo_run):
+    from astropy.io import fits
+
+    results = demo_run["results"]
+    row = read_report(results)[0]
+    header = fits.getheader(results / row["cleaned_file"])
+    assert header["S_NSCLEN"] == "COMPLETE"
+    assert header["NSCVER"]
+    record = json.loads((results / "09999" / row["stem"] / f"{row['stem']}_qa.json")
+                        .read_text())
+    assert record["nsclean_version"] == header["NSCVER"]
+    assert set(record["inputs"]) == {f"{row['stem']}_rate.fits", f"{row['stem']}_cal.fits",
+                                     "mask"}
+    assert record["clean"]["fit_options"]["cutoff"] == pytest.approx(1 / 256)
+
+
+@pytest.mark.slow
+def test_rerun_does_nothing(demo_run):
+    assert demo_run["first"].returncode == 0
+    again = snakemake("--cores", "2", "--configfile", str(demo_run["config"]),
+                      cwd=demo_run["workdir"], timeout=RUN_TIMEOUT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_changing_a_cleaner_option_reruns_only_what_depends_on_it(demo_run):
+    assert demo_run["first"].returncode == 0
+    config = yaml.safe_load(demo_run["config"].read_text())
+    config["clean"] = {"cutoff": 1 / 200}
+    changed = write_yaml(demo_run["workdir"] / "changed.yaml", config)
+    plan = snakemake("-n", "--configfile", str(changed), cwd=demo_run["workdir"])
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    counts = job_counts(plan.stdout + plan.stderr)
+    assert counts == {"clean": DEMO_EXPOSURES, "qa": DEMO_EXPOSURES, "program_report": 1,
+                      "run_report": 1, "verify_run": 1, "all": 1}
+
+
+# ------------------------------------------------------------------------------------
+# one bad exposure fails alone (local source)
+# ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_bad_exposures_fail_alone_and_the_run_says_so(tmp_path):
+    from nsclean import simulate
+
+    local = tmp_path / "local"
+    stems = []
+    for exposure in (1, 2, 3):
+        sim = simulate.simulate_exposure("bots", "NRS1", readout="NRS", seed=exposure,
+                                         program="04242", observation=1, exposure=exposure)
+        rate, _ = simulate.write_exposure(sim, local)
+        stems.append(rate.name.removesuffix("_rate.fits"))
+    good, corrupt, mismatched = stems
+    # a truncated rate file, and a cal file that belongs to another exposure
+    rate = local / f"{corrupt}_rate.fits"
+    rate.write_bytes(rate.read_bytes()[: rate.stat().st_size // 3])
+    shutil.copyfile(local / f"{good}_cal.fits", local / f"{mismatched}_cal.fits")
+
+    config = write_yaml(tmp_path / "config.yaml", {
+        "programs": ["4242"], "archive": {"source": "local", "local_dir": str(local)},
+        "results": str(tmp_path / "results")})
+    result = snakemake("--cores", "2", "--configfile", str(config), cwd=tmp_path,
+                       timeout=RUN_TIMEOUT)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, "a run with failed exposures must not exit 0"
+    rows = {row["stem"]: row for row in read_report(tmp_path / "results")}
+    assert rows[good]["status"] == "cleaned"
+    assert rows[corrupt]["status"] == "failed" and rows[corrupt]["reason"]
+    assert rows[mismatched]["status"] == "failed" and rows[mismatched]["reason"]
+    assert rows[corrupt]["cleaned_file"] == ""
+    assert (tmp_path / "results" / "report.html").is_file()
+    assert "2 of 3 exposures failed" in output
+    # Nothing is recomputed on a second run; only the verdict is given again.
+    again = snakemake("--cores", "2", "--configfile", str(config), cwd=tmp_path,
+                      timeout=RUN_TIMEOUT)
+    assert again.returncode != 0
+    assert job_counts(again.stdout + again.stderr) == {"verify_run": 1, "all": 1}
+
+
+def test_demo_module_help():
+    result = subprocess.run([sys.executable, "-m", "nsclean.demo", "--help"],
+                            capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0
+    assert "--exposures" in result.stdout and "--cores" in result.stdout
