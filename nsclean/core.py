@@ -183,8 +183,7 @@ def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
     valid = dms_mask & np.isfinite(dms_image)
     full_frame = dms_image.shape == (FULL_FRAME, FULL_FRAME)
     if full_frame:
-        reference = _reference_border(dms_image.shape)
-        valid &= ~reference
+        _set_border(valid, False)
     if not valid.any():
         raise ValueError(
             "background_mask leaves no usable background pixel (all are masked, NaN or "
@@ -212,7 +211,7 @@ def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
         model = gaussian_filter1d(model, opts["smooth_sigma"], axis=1, mode="nearest")
     model = np.array(model, dtype=_result_dtype(dms_image), order="C")
     if full_frame:
-        model[reference] = 0.0
+        _set_border(model, 0.0)
     info["mode"] = mode
     info["method"] = opts["method"]
     return FitResult(model=model, info=info, options=_json_options(opts))
@@ -422,6 +421,13 @@ def _result_dtype(image):
     return image.dtype if image.dtype in (np.float32, np.float64) else np.float64
 
 
+def _set_border(array, value):
+    """Set the 4-pixel reference border of a full frame, in place."""
+    b = REFERENCE_BORDER
+    array[:b] = array[-b:] = value
+    array[:, :b] = array[:, -b:] = value
+
+
 def _reference_border(shape):
     """Reference pixels of a full frame: the 4-pixel border (same in DMS and detector frames)."""
     ref = np.zeros(shape, dtype=bool)
@@ -523,8 +529,10 @@ class _DensityFilter:
     The Gaussian (sigma = ``weight_sigma``) is applied by FFT as a zero-padded linear
     convolution and normalised by the convolution of an all-ones line, so the density
     is a fraction in [0, 1] that does not drop at the ends of a line.  For speed the
-    mask is first averaged in bins of ``bin`` samples (sigma >> bin, so the smooth
-    density changes by well under 1 % across a bin) and the result repeated back.
+    mask is first summed in bins of ``bin`` samples (sigma >= 8 bins, so the smooth
+    density changes by well under 1 % across a bin) and the weights are repeated back.
+    Weights are computed in single precision: any weights give an exact fit as long as
+    the same ones enter both sides of the normal equations.
     """
 
     def __init__(self, n, sigma):
@@ -535,26 +543,32 @@ class _DensityFilter:
         self.size = scipy.fft.next_fast_len(self.n_bins + 2 * radius, real=True)
         offsets = np.arange(-radius, radius + 1)
         kernel = np.exp(-0.5 * (offsets / s) ** 2)
-        kernel /= kernel.sum()
+        kernel /= kernel.sum() * self.bin  # bin sums -> fractions
         circular = np.zeros(self.size)
         circular[offsets % self.size] = kernel  # centred on sample 0: no shift
-        self.spectrum = scipy.fft.rfft(circular)[:, None]
-        self.edge = self._convolve(np.ones((self.n_bins, 1)))
+        self.spectrum = scipy.fft.rfft(circular).astype(np.complex64)[:, None]
+        edge = self._convolve(np.full((self.n_bins, 1), self.bin, dtype=np.float32))
+        self.edge_sq = (edge * edge).astype(np.float32)
 
     def _convolve(self, binned):
         spectrum = scipy.fft.rfft(binned, n=self.size, axis=0)
-        return scipy.fft.irfft(spectrum * self.spectrum, n=self.size, axis=0)[: self.n_bins]
+        spectrum *= self.spectrum
+        return scipy.fft.irfft(spectrum, n=self.size, axis=0)[: self.n_bins]
 
     def weights(self, valid):
-        """Density weights rho^-2 on valid samples, 0 elsewhere (float64)."""
+        """Density weights rho^-2 on valid samples, 0 elsewhere (float32)."""
         n, m = valid.shape
-        binned = valid.reshape(self.n_bins, self.bin, m).mean(axis=1, dtype=np.float64)
-        density = self._convolve(binned) / self.edge
-        inverse_sq = np.zeros_like(density)
-        np.divide(1.0, density * density, out=inverse_sq, where=density > 1e-6)
+        binned = valid.reshape(self.n_bins, self.bin, m).sum(axis=1, dtype=np.float32)
+        density = self._convolve(binned)
+        density *= density
+        # 1/rho^2 with rho = density / edge; bins with no background get weight 0.
+        inverse_sq = np.divide(
+            self.edge_sq, density, out=np.zeros_like(density), where=density > 1e-12
+        )
         if self.bin > 1:
             inverse_sq = np.repeat(inverse_sq, self.bin, axis=0)
-        return inverse_sq * valid
+        inverse_sq *= valid
+        return inverse_sq
 
 
 def _batched_fit(data, valid, opts, period, evaluate):
@@ -586,6 +600,8 @@ def _batched_fit(data, valid, opts, period, evaluate):
 
     iu, ju = np.triu_indices(n_par)
     pairs = basis[:, iu] * basis[:, ju]  # (P, K(K+1)/2): products of basis functions
+    trig, to_pairs = _product_identities(period, n_freq)
+    trig = trig[:n]
     density = _DensityFilter(n, opts["weight_sigma"])
     level, spread = _robust_level(data, valid)
 
@@ -600,10 +616,12 @@ def _batched_fit(data, valid, opts, period, evaluate):
         block_data = np.where(block_valid, data[:, j0:j1], 0.0)
         w = density.weights(block_valid)
         weights[:, j0:j1] = w
-        # A = B^T W B and C = B^T W^2 B (for the guard) in one product.  C must be in
+        # A = B^T W B and C = B^T W^2 B (for the guard) in one product.  Products of
+        # two basis functions are sums of cosines and sines of frequency 0..2K, so only
+        # 4K+1 weighted sums per line are needed instead of (2K+1)(K+1).  C must be in
         # double precision: the guard's A^-1 C A^-1 amplifies its rounding errors by
         # the square of A's condition number on lines with long gaps.
-        stacked = np.concatenate([w, w * w], axis=1).T @ pairs
+        stacked = (np.concatenate([w, w * w], axis=1).T @ trig) @ to_pairs
         normal[j0:j1] = stacked[: j1 - j0]
         weight_sq_normal[j0:j1] = stacked[j1 - j0 :]
         rhs[j0:j1] = (w * block_data).T @ basis
@@ -666,6 +684,47 @@ def _batched_fit(data, valid, opts, period, evaluate):
         "max_frequency": int(n_freq),
     }
     return model, info
+
+
+def _product_identities(period, n_freq):
+    """Trigonometric sums that give all products of pairs of basis functions.
+
+    Returns ``trig`` (P x (4K+1)): 1, cos(2 pi f x/P) and sin(2 pi f x/P) for
+    f = 1..2K, and ``to_pairs`` ((4K+1) x K'), with K' = (2K+1)(K+1) the packed
+    upper triangle, such that ``trig @ to_pairs`` equals the products ``b_p b_q``:
+    cos a cos b = [cos(a-b) + cos(a+b)]/2, sin a sin b = [cos(a-b) - cos(a+b)]/2,
+    cos a sin b = [sin(a+b) + sin(b-a)]/2.
+    """
+    top = 2 * n_freq
+    x = np.arange(period, dtype=np.float64)
+    phase = 2.0 * np.pi * np.arange(1, top + 1)[None, :] * x[:, None] / period
+    trig = np.concatenate([np.ones((period, 1)), np.cos(phase), np.sin(phase)], axis=1)
+
+    def column(kind, f):
+        if f == 0:
+            return 0 if kind == "cos" else None
+        return f if kind == "cos" else top + f
+
+    # Parameter p: 0 -> constant, 2k-1 -> cos(k), 2k -> sin(k).
+    kinds = [("cos", 0)] + [(t, k) for k in range(1, n_freq + 1) for t in ("cos", "sin")]
+    iu, ju = np.triu_indices(len(kinds))
+    to_pairs = np.zeros((trig.shape[1], len(iu)))
+    for m, (p, q) in enumerate(zip(iu, ju, strict=True)):
+        (tp, a), (tq, b) = kinds[p], kinds[q]
+        if tp == tq:
+            sign = 1.0 if tp == "cos" else -1.0
+            to_pairs[column("cos", abs(a - b)), m] += 0.5
+            to_pairs[column("cos", a + b), m] += 0.5 * sign
+        else:
+            if tp == "sin":  # write as cos(a') sin(b') with a' the cosine's frequency
+                a, b = b, a
+            col = column("sin", a + b)
+            if col is not None:
+                to_pairs[col, m] += 0.5
+            col = column("sin", abs(b - a))
+            if col is not None:
+                to_pairs[col, m] += 0.5 * np.sign(b - a)
+    return trig, to_pairs
 
 
 def _robust_level(data, valid):
