@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,6 +35,7 @@ from scipy.special import erf
 
 from nsclean import __version__
 from nsclean import dq as dqflags
+from nsclean.orientation import detector_to_dms
 
 __all__ = [
     "DEFAULT_AMPLITUDES",
@@ -266,20 +267,21 @@ def _correlated_noise_detector(rng, n_lines, n_fast, n_outputs, irs2, amp):
     return detector
 
 
-def _picture_frame(rng, ny, nx, y0, x0, rms):
-    """Smooth pattern strongest at the 4 full-frame edges, electrons (DMS region).
+def _picture_frame_factors(rng, ny, nx, y0, x0, rms):
+    """Picture frame of a DMS region as separable factors, electrons.
 
-    Thermal drifts move the whole frame near the edges (Rauscher 2024, section 2): here each
+    Thermal drifts move the whole frame near the edges (Rauscher 2024, section 2): each
     edge gets an exponential fall-off of random depth (60-160 px) modulated by a low-order
-    cosine series along the edge, all redrawn for every exposure.
+    cosine series along the edge, all redrawn for every exposure. The pattern is
+    ``row_terms @ col_terms`` with shapes (ny, 4) and (4, nx), so it can be built directly
+    in either frame by one matrix product.
     """
     scale = rng.uniform(60.0, 160.0, size=4)
     coeffs = rng.normal(size=(4, 3))
     coeffs[:, 0] += np.sign(rng.normal(size=4))
 
-    def pattern(rows, cols):
-        # bottom and top edges vary along columns, left and right edges along rows; the sum
-        # of the 4 separable terms is one (rows x 4) @ (4 x cols) product
+    def factors(rows, cols):
+        # bottom and top edges vary along columns, left and right edges along rows
         row_terms = np.stack([
             np.exp(-rows / scale[0]),
             np.exp(-(FULL_SIZE - 1 - rows) / scale[1]),
@@ -289,14 +291,17 @@ def _picture_frame(rng, ny, nx, y0, x0, rms):
             _smooth_edge(coeffs[0:2], cols),
             np.stack([np.exp(-cols / scale[2]), np.exp(-(FULL_SIZE - 1 - cols) / scale[3])]),
         ])
-        return row_terms.astype(np.float32) @ col_terms.astype(np.float32)
+        return row_terms, col_terms
 
     # normalise on the full frame, so a subarray keeps the full-frame amplitude
-    coarse = np.arange(0, FULL_SIZE, 8, dtype=np.float64)
-    full_rms = np.sqrt(np.mean(pattern(coarse, coarse) ** 2))
-    region = pattern(np.arange(y0, y0 + ny, dtype=np.float64),
-                     np.arange(x0, x0 + nx, dtype=np.float64))
-    return (rms / full_rms * region).astype(np.float32)
+    # (exactly, through the 4 x 4 Gram matrices of the factors)
+    full = np.arange(FULL_SIZE, dtype=np.float64)
+    full_rows, full_cols = factors(full, full)
+    full_rms = np.sqrt(np.sum((full_rows.T @ full_rows) * (full_cols @ full_cols.T))
+                       / FULL_SIZE**2)
+    row_terms, col_terms = factors(np.arange(y0, y0 + ny, dtype=np.float64),
+                                   np.arange(x0, x0 + nx, dtype=np.float64))
+    return (row_terms * (rms / full_rms)).astype(np.float32), col_terms.astype(np.float32)
 
 
 def _smooth_edge(coeffs, position):
@@ -304,13 +309,6 @@ def _smooth_edge(coeffs, position):
     phase = np.pi * position / (FULL_SIZE - 1)
     basis = np.stack([np.ones_like(phase), np.cos(phase), np.cos(2 * phase)])
     return coeffs @ basis
-
-
-def _detector_to_dms(detector_image, detector):
-    # same convention as nsclean.orientation (FASTAXIS/SLOWAXIS of NRS1 and NRS2)
-    if detector == "NRS1":
-        return detector_image.T
-    return detector_image[::-1, ::-1].T
 
 
 # ------------------------------------------------------------------------------------------
@@ -482,7 +480,7 @@ _SCENES = {"ifu": _ifu_traces, "mos": _mos_traces, "fs": _fs_traces, "bots": _bo
 def _render(traces, region):
     """Signal, footprint, illumination and per-trace boxes inside a DMS region."""
     x_start, y_start, nx_region, ny_region = region
-    signal = np.zeros((ny_region, nx_region), dtype=np.float64)
+    signal = np.zeros((ny_region, nx_region), dtype=np.float32)
     footprint = np.zeros((ny_region, nx_region), dtype=bool)
     illuminated = np.zeros((ny_region, nx_region), dtype=bool)
     boxes = []
@@ -492,7 +490,7 @@ def _render(traces, region):
         if c_hi <= c_lo:
             continue
         in_trace = slice(c_lo - trace.x0, c_hi - trace.x0)
-        lower = trace.lower_edge[in_trace]
+        lower = trace.lower_edge[in_trace].astype(np.float32)
         # pixel centres at integer rows; slit edges half a pixel outside the centres
         edge_a = lower - 0.5
         edge_b = lower + trace.height - 0.5
@@ -501,17 +499,19 @@ def _render(traces, region):
         r_hi = min(int(np.ceil(edge_b.max())) + margin, y_start + ny_region)
         if r_hi <= r_lo:
             continue
-        rows = np.arange(r_lo, r_hi, dtype=np.float64)[:, None]
-        width = np.sqrt(2.0) * trace.edge_width
+        rows = np.arange(r_lo, r_hi, dtype=np.float32)[:, None]
+        width = np.float32(np.sqrt(2.0) * trace.edge_width)
         slit = 0.5 * (erf((rows - edge_a) / width) - erf((rows - edge_b) / width))
         centre = lower + trace.source_offset
-        profile = np.exp(-0.5 * ((rows - centre) / trace.source_sigma) ** 2) * slit
-        values = slit * trace.sky[in_trace] + profile * trace.source[in_trace]
+        profile = np.exp(np.float32(-0.5 / trace.source_sigma**2) * (rows - centre) ** 2)
+        profile *= slit
+        values = slit * trace.sky[in_trace].astype(np.float32)
+        values += profile * trace.source[in_trace].astype(np.float32)
         ys = slice(r_lo - y_start, r_hi - y_start)
         xs = slice(c_lo - x_start, c_hi - x_start)
         signal[ys, xs] += values
         peak = np.max(values, axis=0, initial=0.0)
-        illuminated[ys, xs] |= values > 1e-3 * np.maximum(peak, 1e-12)
+        illuminated[ys, xs] |= values > np.float32(1e-3) * np.maximum(peak, 1e-12)
         if not trace.in_footprint:
             continue
         inside = (rows >= edge_a) & (rows < edge_b)
@@ -711,40 +711,50 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     )
 
     traces = _SCENES[kind](scene_rng, detector)
-    signal64, footprint, illuminated, boxes = _render(traces, region)
-    signal = signal64.astype(np.float32)
+    signal, footprint, illuminated, boxes = _render(traces, region)
 
-    # --- noise, electrons of one effective frame
+    # --- noise, electrons of one effective frame, assembled in the detector frame
     n_outputs = N_OUTPUTS if full_frame else 1
     detector_noise = _correlated_noise_detector(
         noise_rng, n_lines=sub_nx, n_fast=sub_ny, n_outputs=n_outputs, irs2=irs2, amp=amp)
-    correlated = _detector_to_dms(detector_noise, detector)
     frame_rms = amp["picture_frame"] * (amp["picture_frame_nrs2_factor"]
                                         if detector == "NRS2" else 1.0)
-    correlated = correlated + _picture_frame(frame_rng, sub_ny, sub_nx, region[1], region[0],
-                                             frame_rms)
-    noise_correlated = (correlated * to_rate).astype(np.float32)
+    row_terms, col_terms = _picture_frame_factors(frame_rng, sub_ny, sub_nx, region[1],
+                                                  region[0], frame_rms)
+    # (row_terms @ col_terms).T seen from the detector: lines = DMS columns
+    lines_factor, pixels_factor = col_terms.T, row_terms.T
+    if detector == "NRS2":
+        lines_factor, pixels_factor = lines_factor[::-1], pixels_factor[:, ::-1]
+    detector_noise += lines_factor @ pixels_factor
+    detector_noise *= np.float32(to_rate)
+    noise_correlated = np.ascontiguousarray(detector_to_dms(detector_noise, detector))
 
     # reference pixels: the 4-pixel full-frame border that falls inside the region
     rows = np.arange(region[1], region[1] + sub_ny)
     cols = np.arange(region[0], region[0] + sub_nx)
-    ref_rows = (rows < REFERENCE_BORDER) | (rows >= FULL_SIZE - REFERENCE_BORDER)
-    ref_cols = (cols < REFERENCE_BORDER) | (cols >= FULL_SIZE - REFERENCE_BORDER)
-    reference = ref_rows[:, None] | ref_cols[None, :]
-    signal[reference] = 0.0
-    footprint &= ~reference
-    illuminated &= ~reference
+    ref_rows = np.flatnonzero((rows < REFERENCE_BORDER) | (rows >= FULL_SIZE - REFERENCE_BORDER))
+    ref_cols = np.flatnonzero((cols < REFERENCE_BORDER) | (cols >= FULL_SIZE - REFERENCE_BORDER))
+
+    def on_reference(array, value):
+        array[ref_rows, :] = value
+        array[:, ref_cols] = value
+
+    on_reference(signal, 0.0)
+    on_reference(footprint, False)
+    on_reference(illuminated, False)
 
     dq = np.zeros((sub_ny, sub_nx), dtype=np.uint32)
-    dq[reference] = dqflags.REFERENCE_PIXEL | dqflags.DO_NOT_USE
     artifacts = _artifacts(artifact_rng, (sub_ny, sub_nx), dq)
-    artifacts[reference] = 0.0
+    on_reference(artifacts, 0.0)
+    on_reference(dq, dqflags.REFERENCE_PIXEL | dqflags.DO_NOT_USE)
 
     read_sigma = np.full((sub_ny, sub_nx), amp["white"] * to_rate, dtype=np.float32)
-    read_sigma[reference] *= amp["reference_ratio"]
+    on_reference(read_sigma, np.float32(amp["white"] * to_rate * amp["reference_ratio"]))
     var_rnoise = read_sigma**2
     # photon noise: electrons = rate * gain * t, so var(rate in DN/s) = rate / (gain * t)
-    var_poisson = (np.clip(signal + artifacts, 0.0, None) * to_rate).astype(np.float32)
+    var_poisson = signal + artifacts
+    np.clip(var_poisson, 0.0, None, out=var_poisson)
+    var_poisson *= np.float32(to_rate)
     noise_white = white_rng.standard_normal((sub_ny, sub_nx), dtype=np.float32)
     noise_white *= read_sigma
     lit = var_poisson > 0
@@ -762,11 +772,11 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     wavelength = np.full((sub_ny, sub_nx), np.nan, dtype=np.float32)
     if footprint.any():
         # a nearly linear dispersion across the full detector width
-        u = (cols - 0.0) / (FULL_SIZE - 1)
+        u = cols / (FULL_SIZE - 1)
         lam = lam0 + (lam1 - lam0) * (u + 0.05 * u * (1 - u))
         if detector == "NRS2":
             lam = lam + (lam1 - lam0) * 0.02
-        wavelength = np.where(footprint, lam[None, :], np.nan).astype(np.float32)
+        wavelength = np.where(footprint, lam.astype(np.float32)[None, :], np.float32(np.nan))
 
     fxd_slit = {"fs": "S200A1", "bots": "S1600A1"}.get(kind, "NONE")
     stem = make_stem(program, observation, visit, exposure, detector)
@@ -944,14 +954,14 @@ def _cal_hdus(sim, filename):
 
 def _write_atomic(hdulist, path):
     path = Path(path)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
+    # a hidden name in the same directory: os.replace is then atomic, and the file gets the
+    # usual permissions (mkstemp would make it private)
+    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        hdulist.writeto(tmp_name, overwrite=True, checksum=False)
-        os.replace(tmp_name, path)
+        hdulist.writeto(tmp_path, overwrite=False)
+        os.replace(tmp_path, path)
     except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
+        tmp_path.unlink(missing_ok=True)
         raise
     return path
 

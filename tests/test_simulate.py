@@ -1,5 +1,6 @@
 """Tests of nsclean.simulate: truth decomposition, orientation, spectra and file layout."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -44,13 +45,17 @@ def bots():
 @pytest.fixture(scope="module")
 def written(tmp_path_factory, ifu, mos, fs, bots):
     directory = tmp_path_factory.mktemp("sim")
-    assert len({sim.stem for sim in (ifu, mos, fs, bots)}) == 4
-    return {sim.meta["kind"]: (sim, *write_exposure(sim, directory))
-            for sim in (ifu, mos, fs, bots)}
+    # stdatamodels reads a cal file without ASDF extension slowly (~0.15 s per slit), so
+    # it gets a MOS exposure cut down to its first 6 slits; astropy checks all of them
+    few_slits = dataclasses.replace(mos, slits=mos.slits[:6],
+                                    meta={**mos.meta, "stem": mos.stem.replace("_000", "_009")})
+    sims = {"ifu": ifu, "mos": mos, "fs": fs, "bots": bots, "mos_few": few_slits}
+    assert len({sim.stem for sim in sims.values()}) == len(sims)
+    return {name: (sim, *write_exposure(sim, directory)) for name, sim in sims.items()}
 
 
 def _arrays(sim):
-    return {f.name: getattr(sim, f.name) for f in simulate.dataclasses.fields(sim)
+    return {f.name: getattr(sim, f.name) for f in dataclasses.fields(sim)
             if isinstance(getattr(sim, f.name), np.ndarray)}
 
 
@@ -187,9 +192,11 @@ def test_mos_slitlets(mos):
 def test_wings_reach_beyond_the_footprint(mos):
     from scipy.ndimage import binary_dilation
 
-    ring = binary_dilation(mos.footprint, iterations=2) & ~mos.footprint
+    # the second ring around the footprint still sees light: a 1-px dilation is not enough
+    second_ring = (binary_dilation(mos.footprint, iterations=2)
+                   & ~binary_dilation(mos.footprint, iterations=1))
     far = ~binary_dilation(mos.illuminated, iterations=8)
-    assert mos.signal[ring].mean() > 1e-4
+    assert mos.signal[second_ring].mean() > 3e-3 * mos.signal[mos.footprint].mean()
     assert np.all(mos.signal[far] == 0)
     assert np.all(mos.illuminated[mos.footprint])
 
@@ -227,11 +234,15 @@ def test_pink_series_is_one_over_f():
     assert abs(_slope(white, 1e-5, 10.0, 2e4)) < 0.1
 
 
-def test_irs2_stripes_are_smooth_along_columns_traditional_is_not():
-    irs2 = simulate_exposure("dark", "NRS1", seed=3, **{**QUIET, "pink_correlated": 3.0})
+@pytest.fixture(scope="module")
+def shared_pink_irs2():
+    return simulate_exposure("dark", "NRS1", seed=3, **{**QUIET, "pink_correlated": 3.0})
+
+
+def test_irs2_stripes_are_smooth_along_columns_traditional_is_not(shared_pink_irs2):
     trad = simulate_exposure("dark", "NRS1", seed=3, readout="NRS",
                              **{**QUIET, "pink_correlated": 3.0})
-    for sim, smooth in ((irs2, True), (trad, False)):
+    for sim, smooth in ((shared_pink_irs2, True), (trad, False)):
         block = sim.noise_correlated[600:1000, 100:1900].astype(float)  # inside output 1
         column_means = block.mean(axis=0)
         along = np.std(block - column_means, axis=0).mean()
@@ -243,33 +254,52 @@ def test_irs2_stripes_are_smooth_along_columns_traditional_is_not():
         step_across = np.diff(block, axis=1).std()
         assert step_along < 0.5 * step_across
     # the same series is read backwards by odd outputs: output 1 mirrors output 0 exactly
-    only_shared = irs2.noise_correlated
+    only_shared = shared_pink_irs2.noise_correlated
     assert np.allclose(only_shared[0:512], only_shared[1023:511:-1], atol=1e-9)
     assert np.allclose(only_shared[1024:1536], only_shared[2047:1535:-1], atol=1e-9)
     assert np.allclose(only_shared[0:512], only_shared[1024:1536], atol=1e-9)
 
 
-def test_column_means_have_a_pink_spectrum():
-    sim = simulate_exposure("dark", "NRS2", seed=4, **{**QUIET, "pink_correlated": 3.0})
-    column_means = sim.noise_correlated[:, 4:-4].astype(float).mean(axis=0)
+def test_column_means_have_a_pink_spectrum(shared_pink_irs2):
+    column_means = shared_pink_irs2.noise_correlated[:, 4:-4].astype(float).mean(axis=0)
     line_time = simulate.IRS2_ROW_TICKS * simulate.PIXEL_TIME
     slope = _slope(column_means[None, :], line_time, 0.5, 90.0)
     assert -1.4 < slope < -0.6
 
 
 def test_picture_frame_is_strongest_at_the_edges():
+    # ALLSLITS spans the full width: left and right edges plus the interior, at 1/8 the cost
     only_frame = {**QUIET, "picture_frame": DEFAULT_AMPLITUDES["picture_frame"]}
-    nrs2 = simulate_exposure("dark", "NRS2", seed=6, **only_frame)
+    nrs2 = simulate_exposure("dark", "NRS2", seed=6, subarray="ALLSLITS", **only_frame)
     frame = np.abs(nrs2.noise_correlated.astype(float))
-    edge = np.concatenate([frame[4:40].ravel(), frame[-40:-4].ravel(),
-                           frame[:, 4:40].ravel(), frame[:, -40:-4].ravel()])
-    interior = frame[700:1350, 700:1350]
+    edge = np.concatenate([frame[:, 4:40].ravel(), frame[:, -40:-4].ravel()])
+    interior = frame[:, 700:1350]
     assert edge.mean() > 20 * interior.mean()
-    nrs1 = simulate_exposure("dark", "NRS1", seed=6, **only_frame)
-    to_e = simulate.GAIN["NRS2"] / simulate.GAIN["NRS1"]
-    assert np.std(nrs2.noise_correlated) * to_e > 1.5 * np.std(nrs1.noise_correlated)
-    other = simulate_exposure("dark", "NRS2", seed=7, **only_frame)
+    nrs1 = simulate_exposure("dark", "NRS1", seed=6, subarray="ALLSLITS", **only_frame)
+    assert not np.allclose(nrs1.noise_correlated, nrs2.noise_correlated)
+    other = simulate_exposure("dark", "NRS2", seed=7, subarray="ALLSLITS", **only_frame)
     assert not np.allclose(other.noise_correlated, nrs2.noise_correlated)
+
+
+def test_picture_frame_is_worse_on_nrs2():
+    rng = np.random.default_rng(8)
+    ratios = []
+    for _ in range(20):
+        rows, cols = simulate._picture_frame_factors(rng, 2048, 2048, 0, 0, 1.0)
+        ratios.append(np.sqrt(np.mean((rows @ cols) ** 2)))
+    assert np.allclose(ratios, 1.0, rtol=1e-3)  # the rms is the requested one
+    frame_only = {**QUIET, "picture_frame": 1.0}
+    plain = simulate_exposure("bots", "NRS2", seed=2, picture_frame_nrs2_factor=1.0,
+                              **frame_only)
+    default = simulate_exposure("bots", "NRS2", seed=2, **frame_only)
+    factor = DEFAULT_AMPLITUDES["picture_frame_nrs2_factor"]
+    assert factor > 1
+    assert np.allclose(default.noise_correlated, factor * plain.noise_correlated, rtol=1e-4,
+                       atol=1e-9)
+    nrs1 = simulate_exposure("bots", "NRS1", seed=2, **frame_only)
+    nrs1_factor = simulate_exposure("bots", "NRS1", seed=2, picture_frame_nrs2_factor=9.0,
+                                    **frame_only)
+    assert np.array_equal(nrs1.noise_correlated, nrs1_factor.noise_correlated)
 
 
 def test_amplitudes_scale_the_rate_noise(bots):
@@ -307,9 +337,10 @@ def test_rate_file_layout(written):
 
 def test_files_open_with_stdatamodels(written):
     datamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
-    expected = {"ifu": "IFUImageModel", "mos": "MultiSlitModel", "fs": "MultiSlitModel",
+    expected = {"ifu": "IFUImageModel", "mos_few": "MultiSlitModel", "fs": "MultiSlitModel",
                 "bots": "SlitModel"}
-    for kind, (sim, rate_path, cal_path) in written.items():
+    for kind in expected:
+        sim, rate_path, cal_path = written[kind]
         with datamodels.open(rate_path) as model:
             assert type(model).__name__ == "ImageModel"
             assert model.meta.instrument.detector == sim.meta["detector"]
@@ -328,23 +359,49 @@ def test_files_open_with_stdatamodels(written):
                 assert len(model.slits) == len(sim.slits)
 
 
-@pytest.mark.parametrize("kind", ["mos", "fs"])
-def test_slit_placement_round_trips(written, kind):
+def _check_slit(sim, rate, data, wavelength, xstart, ystart, xsize, ysize):
+    ys = slice(ystart - 1, ystart - 1 + ysize)
+    xs = slice(xstart - 1, xstart - 1 + xsize)
+    region = rate[ys, xs]
+    assert data.shape == region.shape == (ysize, xsize)
+    on_trace = sim.footprint[ys, xs] & ((sim.dq[ys, xs] & dqflags.DO_NOT_USE) == 0)
+    assert np.array_equal(np.isfinite(data), on_trace)
+    assert np.array_equal(data[on_trace], region[on_trace])
+    assert np.array_equal(np.isfinite(wavelength), sim.footprint[ys, xs])
+    # every box row and column holds some trace: the box is the trace's bounding box
+    assert sim.footprint[ys, xs].any(axis=0).all() and sim.footprint[ys, xs].any(axis=1).all()
+    return on_trace
+
+
+@pytest.mark.parametrize("kind", ["mos_few", "fs"])
+def test_slit_placement_round_trips_through_stdatamodels(written, kind):
     datamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
     sim, rate_path, cal_path = written[kind]
     with fits.open(rate_path) as hdul:
         rate = hdul["SCI"].data.astype(np.float32)
     with datamodels.open(cal_path) as model:
+        assert [slit.name for slit in model.slits] == [slit["name"] for slit in sim.slits]
         for slit in model.slits:
-            ys = slice(slit.ystart - 1, slit.ystart - 1 + slit.ysize)
-            xs = slice(slit.xstart - 1, slit.xstart - 1 + slit.xsize)
-            region = rate[ys, xs]
-            assert slit.data.shape == region.shape
-            on_trace = sim.footprint[ys, xs] & ((sim.dq[ys, xs] & dqflags.DO_NOT_USE) == 0)
-            assert np.array_equal(np.isfinite(slit.data), on_trace), slit.name
-            assert np.array_equal(slit.data[on_trace], region[on_trace])
-            # off-trace corners of tilted traces are NaN but inside the box
-            assert np.isfinite(slit.wavelength).any()
+            _check_slit(sim, rate, slit.data, slit.wavelength, slit.xstart, slit.ystart,
+                        slit.xsize, slit.ysize)
+
+
+def test_slit_placement_round_trips_all_mos_slits(written):
+    sim, rate_path, cal_path = written["mos"]
+    with fits.open(rate_path) as hdul:
+        rate = hdul["SCI"].data.astype(np.float32)
+    off_trace_in_boxes = 0
+    with fits.open(cal_path) as hdul:
+        for slit in sim.slits:
+            number = sim.slits.index(slit) + 1
+            header = hdul["SCI", number].header
+            assert header["SLTNAME"] == slit["name"]
+            on_trace = _check_slit(sim, rate, hdul["SCI", number].data,
+                                   hdul["WAVELENGTH", number].data, header["SLTSTRT1"],
+                                   header["SLTSTRT2"], header["SLTSIZE1"], header["SLTSIZE2"])
+            off_trace_in_boxes += np.count_nonzero(~on_trace)
+    # tilted traces leave NaN corners inside their boxes
+    assert off_trace_in_boxes > 0
 
 
 def test_cal_headers_match_the_real_layout(written):
@@ -360,10 +417,10 @@ def test_cal_headers_match_the_real_layout(written):
 
 
 def test_demo_program(tmp_path):
-    pairs = make_demo_program(tmp_path, n_exposures=2, seed=1)
-    assert len(pairs) == 2
+    pairs = make_demo_program(tmp_path, n_exposures=1, seed=1)
+    assert len(pairs) == 1
     stems = {rate.name.removesuffix("_rate.fits") for rate, _ in pairs}
-    assert stems == {"jw09999001001_03101_00001_nrs1", "jw09999001001_03101_00001_nrs2"}
+    assert stems == {"jw09999001001_03101_00001_nrs1"}
     for rate, cal in pairs:
         assert rate.exists() and cal.exists()
         assert cal.name == rate.name.replace("_rate", "_cal")
