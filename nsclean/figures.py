@@ -448,6 +448,17 @@ def plot_column(
     return _save(figure, path)
 
 
+def _log_binned(freq, power, n_bins=30):
+    """Mean power in logarithmic frequency bins (a raw periodogram scatters by 100 %)."""
+    edges = np.geomspace(freq.min(), freq.max() * (1 + 1e-9), n_bins + 1)
+    index = np.digitize(freq, edges) - 1
+    counts = np.bincount(index, minlength=n_bins)[:n_bins]
+    sums = np.bincount(index, weights=power, minlength=n_bins)[:n_bins]
+    filled = counts > 0
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    return centres[filled], sums[filled] / counts[filled]
+
+
 def plot_power_spectrum(before, after, background_mask, path, *, title=None):
     """Power spectrum of the background column means, before and after.
 
@@ -470,7 +481,8 @@ def plot_power_spectrum(before, after, background_mask, path, *, title=None):
     Notes
     -----
     Uses :func:`nsclean.qa.banding_power_spectrum`; the spectrum of the column
-    means is the spectrum of the vertical banding.
+    means is the spectrum of the vertical banding. Thin lines: the raw
+    periodogram; thick lines: its mean in 30 logarithmic frequency bins.
     """
     from .qa import banding_power_spectrum
 
@@ -481,10 +493,12 @@ def plot_power_spectrum(before, after, background_mask, path, *, title=None):
         freq, power = banding_power_spectrum(image, background_mask)
         positive = power > 0
         if positive.any():
+            ax.loglog(freq[positive], power[positive], lw=0.5, color=colour, alpha=0.3)
+            centres, means = _log_binned(freq[positive], power[positive])
             ax.loglog(
-                freq[positive],
-                power[positive],
-                lw=0.8,
+                centres,
+                means,
+                lw=1.8,
                 color=colour,
                 label=f"{name} (total {power.sum():.3g})",
             )
