@@ -139,7 +139,7 @@ class AuthenticationRequired(DownloadError):
 
 
 class _Retryable(Exception):
-    """A transient download failure (server error, short body, size mismatch)."""
+    """A transient failure (server error, short body, size mismatch, odd answer)."""
 
 
 @dataclass
@@ -456,6 +456,8 @@ def _retrying(call: Callable, what: str, *, retries: int, backoff: float,
             if status not in _RETRY_STATUS:
                 raise ArchiveError(f"MAST answered HTTP {status} to {what}") from exc
             last = f"HTTP {status}"
+        except _Retryable as exc:
+            last = str(exc)
         except (requests.RequestException, TimeoutError, json.JSONDecodeError) as exc:
             # a truncated JSON answer surfaces as a decode error
             last = f"{type(exc).__name__}: {exc}"
@@ -530,6 +532,9 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
         def login():
             try:
                 client.login(token=token)
+            except KeyError as exc:  # astroquery reads whoami without checking the status
+                raise _Retryable("whoami answered without the 'anon' field (a server "
+                                 "error page?)") from exc
             except LoginError as exc:
                 raise ArchiveError(f"MAST did not accept the token from {TOKEN_ENV} "
                                    "(whoami answered anonymous)") from exc

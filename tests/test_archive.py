@@ -222,20 +222,34 @@ for selections in {selections!r}:
         r.stem for r in manifest.rows if r.status == "skipped"],
         "without_cal": manifest.without_cal}})
 result = result[0] if len(result) == 1 else result
+{after}
 """
 
 
 def query_in_child(server, tmp_path, *, pagesize=None, env=None, timeout=5, runs=None,
-                   **selections):
+                   after="", **selections):
+    """Run fetch_manifest for each selection in a child, then the code ``after``."""
     code = QUERY.format(url=server.url, pagesize=pagesize, selections=runs or [selections],
-                        timeout=timeout, manifest_path=str(tmp_path / "manifest.csv"))
+                        timeout=timeout, manifest_path=str(tmp_path / "manifest.csv"),
+                        after=after)
     return run_child(code, env_extra=env, timeout=60)
 
 
 def test_astroquery_program_query_paging_executing_and_downloads(program_dir, tmp_path):
     with MastServer(program_dir, executing_polls=1) as server:
-        child = query_in_child(server, tmp_path, pagesize=3)
+        child = query_in_child(server, tmp_path, pagesize=3, after=f"""
+import astroquery.mast
+result["invoke_url"] = astroquery.mast.Observations._portal_api_connection.MAST_REQUEST_URL
+assert archive.configure_mast_server({server.url!r}) is None  # same URL: nothing to do
+try:
+    archive.configure_mast_server("http://127.0.0.1:10")
+except archive.ArchiveConfigError as exc:
+    result["refused"] = str(exc)
+""")
         assert child["rc"] == 0, child["stderr"][-3000:]
+        # astroquery really talks to the loopback server, and cannot be re-pointed
+        assert child["result"]["invoke_url"] == f"{server.url}/api/v0/invoke"
+        assert "imported before configure_mast_server" in child["result"]["refused"]
         filtered = [r for r in server.requests if r.target == "Mast.Caom.Filtered"]
         # 9 observation rows (3 level-3, 6 level-2) in pages of 3, each page polled
         # twice (EXECUTING first)
@@ -291,56 +305,46 @@ def test_astroquery_selection_by_observation_detector_and_grating(program_dir, t
 
 def test_astroquery_token_login_and_bad_token(program_dir, tmp_path):
     with MastServer(program_dir, tokens={TOKEN: "Ada Lovelace"}) as server:
-        child = query_in_child(server, tmp_path, env={"MAST_API_TOKEN": TOKEN},
-                               modes="FS")
+        child = query_in_child(server, tmp_path, env={"MAST_API_TOKEN": TOKEN}, modes="FS",
+                               after=f"""
+try:
+    archive.query_mast("1345", archive_url={server.url!r}, token="not-" + {TOKEN!r}, retries=0)
+except archive.ArchiveError as exc:
+    result["bad_token"] = str(exc)
+""")
         assert child["rc"] == 0, child["stderr"][-3000:]
         whoami = [r for r in server.requests if r.target == "whoami"]
-        assert len(whoami) == 1 and whoami[0].authenticated
-        assert all(r.authenticated for r in server.requests)
+        assert [r.authenticated for r in whoami] == [True, False]
+        assert all(r.authenticated for r in server.requests[:-1])
+        assert child["result"]["bad_token"] == \
+            "MAST did not accept the token from MAST_API_TOKEN (whoami answered anonymous)"
         everything = child["stdout"] + child["stderr"] + (tmp_path / "manifest.csv").read_text()
         assert "welcome Ada Lovelace" in child["stderr"]
         assert TOKEN not in everything
 
-        bad = query_in_child(server, tmp_path, env={"MAST_API_TOKEN": "not-" + TOKEN})
-        assert bad["rc"] != 0
-        assert "ArchiveError: MAST did not accept the token from MAST_API_TOKEN" in bad["stderr"]
-        assert TOKEN not in bad["stdout"] + bad["stderr"]
-
 
 def test_astroquery_query_faults_retry_or_fail_clearly(program_dir, tmp_path):
     faults = {"Mast.Caom.Filtered": ["500", "cut"], "Mast.Caom.Products": ["slow"],
-              "columnsconfig": ["503"]}
-    with MastServer(program_dir, faults=faults, slow_seconds=2.0) as server:
-        child = query_in_child(server, tmp_path, modes="IFU", timeout=1)
+              "columnsconfig": ["503"], "whoami": "500"}
+    with MastServer(program_dir, faults=faults, tokens={TOKEN: "Ada"},
+                    slow_seconds=2.0) as server:
+        # transient faults are retried; then a persistent one (whoami) gives a clear error
+        child = query_in_child(server, tmp_path, modes="IFU", timeout=1, after=f"""
+try:
+    archive.query_mast("1345", archive_url={server.url!r}, token={TOKEN!r}, backoff=0.01)
+except archive.ArchiveError as exc:
+    result["persistent"] = str(exc)
+""")
         assert child["rc"] == 0, child["stderr"][-3000:]
         assert len(child["result"]["rows"]) == 3
         seen = [(r.target, r.fault) for r in server.requests if r.fault]
         assert seen == [("columnsconfig", "503"), ("Mast.Caom.Filtered", "500"),
-                        ("Mast.Caom.Filtered", "cut"), ("Mast.Caom.Products", "slow")]
-    with MastServer(program_dir, faults={"Mast.Caom.Filtered": "500"}) as server:
-        child = query_in_child(server, tmp_path, modes="IFU")
-        assert child["rc"] != 0
-        assert "observation query for programs 1345,2222 failed after 4 attempts; " \
-               "last error: HTTP 500" in child["stderr"]
-        assert server.count("Mast.Caom.Filtered") == 4
-
-
-def test_configure_after_import_is_refused(program_dir):
-    child = run_child("""
-from nsclean import archive
-archive.configure_mast_server("http://127.0.0.1:9")
-import astroquery.mast
-ok = astroquery.mast.Observations._portal_api_connection.MAST_REQUEST_URL
-assert archive.configure_mast_server("http://127.0.0.1:9") is None
-try:
-    archive.configure_mast_server("http://127.0.0.1:10")
-except archive.ArchiveConfigError as exc:
-    result = [ok, str(exc)]
-""")
-    assert child["rc"] == 0, child["stderr"]
-    url, message = child["result"]
-    assert url == "http://127.0.0.1:9/api/v0/invoke"
-    assert "imported before configure_mast_server" in message
+                        ("Mast.Caom.Filtered", "cut"), ("Mast.Caom.Products", "slow")] \
+            + [("whoami", "500")] * 4
+        assert child["result"]["persistent"] == \
+            "MAST login failed after 4 attempts; last error: whoami answered without the " \
+            "'anon' field (a server error page?)"
+        assert TOKEN not in child["stdout"] + child["stderr"]
 
 
 # ---------------------------------------------------------------------------------------
