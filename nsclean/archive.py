@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
+import numpy as np
 import requests
 from astropy.io import fits
 from requests.adapters import HTTPAdapter
@@ -139,7 +140,14 @@ class AuthenticationRequired(DownloadError):
 
 
 class _Retryable(Exception):
-    """A transient failure (server error, short body, size mismatch, odd answer)."""
+    """A transient failure (server error, short body, size mismatch, odd answer).
+
+    ``retry_after`` is the server's ``Retry-After`` in seconds, if it sent one.
+    """
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 @dataclass
@@ -333,6 +341,13 @@ def _upper_set(values) -> set[str] | None:
 def _observation_set(observations) -> set[str] | None:
     values = _as_list(observations)
     return None if values is None else {str(int(v)).zfill(3) for v in values}
+
+
+def _plain(value):
+    """A table cell as a plain Python value; masked (missing) cells become None."""
+    if value is None or value is np.ma.masked:
+        return None
+    return value.item() if hasattr(value, "item") else value
 
 
 def _backoff_delay(attempt: int, backoff: float, max_backoff: float) -> float:
@@ -601,14 +616,19 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
             continue
         selected[name] = {
             "productFilename": name, "dataURI": str(product["dataURI"]),
-            "size": int(product["size"]),
+            "size": _plain(product.get("size")),
             "productSubGroupDescription": str(product["productSubGroupDescription"]),
-            "dataRights": str(product.get("dataRights", "") or "PUBLIC"),
+            "dataRights": str(_plain(product.get("dataRights")) or "PUBLIC"),
             "stem": stem, **parts, **obs,
         }
     log.info("%d rate/cal products selected from %d observations", len(selected),
              len(obs_by_id))
     return sorted(selected.values(), key=lambda p: p["productFilename"])
+
+
+def _size(product: dict | None) -> int | None:
+    size = None if product is None else product.get("size")
+    return None if size is None else int(size)
 
 
 def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Manifest:
@@ -674,9 +694,9 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
             exp_type=known["exp_type"], subarray=known.get("subarray", ""),
             grating=known["grating"], filter=known["filter"],
             rate_file=rate["productFilename"] if rate else "",
-            rate_size=int(rate["size"]) if rate else None,
+            rate_size=_size(rate),
             cal_file=cal["productFilename"] if cal else "",
-            cal_size=int(cal["size"]) if cal else None,
+            cal_size=_size(cal),
             mask_source=mask_source, data_rights=data_rights, status=status, reason=reason,
             rate_uri=rate["dataURI"] if rate else "", cal_uri=cal["dataURI"] if cal else ""))
     if manifest.without_cal and missing_cal == "error":
@@ -981,6 +1001,7 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
                 log.info("%s: cached (%d bytes, size from HEAD)", name, head)
                 return DownloadResult(destination, False, 0, head, time.monotonic() - started)
         for attempt in range(1, retries + 2):
+            server_delay = None
             try:
                 nbytes = _fetch_once(session, url, cookies, timeout, destination,
                                      expected_size, chunk_size, token)
@@ -990,6 +1011,7 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
                 return DownloadResult(destination, True, attempt, nbytes, seconds)
             except _Retryable as exc:
                 last_error = str(exc)
+                server_delay = exc.retry_after
             except requests.Timeout as exc:
                 last_error = f"timed out ({type(exc).__name__})"
             except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
@@ -997,6 +1019,8 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
                 last_error = f"connection broken ({type(exc).__name__})"
             if attempt <= retries:
                 delay = _backoff_delay(attempt, backoff, max_backoff)
+                if server_delay is not None:  # the server asked for a pause (429/503)
+                    delay = min(max(delay, server_delay), max_backoff)
                 log.warning("%s: attempt %d failed: %s; retrying in %.1f s", name, attempt,
                             last_error, delay)
                 time.sleep(delay)
@@ -1023,7 +1047,9 @@ def _check_status(response: requests.Response, name: str, token: str) -> None:
     if status in (401, 403):
         raise _auth_error(name, status, token)
     if status in _RETRY_STATUS:
-        raise _Retryable(f"HTTP {status}")
+        retry_after = response.headers.get("Retry-After", "")
+        raise _Retryable(f"HTTP {status}",
+                         float(retry_after) if retry_after.strip().isdigit() else None)
     if status == 404:
         raise DownloadError(f"{name}: not found in the archive (HTTP 404)")
     if status >= 400:

@@ -31,7 +31,7 @@ consumed one per request (so a retry can succeed); a single string applies to ev
 request.  Kinds:
 
 ``"500"``, ``"503"``
-    answer with that HTTP status.
+    answer with that HTTP status (file downloads: 503 with ``Retry-After: 1``).
 ``"slow"``
     send the headers and half the body, wait ``slow_seconds``, then send the rest
     (JSON answers: wait before answering).
@@ -610,7 +610,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         fault = "" if head else self.mast._take_fault(name)
         if fault in ("500", "503"):
-            self._send(record, int(fault), b"injected server error", "text/plain", fault=fault)
+            self._send(record, int(fault), b"injected server error", "text/plain", fault=fault,
+                       extra_headers={"Retry-After": "1"} if fault == "503" else None)
             return
         if head or not fault:  # stream the file: real exposures are ~84 MB each
             record.status = 200

@@ -150,6 +150,15 @@ def test_each_fault_is_retried_to_success(program_dir, tmp_path, fault):
     assert leftovers(tmp_path) == []
 
 
+def test_retry_after_is_honoured(program_dir, tmp_path):
+    size = (program_dir / RATE).stat().st_size
+    with MastServer(program_dir, faults={RATE: ["503"]}) as server:
+        result = archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
+                                       archive_url=server.url, token="", backoff=0.01,
+                                       max_backoff=5.0, timeout=(2.0, 2.0))
+    assert result.attempts == 2 and 1.0 <= result.seconds < 4.0
+
+
 @pytest.mark.parametrize("fault", ["500", "cut", "wrong_size", "slow"])
 def test_persistent_fault_gives_clear_error_and_no_file(program_dir, tmp_path, fault):
     size = (program_dir / RATE).stat().st_size
@@ -210,7 +219,9 @@ def test_network_guard_refuses_the_real_archive(tmp_path):
 QUERY = """
 import logging, sys
 logging.basicConfig(stream=sys.stderr, level=logging.DEBUG)
+import nsclean
 from nsclean import archive
+assert "astroquery.mast" not in sys.modules  # or configure_mast_server could not work
 archive.configure_mast_server({url!r})
 result = []
 for selections in {selections!r}:
