@@ -314,7 +314,9 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.failed{background:#f8d7da}
 tr.flagged{background:#fff3cd}
 tr.skipped{background:#eceff1;color:#666}
+td.why{min-width:22em;max-width:40em}
 td.why ul{margin:0;padding-left:1.1em}
+td.stem{white-space:nowrap}
 img.thumb{display:block;height:64px}
 img.broken{outline:2px solid red}
 .counts span{margin-right:1.2em}
