@@ -62,7 +62,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from astropy.io import fits
 
-__all__ = ["MastServer", "RequestRecord", "build_catalogue", "main"]
+__all__ = ["Catalogue", "MastServer", "RequestRecord", "build_catalogue", "main"]
 
 _MODE_BY_EXP_TYPE = {
     # EXP_TYPE -> (CAOM instrument_name, CAOM dataproduct_type)
@@ -141,7 +141,9 @@ class RequestRecord:
 
 
 @dataclass
-class _Catalogue:
+class Catalogue:
+    """What the server serves: observation rows, products per ``obsid``, file paths."""
+
     observations: list[dict] = field(default_factory=list)
     products_by_obsid: dict[str, list[dict]] = field(default_factory=dict)
     files: dict[str, Path] = field(default_factory=dict)
@@ -163,7 +165,7 @@ def _header_value(header, key, default=""):
     return default if value is None else value
 
 
-def build_catalogue(root: str | Path, *, exclusive: Iterable[str] = ()) -> _Catalogue:
+def build_catalogue(root: str | Path, *, exclusive: Iterable[str] = ()) -> Catalogue:
     """Build the MAST catalogue served for a directory of JWST NIRSpec FITS files.
 
     Parameters
@@ -176,7 +178,7 @@ def build_catalogue(root: str | Path, *, exclusive: Iterable[str] = ()) -> _Cata
 
     Returns
     -------
-    _Catalogue
+    Catalogue
         Observation rows, products per ``obsid`` and the file paths by name.
 
     Notes
@@ -186,7 +188,7 @@ def build_catalogue(root: str | Path, *, exclusive: Iterable[str] = ()) -> _Cata
     EXP_TYPE is not a NIRSpec spectroscopic mode are served as ``NIRSPEC/IMAGE``.
     """
     exclusive = set(exclusive)
-    catalogue = _Catalogue()
+    catalogue = Catalogue()
     exposures: dict[str, dict] = {}
     for path in sorted(Path(root).glob("jw*_*.fits")):
         stem, _, suffix = path.stem.rpartition("_")

@@ -97,6 +97,23 @@ def uninstall() -> None:
 
 
 # -- pytest plugin hooks -------------------------------------------------------------
+try:
+    import pytest
+except ImportError:  # a child process without pytest only uses install()
+    pytest = None
+
+if pytest is not None:
+
+    @pytest.fixture(autouse=True)
+    def _loopback_only_per_test():
+        """Fail the test that tried to leave loopback, even if it caught the error."""
+        before = len(ATTEMPTS)
+        yield
+        refused = ATTEMPTS[before:]
+        if refused:
+            pytest.fail("network access outside loopback: " + "; ".join(refused))
+
+
 def pytest_configure(config):
     install()
 
