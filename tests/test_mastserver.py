@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 from urllib.parse import quote
 
 import network_guard
@@ -165,16 +166,23 @@ def test_binds_loopback_only(program_dir):
         assert server.url.startswith("http://127.0.0.1:") and server.port > 0
 
 
-def test_command_line_prints_url_and_serves(program_dir):
+def test_command_line_prints_url_and_serves(program_dir, tmp_path):
+    name = "jw01345062001_03101_00001_nrs1_rate.fits"
+    (tmp_path / "tokens").write_text("cli-secret-token\n")
     process = subprocess.Popen([sys.executable, "-m", "nsclean.mastserver", "--root",
-                                str(program_dir), "--port", "0"], stdout=subprocess.PIPE,
-                               text=True)
+                                str(program_dir), "--port", "0", "--exclusive", name,
+                                "--token-file", str(tmp_path / "tokens")],
+                               stdout=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
-        assert "serving 12 files" in line
+        assert "serving 12 files" in line and "cli-secret-token" not in line
         url = line.split(" at ")[1].split()[0]
         assert url.startswith("http://127.0.0.1:")
         assert requests.get(f"{url}/whoami", timeout=TIMEOUT).json()["anon"] is True
+        server = SimpleNamespace(url=url)
+        assert requests.get(download_url(server, name), timeout=TIMEOUT).status_code == 401
+        assert requests.get(download_url(server, name), cookies={"mast_token": "cli-secret-token"},
+                            timeout=TIMEOUT).status_code == 200
     finally:
         process.terminate()
         process.wait(timeout=10)
