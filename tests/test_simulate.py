@@ -151,6 +151,12 @@ def test_meta_and_stem(mos):
     assert meta["readpatt"] == "NRSIRS2"
 
 
+def test_make_stem():
+    assert simulate.make_stem("1345", 62, 1, 1, "NRS2") == "jw01345062001_03101_00001_nrs2"
+    assert simulate.make_stem(9999, 4, 12, 3, "nrs1", visit_group=2, sequence=1,
+                              activity=5) == "jw09999004012_02105_00003_nrs1"
+
+
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="kind"):
         simulate_exposure("imaging")
@@ -237,6 +243,20 @@ def test_pink_series_is_one_over_f():
 @pytest.fixture(scope="module")
 def shared_pink_irs2():
     return simulate_exposure("dark", "NRS1", seed=3, **{**QUIET, "pink_correlated": 3.0})
+
+
+def test_decimated_low_passed_series_keeps_its_power():
+    n_samples, low_pass = 712 * 200, 0.5 / (712 * 1e-5)
+    fine = simulate._pink_series(np.random.default_rng(1), 32, n_samples, 1e-5, low_pass)
+    coarse = simulate._pink_series(np.random.default_rng(2), 32, n_samples, 1e-5, low_pass,
+                                   decimate=16)
+    assert coarse.shape == fine.shape
+    assert np.var(coarse) == pytest.approx(np.var(fine), rel=0.2)
+    # smooth at the pixel scale: neighbouring ticks nearly equal
+    assert np.std(np.diff(coarse, axis=1)) < 0.05 * np.std(coarse)
+    picked = simulate._pink_series(np.random.default_rng(2), 32, n_samples, 1e-5, low_pass,
+                                   decimate=16, at=np.array([5, 700, 1400]))
+    assert np.array_equal(picked, coarse[:, [5, 700, 1400]])
 
 
 def test_irs2_stripes_are_smooth_along_columns_traditional_is_not(shared_pink_irs2):
