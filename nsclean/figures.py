@@ -482,13 +482,18 @@ def plot_power_spectrum(before, after, background_mask, path, *, title=None):
     -----
     Uses :func:`nsclean.qa.banding_power_spectrum`; the spectrum of the column
     means is the spectrum of the vertical banding. Thin lines: the raw
-    periodogram; thick lines: its mean in 30 logarithmic frequency bins.
+    periodogram; thick lines: its mean in 30 logarithmic frequency bins;
+    dashed: what white noise alone would give after cleaning
+    (:func:`nsclean.qa.banding_white_level`).
     """
-    from .qa import banding_power_spectrum
+    from .qa import banding_power_spectrum, banding_white_level
 
     figure = _new_figure("spectrum")
     ax = figure.subplots()
     plotted = False
+    white = banding_white_level(after, background_mask)
+    if white:
+        ax.axhline(white, color="grey", ls="--", lw=1, label="white-noise level (after)")
     for name, image, colour in (("before", before, "tab:red"), ("after", after, "tab:blue")):
         freq, power = banding_power_spectrum(image, background_mask)
         positive = power > 0

@@ -17,6 +17,7 @@ __all__ = [
     "DEFAULT_THRESHOLDS",
     "FLAT_METRIC_KEYS",
     "banding_power_spectrum",
+    "banding_white_level",
     "exposure_metrics",
     "flatten_metrics",
 ]
@@ -46,6 +47,9 @@ _IMAGE_KEYS = (
     "banding_rms",
     "banding_white_rms",
     "banding_excess_rms",
+    "banding_uniform_rms",
+    "banding_uniform_white_rms",
+    "banding_uniform_excess_rms",
     "lowfreq_power_rows",
     "lowfreq_power_columns",
     "frame_rms",
@@ -79,6 +83,10 @@ _FRAME_BLOCK = 4
 _FRAME_SIGMA_BLOCKS = 4.0
 _FRAME_MIN_DENSITY = 0.02
 _MAX_ROBUST_SAMPLES = 1 << 20
+# Local background density for the length-uniform banding: 16-row blocks
+# smoothed by 2 blocks = the cleaner's 32 px weight_sigma (Rauscher 2024, Fig. 5).
+_DENSITY_BLOCK = 16
+_DENSITY_SIGMA_BLOCKS = 2.0
 
 
 def _as_float(value):
@@ -233,6 +241,64 @@ def _column_means(image, use, min_pixels=1):
     return means, valid, counts
 
 
+def _pooled_variance(image, use, column_means, column_valid, column_counts, sigma):
+    """Pixel variance about each pixel's own column mean, pooled over columns.
+
+    White noise alone makes column j's mean scatter by sqrt(this / n_j);
+    measuring the scatter about the column means keeps the stripes
+    themselves from inflating it.
+    """
+    residual = np.where(use, image - column_means[None, :], 0.0)
+    dof = np.sum(column_counts[column_valid] - 1)
+    return float(np.sum(residual**2, dtype=np.float64) / dof) if dof > 0 else sigma**2
+
+
+def _white_variance(image, use, column_means, column_valid, column_counts, sigma):
+    """Variance of the column means that white noise alone would give."""
+    within = _pooled_variance(image, use, column_means, column_valid, column_counts, sigma)
+    return float(np.mean(within / column_counts[column_valid]))
+
+
+def _length_weights(use):
+    """Per-pixel weight 1 / (local background density along the column), 0 off background.
+
+    With these weights every stretch of a column counts in proportion to its
+    length, not to how many background pixels it has: an IFU column's large
+    background blocks at the top and bottom no longer outvote the thin gaps
+    between the slices, where the science is.
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    ny, nx = use.shape
+    block = min(_DENSITY_BLOCK, ny)
+    pad = (-ny) % block
+    padded = np.pad(use, ((0, pad), (0, 0))) if pad else use
+    fraction = padded.reshape(-1, block, nx).mean(axis=1, dtype=np.float64)
+    density = gaussian_filter1d(fraction, _DENSITY_SIGMA_BLOCKS, axis=0, mode="nearest")
+    with np.errstate(divide="ignore"):
+        block_weight = np.where(density > 0, 1.0 / density, 0.0)
+    weights = np.repeat(block_weight.astype(np.float32), block, axis=0)[:ny]
+    return np.where(use, weights, np.float32(0.0))
+
+
+def _uniform_banding(image, use, column_valid, within):
+    weights = _length_weights(use)
+    weight_sum = weights.sum(axis=0, dtype=np.float64)
+    valid = column_valid & (weight_sum > 0)
+    keys = ("banding_uniform_rms", "banding_uniform_white_rms", "banding_uniform_excess_rms")
+    if valid.sum() < 2:
+        return dict.fromkeys(keys)
+    weighted = np.where(use, image, 0.0) * weights
+    means = weighted.sum(axis=0, dtype=np.float64)[valid] / weight_sum[valid]
+    centred = means - means.mean()
+    rms = float(np.sqrt(np.mean(centred**2)))
+    # Variance of a weighted mean of independent pixels: s^2 sum(w^2) / (sum w)^2.
+    square_sum = (weights.astype(np.float64) ** 2).sum(axis=0)[valid]
+    white = float(np.mean(within * square_sum / weight_sum[valid] ** 2))
+    excess = math.sqrt(max(rms**2 - white, 0.0))
+    return dict(zip(keys, (rms, math.sqrt(white), excess), strict=True))
+
+
 def _row_means(image, use):
     counts = use.sum(axis=1)
     sums = np.where(use, image, 0.0).sum(axis=1, dtype=np.float64)
@@ -259,16 +325,12 @@ def _image_metrics(image, background_mask, *, lowfreq_cutoff, edge_width):
     if column_valid.sum() >= 2:
         centred = column_means[column_valid] - column_means[column_valid].mean()
         result["banding_rms"] = float(np.sqrt(np.mean(centred**2)))
-        # What pixel-to-pixel (white) noise alone would give: each column mean
-        # scatters by sigma_w / sqrt(n_j), with sigma_w the pooled scatter
-        # about the column means, so the stripes themselves do not inflate it.
-        residual = np.where(use, image - column_means[None, :], 0.0)
-        dof = np.sum(column_counts[column_valid] - 1)
-        within = float(np.sum(residual**2) / dof) if dof > 0 else sigma**2
-        white = np.mean(within / column_counts[column_valid])
+        within = _pooled_variance(image, use, column_means, column_valid, column_counts, sigma)
+        white = float(np.mean(within / column_counts[column_valid]))
         result["banding_white_rms"] = float(np.sqrt(white))
         excess = result["banding_rms"] ** 2 - white
         result["banding_excess_rms"] = float(np.sqrt(max(excess, 0.0)))
+        result.update(_uniform_banding(image, use, column_valid, within))
     result["lowfreq_power_rows"] = _lowfreq_power(column_means, column_valid, lowfreq_cutoff)
     row_means, row_valid = _row_means(image, use)
     result["lowfreq_power_columns"] = _lowfreq_power(row_means, row_valid, lowfreq_cutoff)
@@ -361,15 +423,15 @@ def _flags(metrics, thresholds):
             f"(x{ratio['banding_rms']:.3f} > {thresholds['max_banding_ratio']})"
         )
     if (
-        after["banding_excess_rms"] is not None
-        and after["banding_white_rms"]
-        and after["banding_excess_rms"]
-        > thresholds["max_residual_banding"] * after["banding_white_rms"]
+        after["banding_uniform_excess_rms"] is not None
+        and after["banding_uniform_white_rms"]
+        and after["banding_uniform_excess_rms"]
+        > thresholds["max_residual_banding"] * after["banding_uniform_white_rms"]
     ):
         flags.append(
-            f"residual banding: excess {after['banding_excess_rms']:.4g} after cleaning is "
-            f"over {thresholds['max_residual_banding']} x the white-noise level "
-            f"{after['banding_white_rms']:.4g}"
+            f"residual banding: length-weighted excess {after['banding_uniform_excess_rms']:.4g}"
+            f" after cleaning is over {thresholds['max_residual_banding']} x the white-noise "
+            f"level {after['banding_uniform_white_rms']:.4g}"
         )
     if ratio["frame_rms"] is not None and ratio["frame_rms"] > thresholds["max_frame_ratio"]:
         flags.append(
@@ -572,6 +634,36 @@ def banding_power_spectrum(image, background_mask):
     use, _, _ = _background_pixels(image, mask)
     means, valid, _ = _column_means(image, use)
     return _series_power(means, valid)
+
+
+def banding_white_level(image, background_mask):
+    """Power per frequency bin that white noise alone puts in the banding spectrum.
+
+    Parameters
+    ----------
+    image : ndarray, shape (ny, nx)
+        DMS-frame image; NaNs are ignored.
+    background_mask : ndarray of bool, shape (ny, nx)
+        True where a pixel is background.
+
+    Returns
+    -------
+    float or None
+        ``2 * banding_white_rms**2 / nx`` (image units squared): white noise
+        spreads the variance of the column means evenly over the ``nx / 2``
+        bins of :func:`banding_power_spectrum`. None without two background
+        columns.
+    """
+    image = _validate(image, "image")
+    mask = np.asarray(background_mask, dtype=bool)
+    if mask.shape != image.shape:
+        raise ValueError(f"background_mask has shape {mask.shape}, expected {image.shape}")
+    use, _, sigma = _background_pixels(image, mask)
+    means, valid, counts = _column_means(image, use)
+    if valid.sum() < 2:
+        return None
+    white = _white_variance(image, use, means, valid, counts, sigma)
+    return _as_float(2.0 * white / image.shape[1])
 
 
 def flatten_metrics(metrics):

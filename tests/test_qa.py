@@ -59,6 +59,33 @@ def test_banding_rms_matches_injected_stripes_and_drops_to_white_expectation():
     assert m["flags"] == []
 
 
+def test_uniform_banding_counts_column_length_not_pixels():
+    """Stripes left only in a dense background block barely move the length-weighted banding."""
+    rng = np.random.default_rng(7)
+    white = rng.normal(0.0, WHITE, SHAPE)
+    rows = np.arange(SHAPE[0])
+    # IFU-like: a solid background block at the bottom, thin gaps elsewhere.
+    block = rows < 128
+    mask = np.broadcast_to((block | (rows % 32 < 4))[:, None], SHAPE).copy()
+    stripes = rng.normal(0.0, 2.0, SHAPE[1])
+    residual = np.where(block[:, None], stripes[None, :], 0.0)  # left in the block only
+    m = qa.exposure_metrics(white + residual, white + residual, None, mask)["before"]
+
+    # Unweighted: the block holds 128 of ~240 background pixels per column.
+    share = 128 / mask[:, 0].sum()
+    assert m["banding_excess_rms"] == pytest.approx(share * np.std(stripes), rel=0.15)
+    # Length-weighted: the block is 1/8 of the column (plus its density roll-off).
+    assert m["banding_uniform_excess_rms"] < 0.5 * m["banding_excess_rms"]
+    assert m["banding_uniform_excess_rms"] == pytest.approx(np.std(stripes) / 8, rel=0.35)
+
+    # Uniform sampling: both definitions agree.
+    uniform = qa.exposure_metrics(white + stripes, white, None, _mask())["before"]
+    assert uniform["banding_uniform_rms"] == pytest.approx(uniform["banding_rms"], rel=0.02)
+    assert uniform["banding_uniform_white_rms"] == pytest.approx(
+        uniform["banding_white_rms"], rel=0.1
+    )
+
+
 def test_bad_cleaning_is_flagged():
     white, stripes, _ = _scene(stripe=2.0)
     mask = _mask()
@@ -144,6 +171,23 @@ def test_banding_power_spectrum_peak_and_parseval():
     assert freq.min() > 0 and freq.max() == pytest.approx(0.5)
     column_means = np.array([image[mask[:, j], j].mean() for j in range(SHAPE[1])])
     assert power.sum() == pytest.approx(np.var(column_means), rel=1e-6)
+
+
+def test_white_level_matches_pure_white_noise_spectrum():
+    rng = np.random.default_rng(6)
+    image = rng.normal(0.0, WHITE, SHAPE)
+    mask = _mask()
+    freq, power = qa.banding_power_spectrum(image, mask)
+    level = qa.banding_white_level(image, mask)
+    n_column = mask.sum(axis=0)
+    assert level == pytest.approx(2 * WHITE**2 * np.mean(1 / n_column) / SHAPE[1], rel=0.05)
+    # 512 independent bins, each exponentially distributed: the mean is ~4 % exact.
+    assert power[:-1].mean() == pytest.approx(level, rel=0.15)
+    # Stripes raise the spectrum but not the white level.
+    stripes = np.broadcast_to(rng.normal(0.0, 2.0, SHAPE[1]), SHAPE)
+    assert qa.banding_white_level(image + stripes, mask) == pytest.approx(level, rel=0.02)
+    assert qa.banding_power_spectrum(image + stripes, mask)[1].mean() > 10 * level
+    assert qa.banding_white_level(image, np.zeros(SHAPE, bool)) is None
 
 
 def test_nans_are_ignored_and_new_nans_flagged():
