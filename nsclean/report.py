@@ -218,6 +218,11 @@ _NUMERIC_COLUMNS = (
         lambda r: _metric(r, "after.banding_rms"),
     ),
     (
+        "resid. banding",
+        "length-weighted banding excess after cleaning (0 = down to white noise)",
+        lambda r: _metric(r, "after.banding_uniform_excess_rms"),
+    ),
+    (
         "banding white",
         "banding expected from white noise alone (after)",
         lambda r: _metric(r, "after.banding_white_rms"),
