@@ -74,8 +74,15 @@ def _add_mask_options(parser: argparse.ArgumentParser) -> None:
         "--mask-jumps",
         action=argparse.BooleanOptionalAction,
         default=_DEFAULTS.mask_jump,
-        help="also mask pixels flagged JUMP_DET (cosmic rays, snowballs); can leave too few "
-        "background pixels [no]",
+        help="mask pixels flagged JUMP_DET (cosmic rays, snowball halos), which leave "
+        "positive residuals in the rate [yes]",
+    )
+    group.add_argument(
+        "--jump-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=_DEFAULTS.jump_fallback,
+        help="keep the jump pixels of columns that masking them would leave with too little "
+        "background [yes]",
     )
     group.add_argument(
         "--keep-failed-open",
@@ -129,6 +136,7 @@ def _mask_options(args: argparse.Namespace) -> MaskOptions:
         fixed_slit_band=args.fixed_slit_band,
         fixed_slit_rows=tuple(args.fixed_slit_rows),
         mask_jump=args.mask_jumps,
+        jump_fallback=args.jump_fallback,
         mask_failed_open=not args.keep_failed_open,
         clip_sigma=args.clip if args.clip else None,
         guard_min_pixels=args.guard_min_pixels,

@@ -132,6 +132,7 @@ _MASK_KEYWORDS = {
     "mask_reference_pixels": ("NSCMREF", "reference border removed"),
     "mask_failed_open": ("NSCMMSA", "MSA_FAILED_OPEN pixels removed"),
     "mask_jump": ("NSCMJUMP", "JUMP_DET pixels removed"),
+    "jump_fallback": ("NSCMJFB", "jumps kept where masking them weakens a column"),
     "clip_sigma": ("NSCMCLIP", "bright clip [robust sigma], 0 = off"),
     "guard_min_pixels": ("NSCMGMIN", "guard: min background pixels per column"),
     "guard_max_gap": ("NSCMGGAP", "[pix] guard: longest masked run allowed"),

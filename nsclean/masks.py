@@ -100,7 +100,12 @@ class MaskOptions:
     mask_failed_open : bool
         Remove pixels flagged MSA_FAILED_OPEN (light from stuck-open shutters).
     mask_jump : bool
-        Remove pixels flagged JUMP_DET. Off by default: see ``docs/masks.md``.
+        Remove pixels flagged JUMP_DET (cosmic-ray hits and snowball halos,
+        which leave positive residuals in the rate); see ``docs/masks.md``
+        for the measurement behind the default.
+    jump_fallback : bool
+        Keep the jump pixels of any column that masking them would leave weak
+        (see ``guard_min_pixels``, ``guard_max_gap``).
     clip_sigma : float or None
         Remove pixels more than this many robust sigma above the background
         level of their column (``None`` or 0 = no clipping).
@@ -121,7 +126,8 @@ class MaskOptions:
     mask_do_not_use: bool = True
     mask_reference_pixels: bool = True
     mask_failed_open: bool = True
-    mask_jump: bool = False
+    mask_jump: bool = True
+    jump_fallback: bool = True
     clip_sigma: float | None = 4.0
     guard_min_pixels: int = 34
     guard_max_gap: int = 500
@@ -574,8 +580,9 @@ def build_background_mask(
     Notes
     -----
     Steps run in this order: NaN, DQ flags, reference border, fixed-slit
-    band, dilated science footprint, bright-pixel clipping, guard. Clipping
-    runs last so that its robust statistics describe the background only.
+    band, dilated science footprint, JUMP_DET (with its fallback), bright-pixel
+    clipping, guard. Clipping runs last so that its robust statistics describe
+    the background only.
 
     Examples
     --------
@@ -615,12 +622,7 @@ def build_background_mask(
         )
 
     remove("nan", opts.mask_nan, ~np.isfinite(image) if opts.mask_nan else None)
-    dq_bits_on = (
-        opts.mask_do_not_use,
-        opts.mask_failed_open,
-        opts.mask_reference_pixels,
-        opts.mask_jump,
-    )
+    dq_bits_on = (opts.mask_do_not_use, opts.mask_failed_open, opts.mask_reference_pixels)
     use_dq = dq is not None and any(dq_bits_on)
     flagged = (
         flagged_pixels(
@@ -628,7 +630,6 @@ def build_background_mask(
             do_not_use=opts.mask_do_not_use,
             failed_open=opts.mask_failed_open,
             reference_pixels=opts.mask_reference_pixels,
-            jump=opts.mask_jump,
         )
         if use_dq
         else None
@@ -640,7 +641,6 @@ def build_background_mask(
         do_not_use=opts.mask_do_not_use,
         failed_open=opts.mask_failed_open,
         reference_pixel_flag=opts.mask_reference_pixels,
-        jump=opts.mask_jump,
     )
     remove(
         "reference_border",
@@ -668,6 +668,7 @@ def build_background_mask(
         footprint_given=footprint is not None,
         n_footprint=int(np.count_nonzero(footprint)) if footprint is not None else 0,
     )
+    _remove_jumps(mask, dq, opts, origin, steps)
     clip_on = bool(opts.clip_sigma)
     sigma_value = None
     if clip_on:
@@ -692,6 +693,34 @@ def build_background_mask(
         "guard": guard,
     }
     return mask, info
+
+
+def _remove_jumps(mask, dq, opts, origin, steps) -> None:
+    """The JUMP_DET step, with its fallback for columns it would leave weak.
+
+    Masking every jump can leave some columns with too little background (the
+    TEMPLATES team's experience); in those columns, and only there, the jump
+    pixels are kept when ``jump_fallback`` is set.
+    """
+    applied = opts.mask_jump and dq is not None
+    entry = {"step": "jump", "applied": bool(applied), "n_removed": 0, "restored_columns": []}
+    steps.append(entry)
+    if not applied:
+        return
+    jumps = flagged_pixels(
+        dq, do_not_use=False, failed_open=False, reference_pixels=False, jump=True
+    )
+    before = int(mask.sum())
+    without_jumps = mask & ~jumps
+    if opts.jump_fallback:
+        weak_before = set(guard_report(mask, opts, origin=origin)["weak_columns"])
+        weak_after = guard_report(without_jumps, opts, origin=origin)["weak_columns"]
+        restored = [column for column in weak_after if column not in weak_before]
+        if restored:
+            without_jumps[:, restored] = mask[:, restored]
+        entry["restored_columns"] = restored
+    mask[...] = without_jumps
+    entry["n_removed"] = before - int(mask.sum())
 
 
 def background_mask_from_footprint(footprint: np.ndarray, dilation_radius: int = 2) -> np.ndarray:

@@ -210,9 +210,17 @@ def test_build_background_mask_removes_each_kind_of_pixel():
     assert not mask[footprint].any()
     assert not mask[38, 20] and not mask[51, 20] and mask[52, 20]  # dilation radius 2
     assert not mask[5, 5] and not mask[90, 30] and not mask[70, 70] and not mask[100, 50]
-    assert mask[60, 60]  # JUMP_DET kept by default
+    assert not mask[60, 60]  # JUMP_DET masked by default
     steps = {step["step"]: step for step in info["steps"]}
-    assert list(steps) == ["nan", "dq", "reference_border", "fixed_slit_band", "footprint", "clip"]
+    assert list(steps) == [
+        "nan",
+        "dq",
+        "reference_border",
+        "fixed_slit_band",
+        "footprint",
+        "jump",
+        "clip",
+    ]
     assert steps["fixed_slit_band"]["applied"] is False  # fixed-slit exposure, subarray
     assert steps["clip"]["n_removed"] >= 1
     assert info["n_background"] == int(mask.sum())
@@ -224,7 +232,7 @@ def test_build_background_mask_removes_each_kind_of_pixel():
     ("option", "pixel"),
     [
         ({"mask_nan": False, "mask_do_not_use": False}, (5, 5)),
-        ({"mask_jump": True}, (60, 60)),
+        ({"mask_jump": False}, (60, 60)),
         ({"mask_failed_open": False}, (70, 70)),
         ({"clip_sigma": None}, (100, 50)),
         ({"use_footprint": False, "clip_sigma": None}, (45, 20)),
@@ -331,3 +339,22 @@ def test_quicklook_round_trips_through_the_png_reader():
     assert rgb.dtype == np.uint8 and rgb.shape == (64, 48, 3)
     np.testing.assert_array_equal(masks.mask_from_shaded_rgb(rgb), mask)
     assert checksum(image, mask) == before
+
+
+def test_jump_fallback_keeps_jumps_only_where_masking_them_weakens_a_column():
+    image = np.zeros((2048, 12), np.float32)
+    dq = np.zeros(image.shape, np.uint32)
+    dq[::50, :] = dqflags.JUMP_DET  # scattered hits everywhere: harmless
+    dq[100:1900, 6] = dqflags.JUMP_DET  # a column-long shower: would leave a 1800-px gap
+    footprint = np.zeros(image.shape, bool)
+    mask, info = masks.build_background_mask(image, dq, footprint, origin=(0, 1000))
+    jump_step = next(step for step in info["steps"] if step["step"] == "jump")
+    assert jump_step["restored_columns"] == [6]
+    assert mask[100:1900, 6].all()  # the shower's column keeps its jump pixels
+    assert not mask[200, 5] and not mask[200, 7]  # other columns lose theirs
+    assert info["guard"]["weak_columns"] == []
+    strict, info = masks.build_background_mask(
+        image, dq, footprint, origin=(0, 1000), jump_fallback=False
+    )
+    assert not strict[100:1900, 6].any()
+    assert info["guard"]["weak_columns"] == [6]
