@@ -30,7 +30,9 @@ checkpoint fetch_manifest:
 
 rule fetch_file:
     input:
-        manifest=results_path("{program}", "manifest.csv"),
+        # A download depends on which file it is, not on when the manifest was
+        # last rewritten: refreshing the manifest must not fetch everything again.
+        manifest=ancient(results_path("{program}", "manifest.csv")),
     output:
         results_path("{program}", "archive", "{filename}"),
     log:
