@@ -121,3 +121,20 @@ def test_full_frame_set(tmp_path):
         assert _png_size(paths[kind]) == _expected(kind)
         assert os.path.basename(paths[kind]) == f"jw01345062001_nrs1_{kind}.png"
     assert _png_size(paths["thumbnail"]) == (2 * 128 + 2, 128)
+
+
+@pytest.mark.filterwarnings("error")
+def test_all_nan_and_constant_images(tmp_path):
+    nan = np.full((64, 64), np.nan)
+    paths = figures.write_figures(nan, nan, None, np.zeros((64, 64), bool), tmp_path, "nan")
+    flat = np.zeros((64, 64))
+    paths.update(
+        {
+            f"flat_{k}": v
+            for k, v in figures.write_figures(
+                flat, flat, flat, np.ones((64, 64), bool), tmp_path, "flat"
+            ).items()
+        }
+    )
+    for path in paths.values():
+        _decodes(path)
