@@ -440,7 +440,7 @@ def _mos_traces(rng, detector):
     slit_id = int(rng.integers(2, 40))
     while len(traces) < n_target and attempts < 2000:
         attempts += 1
-        height = float(rng.integers(5, 20))
+        height = float(rng.integers(6, 22))  # 1-3 shutters plus the tilt below: 6-25 rows
         nx = int(rng.integers(200, 1501))
         tilt = rng.uniform(-3.0, 3.0)  # rows of drift along the spectrum
         x0 = int(rng.integers(REFERENCE_BORDER, FULL_SIZE - REFERENCE_BORDER - nx))
@@ -493,10 +493,12 @@ def _bots_traces(rng, detector):
     row, height = _FIXED_SLITS["S1600A1"]
     x0 = REFERENCE_BORDER
     nx = FULL_SIZE - 2 * REFERENCE_BORDER
-    # a bright star: the 1.6" aperture is wide, so the PSF wings fill most of the slit
+    star = _continuum(rng, nx, 150.0)
+    # a bright star: the 1.6" aperture is wide, so the PSF wings (here a flat 1 % halo
+    # across the aperture) fill the slit
     return [_Trace(
         name="S1600A1", x0=x0, nx=nx, lower_edge=np.full(nx, row - 2.0), height=height + 4.0,
-        sky=np.full(nx, 0.005), source=_continuum(rng, nx, 150.0),
+        sky=0.005 + 0.01 * star, source=star,
         source_offset=(height + 4.0) / 2 + rng.uniform(-0.5, 0.5), source_sigma=1.0,
         source_id=1,
     )]
@@ -574,10 +576,11 @@ def _artifacts(rng, shape, dq):
 
     n_hot = rng.poisson(300 * area)
     hot_y, hot_x = rng.integers(0, ny, n_hot), rng.integers(0, nx, n_hot)
-    artifacts[hot_y, hot_x] += (10 ** rng.uniform(-0.5, 1.5, n_hot)).astype(np.float32)
+    hot_rate = 10 ** rng.uniform(-0.5, 1.5, n_hot)
+    artifacts[hot_y, hot_x] += hot_rate.astype(np.float32)
     dq[hot_y, hot_x] |= _HOT
-    # the hottest ones are unusable
-    bad = rng.random(n_hot) < 0.3
+    # the hottest ones are unusable (the bad-pixel mask flags them DO_NOT_USE)
+    bad = hot_rate > 10.0
     dq[hot_y[bad], hot_x[bad]] |= dqflags.DO_NOT_USE
 
     n_dead = rng.poisson(100 * area)

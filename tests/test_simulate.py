@@ -322,12 +322,19 @@ def test_picture_frame_is_worse_on_nrs2():
     assert np.array_equal(nrs1.noise_correlated, nrs1_factor.noise_correlated)
 
 
-def test_amplitudes_scale_the_rate_noise(bots):
-    time = DEFAULT_AMPLITUDES["effective_time"]
-    expected = DEFAULT_AMPLITUDES["white"] / (simulate.GAIN["NRS1"] * time)
-    dark = (~bots.illuminated) & ((bots.dq & (dqflags.DO_NOT_USE | dqflags.JUMP_DET)) == 0)
-    assert np.std(bots.noise_white[dark]) == pytest.approx(expected, rel=0.05)
-    assert np.allclose(bots.var_rnoise[dark], expected**2, rtol=1e-5)
+def test_amplitudes_scale_the_rate_noise():
+    sim = simulate_exposure("dark", "NRS1", seed=21, subarray="SUB2048")
+    expected = DEFAULT_AMPLITUDES["white"] / (
+        simulate.GAIN["NRS1"] * DEFAULT_AMPLITUDES["effective_time"])
+    reference = (sim.dq & dqflags.REFERENCE_PIXEL) != 0
+    dark = (sim.var_poisson == 0) & ~reference
+    assert np.std(sim.noise_white[dark]) == pytest.approx(expected, rel=0.03)
+    assert np.allclose(sim.var_rnoise[dark], expected**2, rtol=1e-5)
+    ratio = np.std(sim.noise_white[reference]) / np.std(sim.noise_white[dark])
+    assert ratio == pytest.approx(DEFAULT_AMPLITUDES["reference_ratio"], rel=0.15)
+    # photon noise is in the white part and in VAR_POISSON
+    hot = sim.artifacts > 1.0
+    assert np.allclose(sim.var_poisson[hot], sim.artifacts[hot] * expected / 5.2, rtol=1e-4)
 
 
 # --- files --------------------------------------------------------------------------------------
