@@ -18,6 +18,24 @@ exposure, and quieter reference pixels. The 1/f components are made in the *time
 what makes them vertical stripes in a DMS image.
 
 All arrays here are in the DMS frame (as stored in SCI) unless their name says otherwise.
+
+Approximations
+--------------
+- A rate image is a slope fitted to many frames; its noise is modelled as *one effective
+  frame* of the components above, in electrons, divided by ``gain * effective_time``. The
+  spatial structure and the ratios of the components are kept, not the exact frequency
+  weighting of the slope fit.
+- IRS2: the interleaved reference pixels remove the 1/f power that varies within a line;
+  the residual is modelled as 1/f noise low-passed at half the line rate (so smooth along
+  a DMS column, independent from column to column). Traditional readout keeps the whole
+  1/f spectrum. Subarrays are read through one output, traditionally.
+- Photon noise is Gaussian with the Poisson variance, and counted as white noise.
+- Scenes are schematic: straight or gently curved/tilted traces with a soft-edged slit
+  profile, a Gaussian source profile, smooth continua and Gaussian emission lines. Slit
+  and subarray row positions, slit heights and wavelength ranges are plausible, not the
+  real instrument model. Cal SCI values stay in DN/s (no flux calibration).
+- Files are written with astropy only: no ASDF extension (stdatamodels still opens them
+  as the right model, from DATAMODL and the FITS keywords, but more slowly).
 """
 
 from __future__ import annotations
@@ -674,7 +692,7 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
         Subarrays can only be read traditionally and always get READPATT NRSRAPID.
     seed : int, optional
         Seed of the numpy Generator. The same seed and options give bit-identical arrays;
-        the detector is mixed into the seed so NRS1 and NRS2 differ.
+        kind and detector are mixed into the seed so NRS1 and NRS2 differ.
     subarray : str, optional
         One of :data:`SUBARRAYS`. Default FULL, SUB2048 for "bots". IFU and MOS are
         full-frame modes.
@@ -683,8 +701,10 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     observation, visit, exposure : int, optional
         Identifiers used in the header and the stem.
     **amplitudes
-        Noise options, see :data:`DEFAULT_AMPLITUDES` (e.g. ``white=0`` for a noiseless
-        white component, ``pink_correlated=6.0``).
+        Noise options, see :data:`DEFAULT_AMPLITUDES` (e.g. ``white=0`` removes the white
+        read noise, photon noise stays; ``pink_correlated=6.0`` doubles the shared 1/f).
+        Every component is drawn from its own stream, so changing one amplitude leaves the
+        scene and the other components' realisations unchanged.
 
     Returns
     -------
