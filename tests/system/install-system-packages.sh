@@ -66,7 +66,7 @@ APT_OPTS=(-y -q --no-install-recommends -o Dpkg::Options::=--force-confdef -o Dp
 echo "install-system-packages: installing ${missing[*]}"
 # Refresh the index only if it has never been fetched (fresh containers ship
 # without lists) or when the first attempt fails.
-if ! compgen -G "/var/lib/apt/lists/*_Packages" >/dev/null; then
+if ! compgen -G "/var/lib/apt/lists/*_Packages*" >/dev/null; then
     timeout 300 "${SUDO[@]}" apt-get update -q || warn "apt-get update failed"
 fi
 
