@@ -538,7 +538,9 @@ def write_thumbnail(before, after, path, *, background_mask=None, n_sigma=2.5, s
     path : str or os.PathLike
         PNG to write.
     background_mask : ndarray of bool, optional
-        Stretch measured on background only when given.
+        When given, each thumbnail pixel is the mean of the *background*
+        pixels of its block (blocks without background are mid-grey): the
+        thumbnail is there to show banding, and bright spectra would hide it.
     n_sigma : float
         Half-width of the shared grey stretch in robust sigma.
     size : int
@@ -554,19 +556,18 @@ def write_thumbnail(before, after, path, *, background_mask=None, n_sigma=2.5, s
     before = np.asarray(before)
     factors = _block_factors(before.shape, size)
     # Block averaging by 16 is already a strong smoothing; no Gaussian on top.
-    left = _display(before, factors, 0.0)
-    right = _display(after, factors, 0.0)
-    mask_display = _mask_fraction(background_mask, factors)
-    return _render_thumbnail(left, right, mask_display, path, n_sigma)
+    left = _background_display(before, background_mask, factors)
+    right = _background_display(after, background_mask, factors)
+    return _render_thumbnail(left, right, None, path, n_sigma)
 
 
-def _shrink(display, size):
-    """Block-average an already reduced display to at most size per axis."""
-    factors = _block_factors(display.shape, size)
-    if factors == (1, 1):
-        return display
-    finite = np.isfinite(display)
-    means, counts = _block_mean(np.where(finite, display, 0.0), finite.astype(float), factors)
+def _background_display(image, background_mask, factors):
+    """Block mean of the finite background pixels (all finite pixels without a mask)."""
+    if background_mask is None:
+        return _display(image, factors, 0.0)
+    image = np.asarray(image, dtype=np.float32)
+    use = np.asarray(background_mask, dtype=bool) & np.isfinite(image)
+    means, counts = _block_mean(np.where(use, image, 0.0), use.astype(np.float32), factors)
     means[counts == 0] = np.nan
     return means
 
@@ -580,7 +581,7 @@ def _render_thumbnail(left, right, mask_display, path, n_sigma):
         centre = _background_centre(display, mask_display)
         panels.append(np.clip((display - centre) / (2 * halfwidth) + 0.5, 0, 1))
     gap = np.ones((left.shape[0], 2))
-    combined = np.nan_to_num(np.hstack([panels[0], gap, panels[1]]), nan=0.0)
+    combined = np.nan_to_num(np.hstack([panels[0], gap, panels[1]]), nan=0.5)
     return _atomic_write(
         path,
         lambda handle: imsave(
@@ -643,7 +644,7 @@ def write_figures(
     mask_display = _mask_fraction(background_mask, factors)
     background_fraction = float(np.mean(np.asarray(background_mask, dtype=bool)))
     shape = before.shape
-    small_mask = _shrink(mask_display, THUMBNAIL_SIZE)
+    thumbnail_factors = _block_factors(shape, THUMBNAIL_SIZE)
     return {
         "comparison": _render_comparison(
             displays, mask_display, shape, target("comparison"), n_sigma, stem
@@ -658,9 +659,9 @@ def write_figures(
             before, after, background_mask, target("spectrum"), title=stem
         ),
         "thumbnail": _render_thumbnail(
-            _shrink(displays[0][1], THUMBNAIL_SIZE),
-            _shrink(displays[1][1], THUMBNAIL_SIZE),
-            small_mask,
+            _background_display(before, background_mask, thumbnail_factors),
+            _background_display(after, background_mask, thumbnail_factors),
+            None,
             target("thumbnail"),
             n_sigma,
         ),
