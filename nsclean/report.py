@@ -73,6 +73,10 @@ def _normalise(record, source="record"):
     status = record["status"]
     if status not in STATUSES:
         raise ValueError(f"{source}: status {status!r} is not one of {STATUSES}")
+    for key in ("metrics", "figures", "timing"):
+        value = record.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{source}: {key} must be an object or null")
     out = {
         "program": str(record["program"]),
         "stem": str(record["stem"]),
@@ -83,9 +87,6 @@ def _normalise(record, source="record"):
         "figures": dict(record.get("figures") or {}),
         "timing": dict(record.get("timing") or {}),
     }
-    for key in ("metrics",):
-        if out[key] is not None and not isinstance(out[key], dict):
-            raise ValueError(f"{source}: {key} must be an object or null")
     return out
 
 

@@ -113,6 +113,12 @@ def test_load_records_rejects_bad_files(tmp_path):
     bad.write_text(json.dumps({"program": "1", "stem": "s", "status": "done"}))
     with pytest.raises(ValueError, match="status"):
         report.load_records([bad])
+    bad.write_text(json.dumps({"program": "1", "stem": "s", "status": "cleaned", "figures": []}))
+    with pytest.raises(ValueError, match="figures must be an object"):
+        report.load_records([bad])
+    bad.write_text(json.dumps({"program": "1", "status": "cleaned"}))
+    with pytest.raises(ValueError, match="stem"):
+        report.load_records([bad])
 
 
 def test_csv_columns_and_rows(run):
