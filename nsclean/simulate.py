@@ -78,6 +78,8 @@ GAIN = {"NRS1": 0.996, "NRS2": 1.137}  # e-/DN
 
 # stdatamodels dqflags value not (yet) in nsclean.dq
 _HOT = 2048
+# light above this (DN/s; 2 % of the default white-noise rms) counts as illuminated
+_ILLUMINATION_THRESHOLD = 1e-4
 
 KINDS = ("ifu", "mos", "fs", "bots", "dark")
 
@@ -177,8 +179,9 @@ class SimulatedExposure:
     footprint : ndarray of bool
         Science footprint: pixels covered by the cal product (slits, slices).
     illuminated : ndarray of bool
-        Pixels receiving light above 0.1 % of the local trace level; a superset of
-        ``footprint`` (wings, fixed-slit light in IFU/MOS exposures).
+        Pixels receiving more than 1e-4 DN/s of light (2 % of the default white-noise rms);
+        a superset of ``footprint`` (slit-edge wings, bright-star halos, light through the
+        fixed slits in IFU/MOS exposures).
     dq : ndarray of uint32
         Data-quality flags (``nsclean.dq`` bit values).
     err : ndarray of float32
@@ -561,25 +564,27 @@ def _render(traces, region):
         ys = slice(r_lo - y_start, r_hi - y_start)
         xs = slice(c_lo - x_start, c_hi - x_start)
         signal[ys, xs] += values
-        peak = np.max(values, axis=0, initial=0.0)
-        illuminated[ys, xs] |= values > np.float32(1e-3) * np.maximum(peak, 1e-12)
+        illuminated[ys, xs] |= values > _ILLUMINATION_THRESHOLD
         if not trace.in_footprint:
             continue
         inside = (rows >= edge_a) & (rows < edge_b)
         footprint[ys, xs] |= inside
         hit_rows = np.flatnonzero(inside.any(axis=1))
+        hit_cols = np.flatnonzero(inside.any(axis=0))
         if hit_rows.size == 0:
             continue
-        b_lo, b_hi = r_lo + hit_rows[0], r_lo + hit_rows[-1] + 1
-        box_fp = inside[hit_rows[0] : hit_rows[-1] + 1]
+        # the slit box is the bounding box of its on-trace pixels (a trace cut by the
+        # subarray edge keeps only the part inside)
+        box_rows = slice(hit_rows[0], hit_rows[-1] + 1)
+        box_cols = slice(hit_cols[0], hit_cols[-1] + 1)
         boxes.append({
             "name": trace.name,
-            "xstart": c_lo - x_start + 1,
-            "ystart": b_lo - y_start + 1,
-            "xsize": c_hi - c_lo,
-            "ysize": b_hi - b_lo,
+            "xstart": int(c_lo - x_start + hit_cols[0] + 1),
+            "ystart": int(r_lo - y_start + hit_rows[0] + 1),
+            "xsize": int(box_cols.stop - box_cols.start),
+            "ysize": int(box_rows.stop - box_rows.start),
             "source_id": trace.source_id,
-            "footprint": box_fp.copy(),
+            "footprint": inside[box_rows, box_cols].copy(),
         })
     return signal, footprint, illuminated, boxes
 

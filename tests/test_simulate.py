@@ -214,6 +214,20 @@ def test_fixed_slits_sit_in_the_fixed_slit_band(fs):
     assert rows.min() >= 922 and rows.max() <= 1115
 
 
+def test_traces_cut_by_a_subarray_keep_their_inside_part():
+    full = simulate_exposure("fs", "NRS1", seed=9, readout="NRS")
+    sub = simulate_exposure("fs", "NRS1", seed=9, subarray="SUB2048")
+    xstart, ystart, xsize, ysize = SUBARRAYS["SUB2048"]
+    window = (slice(ystart - 1, ystart - 1 + ysize), slice(xstart - 1, xstart - 1 + xsize))
+    assert np.array_equal(sub.footprint, full.footprint[window])
+    assert np.array_equal(sub.signal, full.signal[window])
+    for slit in sub.slits:
+        assert all(isinstance(slit[key], int) for key in ("xstart", "ystart", "xsize", "ysize"))
+        box = slit["footprint"]
+        assert box.any(axis=0).all() and box.any(axis=1).all()
+        assert 1 <= slit["ystart"] and slit["ystart"] + slit["ysize"] - 1 <= ysize
+
+
 def test_bots_trace(bots):
     assert bots.rate.shape == (32, 2048)
     assert bots.meta["subarray"] == "SUB2048"
