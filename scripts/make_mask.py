@@ -1,18 +1,22 @@
 """Rule ``mask``: the background mask of one exposure (``nsclean.exposure.make_mask``).
 
 input:  rate, cal -- the exposure's ``_rate.fits`` and ``_cal.fits``
+        rate_status, cal_status -- optional status records of their downloads
 output: mask      -- FITS mask, 1 = background (empty placeholder if the exposure failed)
         status    -- JSON status record: ok/failed, reason, mask summary, input checksums
 params: options   -- the ``mask`` section of the config (nsclean.masks.MaskOptions)
 Snakemake sets OMP/OPENBLAS_NUM_THREADS to the rule's threads for script jobs.
 """
 
-from nsclean.pipeline import OK, input_checksums, script_logging, step, write_status
+from nsclean.pipeline import OK, input_checksums, require_ok, script_logging, step, write_status
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 log = script_logging(smk.log[0])
 
 with step(smk.output.status, [smk.output.mask], log) as record:
+    # Status records of the downloads, when the fetch rule provides them (an archive
+    # refusal then fails this exposure with the archive's reason).
+    require_ok([path for key, path in smk.input.items() if key.endswith("_status")])
     record["inputs"] = input_checksums([smk.input.rate, smk.input.cal])
     from nsclean.exposure import make_mask
 

@@ -242,11 +242,37 @@ def test_bad_exposures_fail_alone_and_the_run_says_so(tmp_path):
     assert rows[corrupt]["cleaned_file"] == ""
     assert (tmp_path / "results" / "report.html").is_file()
     assert "2 of 3 exposures failed" in output
+    # The same run on one core gives byte-identical products and records.
+    one_core = write_yaml(tmp_path / "one-core.yaml", {
+        "programs": ["4242"], "archive": {"source": "local", "local_dir": str(local)},
+        "results": str(tmp_path / "results-1")})
+    snakemake("--cores", "1", "--configfile", str(one_core), cwd=tmp_path, timeout=RUN_TIMEOUT)
+    for name in (f"{good}_nsclean_rate.fits", f"{good}_mask.fits", f"{good}_qa.json",
+                 f"{corrupt}_qa.json"):
+        stem = name.split("_nsclean")[0].split("_mask")[0].split("_qa")[0]
+        produced = [(tmp_path / results / "04242" / stem / name).read_bytes()
+                    for results in ("results", "results-1")]
+        assert produced[0] == produced[1], name
     # Nothing is recomputed on a second run; only the verdict is given again.
     again = snakemake("--cores", "2", "--configfile", str(config), cwd=tmp_path,
                       timeout=RUN_TIMEOUT)
     assert again.returncode != 0
     assert job_counts(again.stdout + again.stderr) == {"verify_run": 1, "all": 1}
+
+
+def test_conda_environment_lists_the_package_dependencies():
+    """envs/nsclean.yaml stays in step with pyproject.toml's dependencies."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    env = yaml.safe_load((ROOT / "envs" / "nsclean.yaml").read_text())
+    conda_names = {re.split(r"[\s<>=]", dep, maxsplit=1)[0]
+                   for dep in env["dependencies"] if isinstance(dep, str)}
+    # conda-forge names that differ from PyPI's
+    aliases = {"matplotlib": "matplotlib-base"}
+    for requirement in project["dependencies"]:
+        name = re.split(r"[\s<>=\[;]", requirement, maxsplit=1)[0].lower()
+        assert aliases.get(name, name) in conda_names, requirement
 
 
 def test_demo_module_help():

@@ -1,6 +1,14 @@
 # Reports per program and for the whole run, and the run's final verdict.
 
 
+# Small jobs: on a cluster they run where Snakemake runs, not as batch jobs.
+localrules:
+    all,
+    program_report,
+    run_report,
+    verify_run,
+
+
 rule program_report:
     input:
         manifest=results_path("{program}", "manifest.csv"),
@@ -76,5 +84,8 @@ rule verify_run:
         log_path("verify_run", "all"),
     conda:
         "../../envs/nsclean.yaml"
+    resources:
+        mem_mb=500,
+        runtime=5,
     script:
         "../../scripts/verify_run.py"
