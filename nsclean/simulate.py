@@ -375,6 +375,7 @@ class _Trace:
     source_offset: float  # rows from the lower edge
     source_sigma: float
     in_footprint: bool = True
+    dq_flag: int = 0  # DQ bits set on the pixels this trace lights (failed-open shutters)
     source_id: int = 0
     # blur of the slit edges (detector PSF): logistic scale in pixels. 0.45 matches a
     # Gaussian of sigma 0.8 px in the core, with exponential wings: 3 % of the slit level
@@ -435,6 +436,33 @@ def _ifu_traces(rng, detector):
             source_sigma=rng.uniform(8.0, 14.0), source_id=index + 1,
         ))
     traces.extend(_fixed_slit_sky(rng))
+    traces.extend(_failed_open_shutters(rng, np.zeros((FULL_SIZE, FULL_SIZE), dtype=bool)))
+    return traces
+
+
+def _failed_open_shutters(rng, occupied):
+    """Sky through a few MSA shutters stuck open: light no cal product covers.
+
+    jwst's msaflagopen step flags their traces MSA_FAILED_OPEN in IFU and MOS exposures,
+    and NSClean must not take them as background. ``occupied`` (full-frame bool) keeps
+    them off other boxes; it is updated.
+    """
+    traces = []
+    for _ in range(int(rng.integers(2, 5))):
+        for _attempt in range(200):
+            nx = int(rng.integers(800, 1800))
+            x0 = int(rng.integers(REFERENCE_BORDER, FULL_SIZE - REFERENCE_BORDER - nx))
+            y0 = float(rng.uniform(REFERENCE_BORDER + 8, FULL_SIZE - REFERENCE_BORDER - 14))
+            rows = slice(int(y0) - 4, int(y0) + 10)
+            if not occupied[rows, x0 - 3 : x0 + nx + 3].any():
+                occupied[rows, x0 - 3 : x0 + nx + 3] = True
+                traces.append(_Trace(
+                    name="FAILED_OPEN", x0=x0, nx=nx, lower_edge=np.full(nx, y0), height=5.0,
+                    sky=_continuum(rng, nx, rng.uniform(0.01, 0.04)), source=np.zeros(nx),
+                    source_offset=2.5, source_sigma=1.0, in_footprint=False,
+                    dq_flag=dqflags.MSA_FAILED_OPEN,
+                ))
+                break
     return traces
 
 
@@ -489,6 +517,7 @@ def _mos_traces(rng, detector):
         ))
         slit_id += int(rng.integers(1, 8))
     traces.extend(_fixed_slit_sky(rng))
+    traces.extend(_failed_open_shutters(rng, occupied))
     return traces
 
 
@@ -530,8 +559,9 @@ _SCENES = {"ifu": _ifu_traces, "mos": _mos_traces, "fs": _fs_traces, "bots": _bo
 
 
 def _render(traces, region):
-    """Signal, footprint, illumination and per-trace boxes inside a DMS region."""
+    """Signal, footprint, illumination, DQ flags and per-trace boxes inside a DMS region."""
     x_start, y_start, nx_region, ny_region = region
+    flags = np.zeros((ny_region, nx_region), dtype=np.uint32)
     signal = np.zeros((ny_region, nx_region), dtype=np.float32)
     footprint = np.zeros((ny_region, nx_region), dtype=bool)
     illuminated = np.zeros((ny_region, nx_region), dtype=bool)
@@ -565,6 +595,9 @@ def _render(traces, region):
         xs = slice(c_lo - x_start, c_hi - x_start)
         signal[ys, xs] += values
         illuminated[ys, xs] |= values > _ILLUMINATION_THRESHOLD
+        if trace.dq_flag:
+            # flagged where the slit profile is above 1 %: ~1.5 px beyond the edges
+            flags[ys, xs] |= np.where(slit > 0.01, np.uint32(trace.dq_flag), np.uint32(0))
         if not trace.in_footprint:
             continue
         inside = (rows >= edge_a) & (rows < edge_b)
@@ -586,7 +619,7 @@ def _render(traces, region):
             "source_id": trace.source_id,
             "footprint": inside[box_rows, box_cols].copy(),
         })
-    return signal, footprint, illuminated, boxes
+    return signal, footprint, illuminated, flags, boxes
 
 
 # ------------------------------------------------------------------------------------------
@@ -770,7 +803,7 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     )
 
     traces = _SCENES[kind](scene_rng, detector)
-    signal, footprint, illuminated, boxes = _render(traces, region)
+    signal, footprint, illuminated, scene_flags, boxes = _render(traces, region)
 
     # --- noise, electrons of one effective frame, assembled in the detector frame
     n_outputs = N_OUTPUTS if full_frame else 1
@@ -803,6 +836,7 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     on_reference(illuminated, False)
 
     dq = np.zeros((sub_ny, sub_nx), dtype=np.uint32)
+    dq |= scene_flags
     artifacts = _artifacts(artifact_rng, (sub_ny, sub_nx), dq)
     on_reference(artifacts, 0.0)
     on_reference(dq, dqflags.REFERENCE_PIXEL | dqflags.DO_NOT_USE)

@@ -207,6 +207,30 @@ def test_wings_reach_beyond_the_footprint(mos):
     assert np.all(mos.illuminated[mos.footprint])
 
 
+@pytest.mark.parametrize("name", ["ifu", "mos"])
+def test_failed_open_shutters_are_flagged_and_outside_the_slit_boxes(name, request):
+    sim = request.getfixturevalue(name)
+    failed_open = (sim.dq & dqflags.MSA_FAILED_OPEN) != 0
+    assert failed_open.sum() > 1000
+    # they shine (the flagged band is ~1.5 px wider than the 5-row trace on each side)
+    assert np.median(sim.signal[failed_open]) > 1e-3
+    assert sim.illuminated[failed_open].mean() > 0.95
+    if name == "mos":
+        assert not (failed_open & sim.footprint).any()
+    # 3 px away from every footprint and every flag only faint wings are left
+    from scipy.ndimage import binary_dilation
+
+    near = binary_dilation(sim.footprint | failed_open, iterations=3)
+    unflagged = ~near & ~_fixed_slit_rows(sim)
+    assert np.percentile(sim.signal[unflagged], 99.99) < 2e-3
+
+
+def _fixed_slit_rows(sim):
+    rows = np.zeros(sim.signal.shape, bool)
+    rows[simulate.FS_BAND[0] : simulate.FS_BAND[1] + 1] = True
+    return rows
+
+
 def test_fixed_slits_sit_in_the_fixed_slit_band(fs):
     assert {slit["name"] for slit in fs.slits} == {"S200A1", "S200A2", "S400A1", "S1600A1",
                                                    "S200B1"}
