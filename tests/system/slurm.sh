@@ -21,8 +21,10 @@
 # there (a real Slurm installation) is never touched: `start` fails instead.
 #
 # Sharing: with NSCLEAN_SLURM_LEASE=<pid>, `start` records a lease for that
-# process and `stop` only stops the daemons when no other live process holds a
-# lease, so two test sessions can share one cluster. Without it, `stop` stops.
+# process, and `stop` with a lease only stops the daemons when no other live
+# process holds one, so two test sessions can share one cluster. A `start`
+# without it records a "manual" lease, which keeps such a cluster running for
+# you. A `stop` without NSCLEAN_SLURM_LEASE always stops.
 #
 # The node is called "localhost" (NodeAddr 127.0.0.1), with CPUs = nproc and
 # RealMemory from /proc/meminfo, in one partition `debug` (Default=YES).
@@ -98,6 +100,36 @@ strays() {  # pids of any process whose command line names our slurm.conf or mun
             *"-f $CONF "*|*"--socket=$MUNGE_SOCKET "*) echo "${p#/proc/}" ;;
         esac
     done
+}
+
+job_steps() {  # slurmstepd processes of this cluster (slurmd passes SLURM_CONF on)
+    local p
+    for p in /proc/[0-9]*; do
+        [ "$(cat "$p/comm" 2>/dev/null)" = slurmstepd ] || continue
+        if { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -qxF "SLURM_CONF=$CONF"; then
+            echo "${p#/proc/}"
+        fi
+    done
+}
+
+tree_of() {  # tree_of PID -> PID and all its descendants
+    local s line rest fields
+    for s in /proc/[0-9]*/stat; do
+        { read -r line <"$s"; } 2>/dev/null || continue
+        rest="${line##*) }"
+        read -ra fields <<<"$rest"
+        s="${s#/proc/}"
+        echo "${s%/stat} ${fields[1]}"
+    done | awk -v root="$1" '
+        { kids[$2] = kids[$2] " " $1 }
+        END {
+            q[1] = root; n = 1
+            for (i = 1; i <= n; i++) {
+                print q[i]
+                m = split(kids[q[i]], a, " ")
+                for (j = 1; j <= m; j++) q[++n] = a[j]
+            }
+        }'
 }
 
 wait_gone() {  # wait_gone SECONDS PID... -> 0 when all are gone
@@ -204,7 +236,9 @@ live_leases() {  # prints the pids holding a lease, removing dead ones
     for f in "$LEASES"/*; do
         [ -e "$f" ] || continue
         pid="${f##*/}"
-        if kill -0 "$pid" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null; then
+        if [ "$pid" = manual ]; then
+            echo "$pid"  # started by hand: only a plain `stop` ends it
+        elif kill -0 "$pid" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null; then
             echo "$pid"
         else
             rm -f "$f"
@@ -213,9 +247,8 @@ live_leases() {  # prints the pids holding a lease, removing dead ones
 }
 
 take_lease() {
-    [ -n "$LEASE" ] || return 0
     mkdir -p "$LEASES"
-    : >"$LEASES/$LEASE"
+    : >"$LEASES/${LEASE:-manual}"
 }
 
 do_status() {
@@ -249,7 +282,7 @@ do_stop() {
         rm -f "$LEASES/$LEASE"
         others="$(live_leases | tr '\n' ' ')"
         if [ -n "$others" ]; then
-            say "still used by pid(s) $others-- leaving it running"
+            say "still in use (leases: $others) -- leaving it running"
             return 0
         fi
     fi
@@ -281,6 +314,14 @@ do_stop() {
         say "stopping leftover daemons of $DIR: ${pids[*]}"
         stop_pids leftovers "${pids[@]}"
     fi
+    # job steps orphaned by a slurmd that died (killed, crashed): the step
+    # daemon and the job's processes under it
+    local step
+    for step in $(job_steps); do
+        mapfile -t pids < <(tree_of "$step")
+        say "killing orphaned job step $step and its processes: ${pids[*]}"
+        kill -KILL "${pids[@]}" 2>/dev/null || true
+    done
     release_system_conf
     rm -rf "$LEASES"
     return 0
