@@ -92,9 +92,13 @@ pid_of() {  # pid_of NAME -> prints the live pid of our daemon NAME, or nothing
     fi
 }
 
-strays() {  # pids of any process whose command line names our slurm.conf or munge socket
+strays() {  # our daemons, found by their command line naming our slurm.conf or munge socket
     local p cl
     for p in /proc/[0-9]*; do
+        case "$(cat "$p/comm" 2>/dev/null)" in
+            munged|slurmctld|slurmd) ;;
+            *) continue ;;
+        esac
         cl="$( { tr '\0' ' ' <"$p/cmdline"; } 2>/dev/null)" || continue
         case "$cl" in
             *"-f $CONF "*|*"--socket=$MUNGE_SOCKET "*) echo "${p#/proc/}" ;;
