@@ -53,8 +53,11 @@ _DEFAULTS = {
     "per_channel": False,
     "mode": "auto",
     "chunk_length": 2048,
+    "adaptive": True,
 }
 
+# Median of a chi-square variable with one degree of freedom.
+_MEDIAN_CHI2_1 = 0.454936
 # Samples further than this many sigma from the image-wide background level are
 # left out of the first fit (they are judged again by the outlier pass).
 _FAR = 10.0
@@ -397,6 +400,7 @@ def _validate(image, background_mask, detector, options):
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 64:
         raise ValueError(f"chunk_length must be an integer >= 64; got {chunk!r}")
     opts["per_channel"] = bool(opts["per_channel"])
+    opts["adaptive"] = bool(opts["adaptive"])
     return image, mask, det, opts
 
 
@@ -648,19 +652,22 @@ def _batched_fit(data, valid, opts, period, evaluate):
     inverse, active_rhs = downdated(pix, line)
     coefficients = np.einsum("lij,lj->li", inverse, active_rhs)
     n_rejected = len(line)
+    line_sigma = None
     if opts["outlier_sigma"] is not None:
         for _ in range(opts["outlier_iterations"]):
             # Rejections are recomputed from the full background set at every pass, so
             # a pixel rejected because of a poor earlier fit comes back.
-            pix, line = _find_outliers(
+            pix, line, line_sigma = _find_outliers(
                 data, valid, coefficients, basis, opts["outlier_sigma"], spread
             )
             n_rejected = len(line)
             inverse, active_rhs = downdated(pix, line)
             coefficients = np.einsum("lij,lj->li", inverse, active_rhs)
     n_background = valid.sum(axis=0) - np.bincount(line, minlength=n_lines)
+    if opts["adaptive"] and line_sigma is None:
+        _, _, line_sigma = _find_outliers(data, valid, coefficients, basis, None, spread)
 
-    used, coefficients = _guard(
+    used, coefficients, coef_variance = _guard(
         inverse,
         _unpack(normal, n_par, iu, ju),
         _unpack(weight_sq_normal, n_par, iu, ju),
@@ -672,8 +679,11 @@ def _batched_fit(data, valid, opts, period, evaluate):
         evaluate,
         opts,
     )
+    gain = np.broadcast_to(gain_per_par, coefficients.shape)
+    if opts["adaptive"]:
+        gain = gain * _wiener_gains(coefficients, coef_variance, line_sigma, used, n_freq)
     # Lines with fewer frequencies carry zeros in the unused coefficients.
-    model = basis @ (coefficients * gain_per_par).T
+    model = basis @ (coefficients * gain).T
     info = {
         "n_lines": int(n_lines),
         "n_guarded": int(np.count_nonzero((used >= 0) & (used < n_freq))),
@@ -727,6 +737,36 @@ def _product_identities(period, n_freq):
     return trig, to_pairs
 
 
+def _wiener_gains(coefficients, coef_variance, line_sigma, used, n_freq):
+    """Per-coefficient Wiener gains P_k / (P_k + N_lp) from the image's own statistics.
+
+    ``N_lp = sigma_l^2 [A^-1 C A^-1]_pp`` is the noise variance of coefficient p of line
+    l.  ``P_k``, the power of the correlated noise at frequency k, is estimated over all
+    lines fitted to k or more as ``median(c^2) / 0.4549 - median(N)`` (cosine and sine
+    pooled, since the phase is random).  A frequency that carries little correlated
+    noise in this exposure is damped instead of adding the fit's noise; a noiseless
+    line has ``N = 0`` and is reproduced exactly.
+    """
+    noise = coef_variance * (line_sigma[:, None] ** 2)
+    gains = np.ones_like(coefficients)
+    for k in range(n_freq + 1):
+        params = [0] if k == 0 else [2 * k - 1, 2 * k]
+        lines = used >= k
+        if not lines.any():
+            continue
+        c = coefficients[lines][:, params]
+        n = noise[lines][:, params]
+        # Medians, so that a few lines with light leaking past the mask do not raise the
+        # gains of the whole image: for c ~ N(0, P + N), median(c^2) = 0.4549 (P + N).
+        power = max(float(np.median(c * c)) / _MEDIAN_CHI2_1 - float(np.median(n)), 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            g = np.where(n > 0, power / (power + n), 1.0)
+        block = gains[lines]
+        block[:, params] = g
+        gains[lines] = block
+    return gains
+
+
 def _robust_level(data, valid):
     """Median and MAD-sigma of the background samples (from a subsample of lines)."""
     step = max(1, data.shape[1] // 256)
@@ -763,42 +803,51 @@ def _find_outliers(data, valid, coefficients, basis, threshold, global_sigma):
     Returns
     -------
     pix, line : ndarray of int
-        Sample and line indices of the outliers.
+        Sample and line indices of the outliers (none if ``threshold`` is None).
+    sigma : ndarray
+        Robust noise sigma of every line.
     """
     n, n_lines = data.shape
     if not global_sigma > 0:
-        return np.empty(0, np.intp), np.empty(0, np.intp)
+        return np.empty(0, np.intp), np.empty(0, np.intp), np.zeros(n_lines)
     clip = 4.0
     # E[x^2 | |x| < 4 sigma] / sigma^2 for a Gaussian, to correct the clipped rms.
     truncation = 1.0 - 2.0 * clip * math.exp(-clip * clip / 2) / (
         math.sqrt(2 * math.pi) * erf(clip / math.sqrt(2.0))
     )
-    basis32 = basis.astype(np.float32)
-    coefficients32 = coefficients.astype(np.float32)
-    pix_all, line_all = [], []
+    pix_all, line_all, sigma_all = [], [], []
     for j0 in range(0, n_lines, _BLOCK_LINES):
         j1 = min(j0 + _BLOCK_LINES, n_lines)
         block_valid = valid[:, j0:j1]
-        fitted = basis32 @ coefficients32[j0:j1].T
-        resid = np.where(block_valid, data[:, j0:j1] - fitted, np.float32(0))
+        # Double precision: single-precision BLAS results can change with the number
+        # of threads, and these statistics feed the adaptive gains.
+        fitted = basis @ coefficients[j0:j1].T
+        resid = np.where(block_valid, data[:, j0:j1] - fitted, 0.0)
         sq = resid * resid
-        keep = sq < np.float32((clip * global_sigma) ** 2)
+        keep = sq < (clip * global_sigma) ** 2
         keep &= block_valid
         count = keep.sum(axis=0)
-        total = np.einsum("ij,ij->j", sq, keep, dtype=np.float64)
+        # Summed row by row (axis 0), so the result does not depend on the block width.
+        total = np.where(keep, sq, 0.0).sum(axis=0)
         sigma = np.where(
             count >= 3, np.sqrt(total / np.maximum(count, 1) / truncation), global_sigma
         )
         sigma = np.where(sigma > 0, sigma, global_sigma)
-        pix, line = np.nonzero(sq > ((threshold * sigma) ** 2).astype(np.float32))
+        sigma_all.append(sigma)
+        if threshold is None:
+            continue
+        pix, line = np.nonzero(sq > (threshold * sigma) ** 2)
         pix_all.append(pix)
         line_all.append(line + j0)
-    return np.concatenate(pix_all), np.concatenate(line_all)
+    empty = [np.empty(0, np.intp)]
+    return np.concatenate(pix_all or empty), np.concatenate(line_all or empty), np.concatenate(
+        sigma_all
+    )
 
 
 def _guard(inverse, normal, weight_sq_normal, rhs, coefficients, n_background, basis,
            gain_per_par, evaluate, opts):
-    """Highest frequency each line can afford (-1: uncleaned) and its coefficients.
+    """Highest frequency each line can afford (-1: uncleaned), coefficients, their variance.
 
     The variance the fit adds at sample i, in units of the white-noise variance of one
     pixel, is ``g_i^T A^-1 C A^-1 g_i`` with ``g_i = G b_i``, ``A = B^T W B`` and
@@ -814,6 +863,7 @@ def _guard(inverse, normal, weight_sq_normal, rhs, coefficients, n_background, b
     limit = opts["max_model_variance"]
     used = np.full(n_lines, -1, dtype=int)
     result = np.zeros_like(coefficients)
+    variance_of_coef = np.zeros_like(coefficients)
     pending = np.arange(n_lines)
     for k in range(n_freq, -1, -1):
         if pending.size == 0:
@@ -828,10 +878,13 @@ def _guard(inverse, normal, weight_sq_normal, rhs, coefficients, n_background, b
         else:
             a_inv = np.linalg.inv(_regularised(normal[candidates][:, :n_k, :n_k]))
             coef = np.einsum("lij,lj->li", a_inv, rhs[candidates][:, :n_k])
+        noise = None
+        if limit is not None or opts["adaptive"]:
+            c = weight_sq_normal[candidates][:, :n_k, :n_k]
+            noise = a_inv @ c @ a_inv  # covariance of the coefficients / sigma^2
         if limit is not None:
             g = gain_per_par[:n_k]
-            c = weight_sq_normal[candidates][:, :n_k, :n_k]
-            cov = g[None, :, None] * (a_inv @ c @ a_inv) * g[None, None, :]
+            cov = g[None, :, None] * noise * g[None, None, :]
             sub_i, sub_j = np.triu_indices(n_k)
             b = basis[evaluate, :n_k]
             # Off-diagonal products appear twice in the quadratic form b^T Q b.
@@ -843,8 +896,10 @@ def _guard(inverse, normal, weight_sq_normal, rhs, coefficients, n_background, b
         accepted = candidates[ok]
         used[accepted] = k
         result[accepted, :n_k] = coef[ok]
+        if noise is not None:
+            variance_of_coef[accepted, :n_k] = np.diagonal(noise, axis1=1, axis2=2)[ok]
         pending = np.setdiff1d(pending, accepted, assume_unique=True)
-    return used, result
+    return used, result, variance_of_coef
 
 
 # --------------------------------------------------------------------------------------
