@@ -408,8 +408,10 @@ def _emission_lines(rng, n, n_lines, peak, sigma=1.2, positions=None):
 
 def _ifu_traces(rng, detector):
     traces = []
-    # 30 slices of ~53 rows with ~10-row gaps from bottom to top (the fixed-slit band is
-    # crossed, as on the real detectors); leaves ~20 % of each column as background
+    # 30 slices of ~53 rows with ~10-row gaps, every ~63 rows from row ~70 to ~1960
+    # (crossing the fixed-slit band, as on the real detectors): after the usual 2-px
+    # dilation and the fixed-slit band ~310 background pixels per column remain, as in real
+    # IFU masks (field notes, section 1)
     line_positions = rng.uniform(150, 1850, size=4)
     starts = []
     row = 70 + rng.uniform(-8, 8)
