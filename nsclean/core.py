@@ -738,32 +738,33 @@ def _product_identities(period, n_freq):
 
 
 def _wiener_gains(coefficients, coef_variance, line_sigma, used, n_freq):
-    """Per-coefficient Wiener gains P_k / (P_k + N_lp) from the image's own statistics.
+    """Per-coefficient Wiener gains P_k / (P_k + N_lk) from the image's own statistics.
 
-    ``N_lp = sigma_l^2 [A^-1 C A^-1]_pp`` is the noise variance of coefficient p of line
-    l.  ``P_k``, the power of the correlated noise at frequency k, is estimated over all
-    lines fitted to k or more as ``median(c^2) / 0.4549 - median(N)`` (cosine and sine
-    pooled, since the phase is random).  A frequency that carries little correlated
-    noise in this exposure is damped instead of adding the fit's noise; a noiseless
-    line has ``N = 0`` and is reproduced exactly.
+    ``N_lk`` is the noise variance of the coefficients of frequency k in line l,
+    ``sigma_l^2 [A^-1 C A^-1]_pp`` averaged over the cosine and sine of k.  ``P_k``, the
+    power of the correlated noise at frequency k, is estimated over all lines fitted to k
+    or more from ``q_lk``, the mean square of the cosine and sine coefficients (a phase
+    shift or a reversal of the line leaves it unchanged): for Gaussian coefficients of
+    variance ``P + N``, ``median(q) = m (P + N)`` with ``m = ln 2`` for a pair and 0.4549
+    for k = 0, so ``P_k = median(q) / m - median(N)``.  Medians keep a few lines with
+    light leaking past the mask from raising the gains of the whole image.  A frequency
+    that carries little correlated noise in this exposure is damped instead of adding the
+    fit's noise; a noiseless line has ``N = 0`` and is reproduced exactly.
     """
     noise = coef_variance * (line_sigma[:, None] ** 2)
     gains = np.ones_like(coefficients)
     for k in range(n_freq + 1):
         params = [0] if k == 0 else [2 * k - 1, 2 * k]
-        lines = used >= k
-        if not lines.any():
+        lines = np.flatnonzero(used >= k)
+        if lines.size == 0:
             continue
-        c = coefficients[lines][:, params]
-        n = noise[lines][:, params]
-        # Medians, so that a few lines with light leaking past the mask do not raise the
-        # gains of the whole image: for c ~ N(0, P + N), median(c^2) = 0.4549 (P + N).
-        power = max(float(np.median(c * c)) / _MEDIAN_CHI2_1 - float(np.median(n)), 0.0)
+        q = np.mean(coefficients[np.ix_(lines, params)] ** 2, axis=1)
+        n = np.mean(noise[np.ix_(lines, params)], axis=1)
+        m = _MEDIAN_CHI2_1 if k == 0 else math.log(2.0)
+        power = max(float(np.median(q)) / m - float(np.median(n)), 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             g = np.where(n > 0, power / (power + n), 1.0)
-        block = gains[lines]
-        block[:, params] = g
-        gains[lines] = block
+        gains[np.ix_(lines, params)] = g[:, None]
     return gains
 
 
