@@ -1137,10 +1137,10 @@ def make_demo_program(directory, *, program="09999", seed=2024, n_exposures=None
     list of (pathlib.Path, pathlib.Path)
         ``(rate_path, cal_path)`` per exposure, in plan order.
     """
-    plan = _DEMO_PLAN if n_exposures is None else _DEMO_PLAN[: int(n_exposures)]
     if n_exposures is not None and not 1 <= int(n_exposures) <= len(_DEMO_PLAN):
         raise ValueError(f"n_exposures must be between 1 and {len(_DEMO_PLAN)}; "
                          f"got {n_exposures}")
+    plan = _DEMO_PLAN if n_exposures is None else _DEMO_PLAN[: int(n_exposures)]
     paths = []
     for kind, detector, observation, exposure, readout in plan:
         # same exposure seen by both detectors shares a seed; the detector is mixed in later

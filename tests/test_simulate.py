@@ -498,3 +498,21 @@ def test_demo_program(tmp_path):
     assert {kind for kind, *_ in plan} == {"ifu", "mos", "fs", "bots"}
     keys = [(obs, exp, det) for _, det, obs, exp, _ in plan]
     assert len(set(keys)) == len(keys)
+    with pytest.raises(ValueError, match="n_exposures"):
+        make_demo_program(tmp_path, n_exposures=0)
+
+
+def test_write_is_atomic(tmp_path, bots, monkeypatch):
+    rate_path, cal_path = write_exposure(bots, tmp_path)
+    before = rate_path.read_bytes()
+
+    def broken_writeto(self, name, **kwargs):
+        with open(name, "wb") as handle:
+            handle.write(b"SIMPLE  = half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fits.HDUList, "writeto", broken_writeto)
+    with pytest.raises(OSError, match="disk full"):
+        write_exposure(bots, tmp_path)
+    assert rate_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([rate_path.name, cal_path.name])
