@@ -339,6 +339,22 @@ def test_picture_frame_is_strongest_at_the_edges():
     assert not np.allclose(other.noise_correlated, nrs2.noise_correlated)
 
 
+@pytest.mark.parametrize("detector", ["NRS1", "NRS2"])
+def test_picture_frame_lands_where_the_dms_pattern_says(detector):
+    # built in the detector frame, it must come out as the DMS pattern of its region
+    seed, subarray = 3, "ALLSLITS"
+    sim = simulate_exposure("dark", detector, seed=seed, subarray=subarray, **{
+        **QUIET, "picture_frame": 1.0})
+    stream = np.random.SeedSequence([seed, simulate.KINDS.index("dark"), int(detector[-1])])
+    frame_rng = np.random.default_rng(stream.spawn(5)[4])
+    xstart, ystart, xsize, ysize = SUBARRAYS[subarray]
+    factor = DEFAULT_AMPLITUDES["picture_frame_nrs2_factor"] if detector == "NRS2" else 1.0
+    rows, cols = simulate._picture_frame_factors(frame_rng, ysize, xsize, ystart - 1,
+                                                 xstart - 1, factor)
+    expected = rows @ cols / (simulate.GAIN[detector] * DEFAULT_AMPLITUDES["effective_time"])
+    assert np.allclose(sim.noise_correlated, expected, rtol=1e-4, atol=1e-9)
+
+
 def test_picture_frame_is_worse_on_nrs2():
     rng = np.random.default_rng(8)
     ratios = []
