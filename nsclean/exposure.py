@@ -860,7 +860,7 @@ def _encode_image(path: Path, header: fits.Header, data: np.ndarray) -> bytes:
 def _atomic_write(path: Path, chunks: Iterable[bytes], *, overwrite: bool) -> None:
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: output exists; use overwrite to replace it")
+        raise FileExistsError(f"{path}: output exists (replace it with --overwrite, or overwrite=True in Python)")
     directory = path.parent if str(path.parent) else Path(".")
     directory.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -879,7 +879,7 @@ def _atomic_write(path: Path, chunks: Iterable[bytes], *, overwrite: bool) -> No
                 os.link(temporary, path)
             except FileExistsError:
                 raise FileExistsError(
-                    f"{path}: output exists; use overwrite to replace it"
+                    f"{path}: output exists (replace it with --overwrite, or overwrite=True in Python)"
                 ) from None
             except OSError:
                 os.replace(temporary, path)
@@ -1439,7 +1439,7 @@ def _refuse_existing(paths, overwrite: bool) -> None:
         return
     for path in paths:
         if path is not None and Path(path).exists():
-            raise FileExistsError(f"{path}: output exists; use overwrite to replace it")
+            raise FileExistsError(f"{path}: output exists (replace it with --overwrite, or overwrite=True in Python)")
 
 
 def _digits(value, width: int) -> str:
