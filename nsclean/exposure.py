@@ -65,6 +65,7 @@ __all__ = [
 ]
 
 STATUS_KEYWORD = "S_NSCLEN"
+_EXISTS = "output exists (replace it with --overwrite, or overwrite=True in Python)"
 IFU_EXP_TYPES = ("NRS_IFU",)
 SLIT_EXP_TYPES = ("NRS_MSASPEC", "NRS_FIXEDSLIT", "NRS_BRIGHTOBJ")
 DETECTORS = ("NRS1", "NRS2")
@@ -860,7 +861,7 @@ def _encode_image(path: Path, header: fits.Header, data: np.ndarray) -> bytes:
 def _atomic_write(path: Path, chunks: Iterable[bytes], *, overwrite: bool) -> None:
     path = Path(path)
     if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: output exists (replace it with --overwrite, or overwrite=True in Python)")
+        raise FileExistsError(f"{path}: {_EXISTS}")
     directory = path.parent if str(path.parent) else Path(".")
     directory.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -878,9 +879,7 @@ def _atomic_write(path: Path, chunks: Iterable[bytes], *, overwrite: bool) -> No
             try:
                 os.link(temporary, path)
             except FileExistsError:
-                raise FileExistsError(
-                    f"{path}: output exists (replace it with --overwrite, or overwrite=True in Python)"
-                ) from None
+                raise FileExistsError(f"{path}: {_EXISTS}") from None
             except OSError:
                 os.replace(temporary, path)
     finally:
@@ -1439,7 +1438,7 @@ def _refuse_existing(paths, overwrite: bool) -> None:
         return
     for path in paths:
         if path is not None and Path(path).exists():
-            raise FileExistsError(f"{path}: output exists (replace it with --overwrite, or overwrite=True in Python)")
+            raise FileExistsError(f"{path}: {_EXISTS}")
 
 
 def _digits(value, width: int) -> str:
