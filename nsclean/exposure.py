@@ -409,8 +409,12 @@ def _slit_region(path: Path, hdu) -> masklib.SlitRegion:
     if missing:
         raise NSCleanInputError(path, f"{label} lacks {', '.join(missing)}")
     data = _checked_data(path, hdu, "SCI")
+    if data.ndim == 3:
+        # BOTS _calints: one plane per integration; a pixel is on the trace if
+        # any integration calibrated it.
+        data = np.where(np.isfinite(data).any(axis=0), np.float32(1), np.float32(np.nan))
     if data.ndim != 2:
-        raise NSCleanInputError(path, f"{label} is {data.ndim}-D, expected 2-D")
+        raise NSCleanInputError(path, f"{label} is {data.ndim}-D, expected 2-D (or 3-D calints)")
     for key, size in (("SLTSIZE1", data.shape[1]), ("SLTSIZE2", data.shape[0])):
         if key in sci_header and int(sci_header[key]) != size:
             raise NSCleanInputError(

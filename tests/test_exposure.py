@@ -430,6 +430,19 @@ def test_bad_input_gives_one_clear_error_and_no_output(small, tmp_path, case):
     assert not out_dir.exists() or files_in(out_dir) == []
 
 
+def test_bots_calints_with_one_plane_per_integration(exposures, tmp_path):
+    sim, rate_path, cal_path = exposures["bots_nrs2_sub2048"]
+    calints = tmp_path / f"{sim.stem}_calints.fits"
+    with fits.open(cal_path) as hdul:
+        cube = np.stack([hdul["SCI"].data] * 3)
+        cube[1, :, :5] = np.nan  # an integration that lost some pixels
+        hdul["SCI"].data = cube
+        hdul.writeto(calints)
+    cal = ex.read_cal(calints)
+    footprint = cal.footprint(sim.rate.shape)
+    np.testing.assert_array_equal(footprint, ex.read_cal(cal_path).footprint(sim.rate.shape))
+
+
 def test_cal_without_slit_placement_is_refused(small):
     rate_path, cal_path = small
     with fits.open(cal_path, mode="update") as hdul:
