@@ -295,7 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print a JSON summary instead of one line of text"
     )
     _add_fit_options(clean)
-    _add_mask_options(clean)
+    _add_mask_options(
+        clean,
+        " Used only with --cal; a --mask file is used as it is (its header records how it "
+        "was built).",
+    )
 
     png = commands.add_parser(
         "png2mask",
