@@ -33,10 +33,11 @@ pixels are dark. Typical use, one exposure:
 """
 
 
-def _add_mask_options(parser: argparse.ArgumentParser) -> None:
+def _add_mask_options(parser: argparse.ArgumentParser, note: str = "") -> None:
     group = parser.add_argument_group(
         "automatic mask",
-        "How the background mask is built from the cal and rate files. Defaults are in brackets.",
+        "How the background mask is built from the cal and rate files. Defaults are in "
+        "brackets." + note,
     )
     group.add_argument(
         "--footprint",
