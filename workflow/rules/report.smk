@@ -82,6 +82,8 @@ rule verify_run:
         status=results_path("run_status.json"),
     log:
         log_path("verify_run", "all"),
+    benchmark:
+        benchmark_path("verify_run", "all")
     conda:
         "../../envs/nsclean.yaml"
     resources:
