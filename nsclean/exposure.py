@@ -829,21 +829,51 @@ def write_cleaned_rate(
         if "SCI" not in names:
             raise NSCleanInputError(rate_path, "no SCI extension")
         sci_index = names.index("SCI")
-        sci_header = hdul[sci_index].header
+        sci_header = hdul[sci_index].header.copy()
         sci_bytes = _encode_image(rate_path, sci_header, sci)
+        primary_data = hdul[0].data if _has_checksum(primary_header) else None
     for keyword, value, comment in cards:
         _set_card(primary_header, keyword, value, comment)
     for line in history:
         primary_header.add_history(line)
-    new_primary = primary_header.tostring().encode("ascii")
+    if _has_checksum(primary_header):
+        # Archive products carry no checksums; files that do keep valid ones.
+        primary_header = _rechecksummed(fits.PrimaryHDU(primary_data, primary_header))
     with open(rate_path, "rb") as source:
         raw = source.read()
+    sci_header_bytes = raw[layout[sci_index]["hdrLoc"] : layout[sci_index]["datLoc"]]
+    if _has_checksum(sci_header):
+        new_sci = np.frombuffer(sci_bytes, dtype=_image_dtype(sci_header), count=np.size(sci))
+        sci_header = _rechecksummed(
+            fits.ImageHDU(new_sci.reshape(np.shape(sci)), sci_header, name="SCI")
+        )
+        sci_header_bytes = sci_header.tostring().encode("ascii")
+    new_primary = primary_header.tostring().encode("ascii")
     primary_data_start = layout[0]["datLoc"]
-    sci_start = layout[sci_index]["datLoc"]
-    sci_end = sci_start + layout[sci_index]["datSpan"]
-    chunks = [new_primary, raw[primary_data_start:sci_start], sci_bytes, raw[sci_end:]]
+    sci_start = layout[sci_index]["hdrLoc"]
+    sci_end = layout[sci_index]["datLoc"] + layout[sci_index]["datSpan"]
+    chunks = [
+        new_primary,
+        raw[primary_data_start:sci_start],
+        sci_header_bytes,
+        sci_bytes,
+        raw[sci_end:],
+    ]
     _atomic_write(output_path, chunks, overwrite=overwrite)
     return output_path
+
+
+def _has_checksum(header: fits.Header) -> bool:
+    return "CHECKSUM" in header or "DATASUM" in header
+
+
+def _rechecksummed(hdu) -> fits.Header:
+    hdu.add_checksum()
+    return hdu.header
+
+
+def _image_dtype(header: fits.Header) -> str | None:
+    return {-32: ">f4", -64: ">f8"}.get(int(header["BITPIX"]))
 
 
 def _encode_image(path: Path, header: fits.Header, data: np.ndarray) -> bytes:
@@ -851,7 +881,7 @@ def _encode_image(path: Path, header: fits.Header, data: np.ndarray) -> bytes:
     shape = tuple(header[f"NAXIS{i}"] for i in range(header["NAXIS"], 0, -1))
     if header.get("BSCALE", 1) != 1 or header.get("BZERO", 0) != 0:
         raise NSCleanInputError(path, "SCI is scaled (BSCALE/BZERO); cannot replace it in place")
-    dtype = {-32: ">f4", -64: ">f8"}.get(bitpix)
+    dtype = _image_dtype(header)
     if dtype is None:
         raise NSCleanInputError(path, f"SCI has BITPIX {bitpix}, expected floating point")
     data = np.asarray(data)

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -334,6 +335,21 @@ def test_stdatamodels_file_with_asdf_extension(tmp_path):
         assert np.isnan(dm.data[3, 7])
         assert dm.meta.subarray.name == "SUB512"
     assert fits.getheader(out)["NSCMSRC"] == "user"
+
+
+def test_checksums_stay_valid_when_the_input_has_them(small, tmp_path):
+    rate_path, cal_path = small
+    with fits.open(rate_path) as hdul:
+        hdul.writeto(rate_path, overwrite=True, checksum=True)
+    out = tmp_path / "cleaned_rate.fits"
+    ex.clean_exposure(rate_path, out, cal_path=cal_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # astropy warns on a checksum mismatch
+        with fits.open(out, checksum=True) as hdul:
+            for hdu in hdul:
+                hdu.data  # noqa: B018 (reading the data verifies DATASUM)
+            assert "CHECKSUM" in hdul["SCI"].header and hdul[0].header["S_NSCLEN"] == "COMPLETE"
+            assert not np.array_equal(hdul["SCI"].data, fits.getdata(rate_path, "SCI"))
 
 
 def test_existing_output_is_replaced_only_on_purpose(small, tmp_path):
