@@ -56,6 +56,8 @@ _DEFAULTS = {
     "adaptive": True,
 }
 
+# Largest condition number of a (diagonally scaled) normal matrix that is solved.
+_MAX_CONDITION = 1e10
 # Median of a chi-square variable with one degree of freedom.
 _MEDIAN_CHI2_1 = 0.454936
 # Samples further than this many sigma from the image-wide background level are
@@ -625,6 +627,7 @@ def _batched_fit(data, valid, opts, period, evaluate):
         # 4K+1 weighted sums per line are needed instead of (2K+1)(K+1).  C must be in
         # double precision: the guard's A^-1 C A^-1 amplifies its rounding errors by
         # the square of A's condition number on lines with long gaps.
+        w = w.astype(np.float64)
         stacked = (np.concatenate([w, w * w], axis=1).T @ trig) @ to_pairs
         normal[j0:j1] = stacked[: j1 - j0]
         weight_sq_normal[j0:j1] = stacked[j1 - j0 :]
@@ -786,6 +789,16 @@ def _unpack(packed, n_par, iu, ju):
     return full
 
 
+def _condition(normal, inverse):
+    """1-norm condition number of each matrix after scaling it to a unit diagonal."""
+    diag = np.sqrt(np.maximum(np.diagonal(normal, axis1=1, axis2=2), 1e-300))
+    scaled = normal / diag[:, :, None] / diag[:, None, :]
+    scaled_inverse = inverse * diag[:, :, None] * diag[:, None, :]
+    norm = np.abs(scaled).sum(axis=1).max(axis=1)
+    norm_inverse = np.abs(scaled_inverse).sum(axis=1).max(axis=1)
+    return norm * norm_inverse
+
+
 def _regularised(normal):
     """Add ``_RIDGE`` times the mean diagonal to every matrix of the stack."""
     n_par = normal.shape[-1]
@@ -879,6 +892,10 @@ def _guard(inverse, normal, weight_sq_normal, rhs, coefficients, n_background, b
         else:
             a_inv = np.linalg.inv(_regularised(normal[candidates][:, :n_k, :n_k]))
             coef = np.einsum("lij,lj->li", a_inv, rhs[candidates][:, :n_k])
+        # Numerical validity first: beyond this condition number (of A scaled to a unit
+        # diagonal) neither the solution nor its variance can be computed reliably in
+        # double precision (a long gap makes A nearly singular).
+        well_posed = _condition(normal[candidates][:, :n_k, :n_k], a_inv) <= _MAX_CONDITION
         noise = None
         if limit is not None or opts["adaptive"]:
             c = weight_sq_normal[candidates][:, :n_k, :n_k]
@@ -891,9 +908,9 @@ def _guard(inverse, normal, weight_sq_normal, rhs, coefficients, n_background, b
             # Off-diagonal products appear twice in the quadratic form b^T Q b.
             products = b[:, sub_i] * b[:, sub_j] * np.where(sub_i == sub_j, 1.0, 2.0)
             variance = cov[:, sub_i, sub_j] @ products.T
-            ok = variance.max(axis=1, initial=0.0) <= limit
+            ok = well_posed & (variance.max(axis=1, initial=0.0) <= limit)
         else:
-            ok = np.ones(candidates.size, dtype=bool)
+            ok = well_posed
         accepted = candidates[ok]
         used[accepted] = k
         result[accepted, :n_k] = coef[ok]
