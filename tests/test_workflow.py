@@ -228,34 +228,38 @@ def test_bad_exposures_fail_alone_and_the_run_says_so(tmp_path):
     rate.write_bytes(rate.read_bytes()[: rate.stat().st_size // 3])
     shutil.copyfile(local / f"{good}_cal.fits", local / f"{mismatched}_cal.fits")
 
-    config = write_yaml(tmp_path / "config.yaml", {
-        "programs": ["4242"], "archive": {"source": "local", "local_dir": str(local)},
-        "results": str(tmp_path / "results")})
-    result = snakemake("--cores", "2", "--configfile", str(config), cwd=tmp_path,
-                       timeout=RUN_TIMEOUT)
+    # The same run in two working directories, on 2 cores and on 1.
+    runs = {cores: tmp_path / f"run-{cores}-cores" for cores in (2, 1)}
+    results = {}
+    for cores, workdir in runs.items():
+        workdir.mkdir()
+        config = write_yaml(workdir / "config.yaml", {
+            "programs": ["4242"], "archive": {"source": "local", "local_dir": str(local)},
+            "results": "results"})
+        results[cores] = snakemake("--cores", str(cores), "--configfile", str(config),
+                                   cwd=workdir, timeout=RUN_TIMEOUT)
+    result, workdir = results[2], runs[2]
     output = result.stdout + result.stderr
     assert result.returncode != 0, "a run with failed exposures must not exit 0"
-    rows = {row["stem"]: row for row in read_report(tmp_path / "results")}
+    rows = {row["stem"]: row for row in read_report(workdir / "results")}
     assert rows[good]["status"] == "cleaned"
     assert rows[corrupt]["status"] == "failed" and rows[corrupt]["reason"]
     assert rows[mismatched]["status"] == "failed" and rows[mismatched]["reason"]
     assert rows[corrupt]["cleaned_file"] == ""
-    assert (tmp_path / "results" / "report.html").is_file()
+    assert (workdir / "results" / "report.html").is_file()
     assert "2 of 3 exposures failed" in output
-    # The same run on one core gives byte-identical products and records.
-    one_core = write_yaml(tmp_path / "one-core.yaml", {
-        "programs": ["4242"], "archive": {"source": "local", "local_dir": str(local)},
-        "results": str(tmp_path / "results-1")})
-    snakemake("--cores", "1", "--configfile", str(one_core), cwd=tmp_path, timeout=RUN_TIMEOUT)
-    for name in (f"{good}_nsclean_rate.fits", f"{good}_mask.fits", f"{good}_qa.json",
-                 f"{corrupt}_qa.json"):
-        stem = name.split("_nsclean")[0].split("_mask")[0].split("_qa")[0]
-        produced = [(tmp_path / results / "04242" / stem / name).read_bytes()
-                    for results in ("results", "results-1")]
+
+    # Bit-identical products and records whatever --cores.
+    for stem, name in ((good, f"{good}_nsclean_rate.fits"), (good, f"{good}_mask.fits"),
+                       (good, f"{good}_qa.json"), (corrupt, f"{corrupt}_qa.json"),
+                       (mismatched, f"{mismatched}_qa.json")):
+        produced = [(run / "results" / "04242" / stem / name).read_bytes()
+                    for run in runs.values()]
         assert produced[0] == produced[1], name
+
     # Nothing is recomputed on a second run; only the verdict is given again.
-    again = snakemake("--cores", "2", "--configfile", str(config), cwd=tmp_path,
-                      timeout=RUN_TIMEOUT)
+    again = snakemake("--cores", "2", "--configfile", str(workdir / "config.yaml"),
+                      cwd=workdir, timeout=RUN_TIMEOUT)
     assert again.returncode != 0
     assert job_counts(again.stdout + again.stderr) == {"verify_run": 1, "all": 1}
 

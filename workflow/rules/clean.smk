@@ -23,5 +23,6 @@ rule clean:
         runtime=10,
     params:
         options=CLEAN_OPTIONS,
+        software=NSCLEAN_VERSION,
     script:
         "../../scripts/clean_exposure.py"

@@ -26,6 +26,20 @@ try:
 except WorkflowError as error:
     raise WorkflowError(config_error(error)) from None
 
+
+def package_version():
+    """The installed nsclean's version, read without importing the package."""
+    import importlib.util
+    import re
+
+    init = importlib.util.find_spec("nsclean").origin
+    with open(init, encoding="utf-8") as handle:
+        return re.search(r"__version__\s*=\s*[\"']([^\"']+)", handle.read()).group(1)
+
+
+# In the params of every per-exposure rule: a new release of the package
+# rebuilds the products (Snakemake's code trigger sees only the rule scripts).
+NSCLEAN_VERSION = package_version()
 RESULTS = os.path.normpath(config["results"])
 # Program IDs as the FITS PROGRAM keyword writes them: five digits, zero-padded.
 PROGRAMS = [f"{int(program):05d}" for program in config["programs"]]

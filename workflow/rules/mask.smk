@@ -20,5 +20,6 @@ rule mask:
         runtime=10,
     params:
         options=MASK_OPTIONS,
+        software=NSCLEAN_VERSION,
     script:
         "../../scripts/make_mask.py"

@@ -29,5 +29,6 @@ rule qa:
         runtime=10,
     params:
         options=QA_OPTIONS,
+        software=NSCLEAN_VERSION,
     script:
         "../../scripts/qa_exposure.py"
