@@ -232,9 +232,11 @@ def test_bad_exposures_fail_alone_and_the_run_says_so(tmp_path):
     runs = {cores: tmp_path / f"run-{cores}-cores" for cores in (2, 1)}
     results = {}
     for cores, workdir in runs.items():
-        workdir.mkdir()
+        # Each run its own copy of the inputs: the local source hard-links them into the
+        # results, and Snakemake touching one run's link would touch the other's.
+        shutil.copytree(local, workdir / "local")
         config = write_yaml(workdir / "config.yaml", {
-            "programs": ["4242"], "archive": {"source": "local", "local_dir": str(local)},
+            "programs": ["4242"], "archive": {"source": "local", "local_dir": "local"},
             "results": "results"})
         results[cores] = snakemake("--cores", str(cores), "--configfile", str(config),
                                    cwd=workdir, timeout=RUN_TIMEOUT)
