@@ -605,7 +605,6 @@ def _batched_fit(data, valid, opts, period, evaluate):
     gain_per_par = np.concatenate([[gains[0]], np.repeat(gains[1 : n_freq + 1], 2)])
 
     iu, ju = np.triu_indices(n_par)
-    pairs = basis[:, iu] * basis[:, ju]  # (P, K(K+1)/2): products of basis functions
     trig, to_pairs = _product_identities(period, n_freq)
     trig = trig[:n]
     density = _DensityFilter(n, opts["weight_sigma"])
@@ -640,20 +639,29 @@ def _batched_fit(data, valid, opts, period, evaluate):
             far_line.append(line + j0)
 
     def downdated(pix, line):
-        sub_normal, sub_rhs = normal.copy(), rhs.copy()
+        """Normal matrices (packed) and right-hand sides without the samples (pix, line)."""
+        sub_normal, sub_rhs = normal, rhs
         if len(line):
             w_out = weights[pix, line].astype(np.float64)
             d_out = np.asarray(data[pix, line], dtype=np.float64)
-            np.subtract.at(sub_normal, line, w_out[:, None] * pairs[pix])
-            np.subtract.at(sub_rhs, line, (w_out * d_out)[:, None] * basis[pix])
-        inverse = np.linalg.inv(_regularised(_unpack(sub_normal, n_par, iu, ju)))
-        return inverse, sub_rhs
+            # Per-line sums of the removed samples' contributions, through the same
+            # 4K+1 trigonometric sums as the full matrices.
+            sums = np.stack(
+                [np.bincount(line, w_out * t, minlength=n_lines) for t in trig[pix].T], axis=1
+            )
+            sub_normal = normal - sums @ to_pairs
+            weighted = w_out * d_out
+            sub_rhs = rhs - np.stack(
+                [np.bincount(line, weighted * b, minlength=n_lines) for b in basis[pix].T],
+                axis=1,
+            )
+        return sub_normal, sub_rhs
 
     empty = np.empty(0, dtype=np.intp)
     pix = np.concatenate(far_pix) if far_pix else empty
     line = np.concatenate(far_line) if far_line else empty
-    inverse, active_rhs = downdated(pix, line)
-    coefficients = np.einsum("lij,lj->li", inverse, active_rhs)
+    active_normal, active_rhs = downdated(pix, line)
+    coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
     n_rejected = len(line)
     line_sigma = None
     if opts["outlier_sigma"] is not None:
@@ -664,18 +672,16 @@ def _batched_fit(data, valid, opts, period, evaluate):
                 data, valid, coefficients, basis, opts["outlier_sigma"], spread
             )
             n_rejected = len(line)
-            inverse, active_rhs = downdated(pix, line)
-            coefficients = np.einsum("lij,lj->li", inverse, active_rhs)
+            active_normal, active_rhs = downdated(pix, line)
+            coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
     n_background = valid.sum(axis=0) - np.bincount(line, minlength=n_lines)
     if opts["adaptive"] and line_sigma is None:
         _, _, line_sigma = _find_outliers(data, valid, coefficients, basis, None, spread)
 
     used, coefficients, coef_variance = _guard(
-        inverse,
-        _unpack(normal, n_par, iu, ju),
+        _unpack(active_normal, n_par, iu, ju),
         _unpack(weight_sq_normal, n_par, iu, ju),
         active_rhs,
-        coefficients,
         n_background,
         basis,
         gain_per_par,
@@ -773,7 +779,7 @@ def _wiener_gains(coefficients, coef_variance, line_sigma, used, n_freq):
 
 def _robust_level(data, valid):
     """Median and MAD-sigma of the background samples (from a subsample of lines)."""
-    step = max(1, data.shape[1] // 256)
+    step = max(1, data.shape[1] // 64)
     sample = np.asarray(data[:, ::step], dtype=np.float64)[valid[:, ::step]]
     if sample.size == 0:
         return 0.0, 0.0
@@ -797,6 +803,11 @@ def _condition(normal, inverse):
     norm = np.abs(scaled).sum(axis=1).max(axis=1)
     norm_inverse = np.abs(scaled_inverse).sum(axis=1).max(axis=1)
     return norm * norm_inverse
+
+
+def _solve(normal, rhs):
+    """Solve a stack of small symmetric systems, with a tiny ridge against singularity."""
+    return np.linalg.solve(_regularised(normal), rhs[..., None])[..., 0]
 
 
 def _regularised(normal):
@@ -859,25 +870,32 @@ def _find_outliers(data, valid, coefficients, basis, threshold, global_sigma):
     )
 
 
-def _guard(inverse, normal, weight_sq_normal, rhs, coefficients, n_background, basis,
-           gain_per_par, evaluate, opts):
+def _guard(normal, weight_sq_normal, rhs, n_background, basis, gain_per_par, evaluate, opts):
     """Highest frequency each line can afford (-1: uncleaned), coefficients, their variance.
 
     The variance the fit adds at sample i, in units of the white-noise variance of one
     pixel, is ``g_i^T A^-1 C A^-1 g_i`` with ``g_i = G b_i``, ``A = B^T W B`` and
     ``C = B^T W^2 B`` (the covariance of a weighted least-squares estimate).  A line
     is fitted with the most frequencies for which the largest such variance stays
-    below ``max_model_variance`` and which leave at least two background samples per
-    parameter.  The matrices of fewer frequencies are leading sub-blocks of the full
-    ones, so nothing is recomputed from the pixels.  (``C`` and the sub-blocks of
-    ``A`` ignore rejected outliers, a negligible difference for a guard.)
+    below ``max_model_variance``, whose normal matrix is well conditioned, and which
+    leave at least two background samples per parameter.
+
+    Fewer frequencies means the leading sub-block of ``A``.  With ``A = L L^T``, the
+    Cholesky factor of a leading block is the leading block of ``L``, and so is the
+    inverse of that factor: one factorisation and one inversion give ``A_k^-1`` for
+    every k.  (``C`` ignores rejected outliers, a negligible difference for a guard.)
     """
-    n_lines, n_par = coefficients.shape
+    n_lines, n_par, _ = normal.shape
     n_freq = (n_par - 1) // 2
     limit = opts["max_model_variance"]
+    regular = _regularised(normal)
+    try:
+        inverse_factor = np.linalg.inv(np.linalg.cholesky(regular))
+    except np.linalg.LinAlgError:
+        inverse_factor = None  # some matrix is not numerically positive definite
     used = np.full(n_lines, -1, dtype=int)
-    result = np.zeros_like(coefficients)
-    variance_of_coef = np.zeros_like(coefficients)
+    result = np.zeros((n_lines, n_par))
+    variance_of_coef = np.zeros((n_lines, n_par))
     pending = np.arange(n_lines)
     for k in range(n_freq, -1, -1):
         if pending.size == 0:
@@ -886,31 +904,32 @@ def _guard(inverse, normal, weight_sq_normal, rhs, coefficients, n_background, b
         candidates = pending[n_background[pending] >= 2 * n_k]
         if candidates.size == 0:
             continue
-        if k == n_freq:
-            a_inv = inverse[candidates]
-            coef = coefficients[candidates]
+        if inverse_factor is not None:
+            factor = inverse_factor[candidates][:, :n_k, :n_k]
+            a_inv = np.swapaxes(factor, 1, 2) @ factor
         else:
-            a_inv = np.linalg.inv(_regularised(normal[candidates][:, :n_k, :n_k]))
-            coef = np.einsum("lij,lj->li", a_inv, rhs[candidates][:, :n_k])
-        # Numerical validity first: beyond this condition number (of A scaled to a unit
-        # diagonal) neither the solution nor its variance can be computed reliably in
-        # double precision (a long gap makes A nearly singular).
-        well_posed = _condition(normal[candidates][:, :n_k, :n_k], a_inv) <= _MAX_CONDITION
+            a_inv = np.linalg.inv(regular[candidates][:, :n_k, :n_k])
+        coef = np.einsum("lij,lj->li", a_inv, rhs[candidates][:, :n_k])
         noise = None
+        ok = np.ones(candidates.size, dtype=bool)
         if limit is not None or opts["adaptive"]:
             c = weight_sq_normal[candidates][:, :n_k, :n_k]
             noise = a_inv @ c @ a_inv  # covariance of the coefficients / sigma^2
         if limit is not None:
             g = gain_per_par[:n_k]
-            cov = g[None, :, None] * noise * g[None, None, :]
             sub_i, sub_j = np.triu_indices(n_k)
             b = basis[evaluate, :n_k]
             # Off-diagonal products appear twice in the quadratic form b^T Q b.
             products = b[:, sub_i] * b[:, sub_j] * np.where(sub_i == sub_j, 1.0, 2.0)
-            variance = cov[:, sub_i, sub_j] @ products.T
-            ok = well_posed & (variance.max(axis=1, initial=0.0) <= limit)
-        else:
-            ok = well_posed
+            cov = noise[:, sub_i, sub_j] * (g[sub_i] * g[sub_j])
+            ok = (cov @ products.T).max(axis=1, initial=0.0) <= limit
+        # Numerical validity: beyond this condition number (of A scaled to a unit
+        # diagonal) neither the solution nor its variance is reliable in double
+        # precision (a long gap makes A nearly singular).
+        check = np.flatnonzero(ok)
+        ok[check] = (
+            _condition(normal[candidates[check]][:, :n_k, :n_k], a_inv[check]) <= _MAX_CONDITION
+        )
         accepted = candidates[ok]
         used[accepted] = k
         result[accepted, :n_k] = coef[ok]
