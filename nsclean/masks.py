@@ -24,7 +24,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from skimage.morphology import dilation, disk, isotropic_dilation
 
 from . import dq as dqflags
 
@@ -303,6 +302,10 @@ def dilate_footprint(footprint: np.ndarray, radius: int) -> np.ndarray:
         raise ValueError(f"radius must be >= 0, got {radius}")
     if radius == 0:
         return footprint.copy()
+    # Imported here: skimage.morphology costs ~0.5 s to import and only mask building
+    # dilates (the clean and QA jobs of the workflow import this module too).
+    from skimage.morphology import dilation, disk, isotropic_dilation
+
     if radius <= _DIRECT_DILATION_MAX_RADIUS:
         return dilation(footprint, disk(radius))
     return isotropic_dilation(footprint, radius)
