@@ -978,12 +978,19 @@ def _guard(normal, weight_sq_normal, rhs, n_background, basis, gain_per_par, eva
             noise = a_inv @ c @ a_inv  # covariance of the coefficients / sigma^2
         if limit is not None:
             g = gain_per_par[:n_k]
-            sub_i, sub_j = np.triu_indices(n_k)
             b = basis[evaluate, :n_k]
-            # Off-diagonal products appear twice in the quadratic form b^T Q b.
-            products = b[:, sub_i] * b[:, sub_j] * np.where(sub_i == sub_j, 1.0, 2.0)
-            cov = noise[:, sub_i, sub_j] * (g[sub_i] * g[sub_j])
-            ok = (cov @ products.T).max(axis=1, initial=0.0) <= limit
+            # The mean of the variance over the evaluated samples, a lower bound of its
+            # maximum, needs no per-sample work: lines far above the limit (long gaps)
+            # are rejected before every sample is evaluated.
+            second_moment = (b.T @ b) / len(b) * np.outer(g, g)
+            ok = np.einsum("lij,ij->l", noise, second_moment) <= limit
+            full = np.flatnonzero(ok)
+            if full.size:
+                sub_i, sub_j = np.triu_indices(n_k)
+                # Off-diagonal products appear twice in the quadratic form b^T Q b.
+                products = b[:, sub_i] * b[:, sub_j] * np.where(sub_i == sub_j, 1.0, 2.0)
+                cov = noise[full][:, sub_i, sub_j] * (g[sub_i] * g[sub_j])
+                ok[full] = (cov @ products.T).max(axis=1, initial=0.0) <= limit
         # Numerical validity: beyond this condition number (of A scaled to a unit
         # diagonal) neither the solution nor its variance is reliable in double
         # precision (a long gap makes A nearly singular).
