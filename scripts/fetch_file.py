@@ -2,6 +2,9 @@
 
 input:   manifest -- the manifest written by fetch_manifest.py
 output:  [0]      -- the file; its base name must be a rate_file or cal_file of the manifest
+         status   -- JSON status record: ok, or failed with the archive's reason when it
+                     refuses the file (HTTP 401/403/404) or never delivers it whole;
+                     the file is then an empty placeholder and the exposure fails alone
 log:     [0]      -- log file
 Each setting is taken from params, else from config["archive"], else the default:
   url       MAST base URL (default https://mast.stsci.edu); unused for file:// URIs
@@ -16,6 +19,7 @@ import logging
 from pathlib import Path
 
 from nsclean import archive
+from nsclean.pipeline import FAILED, OK, write_placeholders, write_status
 
 smk = snakemake  # noqa: F821
 logging.basicConfig(filename=smk.log[0], level=logging.INFO, force=True,
@@ -40,9 +44,14 @@ try:
         archive_url=setting("url", archive.DEFAULT_ARCHIVE_URL),
         retries=int(setting("retries", 4)), backoff=float(setting("backoff", 1.0)),
         timeout=(10.0, float(setting("timeout", 60.0))))
-except archive.ArchiveError as error:  # the reason belongs in the rule's log too
+except archive.DownloadError as error:
+    # Refused, or not delivered whole after the retries: this exposure fails (rule mask
+    # reads the record), the others go on.  No partial data is ever left in place.
     logging.error("%s", error)
-    raise
-logging.info("%s: %s, %d bytes, %d attempts, %.2f s", target.name,
-             "fetched" if result.fetched else "cached", result.nbytes, result.attempts,
-             result.seconds)
+    write_placeholders([target])
+    write_status(smk.output.status, FAILED, str(error), file=target.name)
+else:
+    logging.info("%s: %s, %d bytes, %d attempts, %.2f s", target.name,
+                 "fetched" if result.fetched else "cached", result.nbytes, result.attempts,
+                 result.seconds)
+    write_status(smk.output.status, OK, file=target.name, bytes=result.nbytes)

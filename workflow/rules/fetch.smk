@@ -35,6 +35,10 @@ rule fetch_file:
         manifest=ancient(results_path("{program}", "manifest.csv")),
     output:
         results_path("{program}", "archive", "{filename}"),
+        # ok, or failed with the archive's reason when it refuses the file or never
+        # delivers it whole (an empty placeholder is then left above): rule mask
+        # fails that exposure alone, and the reports list it.
+        status=results_path("{program}", "downloads", "{filename}.json"),
     log:
         log_path("fetch_file", "{program}", "{filename}"),
     benchmark:

@@ -5,6 +5,8 @@ rule mask:
     input:
         rate=results_path("{program}", "archive", "{stem}_rate.fits"),
         cal=results_path("{program}", "archive", "{stem}_cal.fits"),
+        rate_status=results_path("{program}", "downloads", "{stem}_rate.fits.json"),
+        cal_status=results_path("{program}", "downloads", "{stem}_cal.fits.json"),
     output:
         mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
         status=results_path("{program}", "{stem}", "{stem}_mask.json"),
