@@ -148,25 +148,6 @@ def write_config(path, *, url, results, program=DEMO_PROGRAM) -> Path:
     return path
 
 
-def _start_server(server_class, archive, port_file):
-    """Start the loopback MAST, on the port of the previous demo run if it is free.
-
-    The fetch rules record the archive URL among their params, so a new port would
-    make Snakemake fetch and clean everything again; reusing the port keeps a second
-    run of the demo a no-op.  Any free ephemeral port is taken otherwise.
-    """
-    try:
-        port = int(port_file.read_text())
-    except (OSError, ValueError):
-        port = 0
-    try:
-        server = server_class(archive, port=port).start()
-    except OSError:
-        server = server_class(archive, port=0).start()
-    port_file.write_text(f"{server.port}\n")
-    return server
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; see the module documentation.
 
@@ -210,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     simulate_program(archive, args.exposures)
     print(f"nsclean demo: data ready after {time.perf_counter() - start:.1f} s", flush=True)
 
-    server = _start_server(MastServer, archive, workdir / ".mast-port")
+    # Any free port: archive.url is not among the rules' params, so a new port does not
+    # make Snakemake fetch again.
+    server = MastServer(archive).start()
     try:
         config = write_config(workdir / "config.yaml", url=server.url, results=results)
         command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile),
