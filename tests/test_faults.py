@@ -425,8 +425,6 @@ def test_inputs_unchanged_by_reruns_and_an_option_change(reference, server, tmp_
     ("section", "expected"),
     [
         ({"clean": {"outlier_iterations": "two"}}, ["clean.outlier_iterations", "'two'"]),
-        ({"qa": {"figures": "yes"}}, ["qa.figures", "'yes'"]),
-        ({"mask": {"clip_sigma": -1.0}}, ["mask.clip_sigma", "-1.0"]),
         ({"programs": "1345"}, ["programs", "'1345'"]),
         ({"programs": ["jw01345"]}, ["programs.0", "'jw01345'"]),
     ],
