@@ -213,16 +213,18 @@ def test_changing_a_cleaner_option_reruns_only_what_depends_on_it(demo_run):
 # ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_bad_exposures_fail_alone_and_the_run_says_so(tmp_path):
+    """A corrupt rate and a mismatched cal fail alone; an exposure without cal is skipped."""
     from nsclean import simulate
 
     local = tmp_path / "local"
     stems = []
-    for exposure in (1, 2, 3):
+    for exposure in (1, 2, 3, 4):
         sim = simulate.simulate_exposure("bots", "NRS1", readout="NRS", seed=exposure,
                                          program="04242", observation=1, exposure=exposure)
         rate, _ = simulate.write_exposure(sim, local)
         stems.append(rate.name.removesuffix("_rate.fits"))
-    good, corrupt, mismatched = stems
+    good, corrupt, mismatched, without_cal = stems
+    (local / f"{without_cal}_cal.fits").unlink()
     # a truncated rate file, and a cal file that belongs to another exposure
     rate = local / f"{corrupt}_rate.fits"
     rate.write_bytes(rate.read_bytes()[: rate.stat().st_size // 3])
@@ -248,8 +250,9 @@ def test_bad_exposures_fail_alone_and_the_run_says_so(tmp_path):
     assert rows[corrupt]["status"] == "failed" and rows[corrupt]["reason"]
     assert rows[mismatched]["status"] == "failed" and rows[mismatched]["reason"]
     assert rows[corrupt]["cleaned_file"] == ""
+    assert rows[without_cal]["status"] == "skipped" and rows[without_cal]["reason"]
     assert (workdir / "results" / "report.html").is_file()
-    assert "2 of 3 exposures failed" in output
+    assert "2 of 4 exposures failed" in output
 
     # Bit-identical products and records whatever --cores.
     for stem, name in ((good, f"{good}_nsclean_rate.fits"), (good, f"{good}_mask.fits"),
