@@ -33,7 +33,7 @@ import re
 import tempfile
 import textwrap
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1015,6 +1015,7 @@ def clean_exposure(
     save_mask: bool = False,
     product_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    extra_cards: Sequence[tuple] = (),
 ) -> dict:
     """Clean one rate file and write the cleaned product (and optional extras).
 
@@ -1048,6 +1049,9 @@ def clean_exposure(
         Folder for the extra products (default: that of ``output_path``).
     overwrite : bool
         Replace existing outputs.
+    extra_cards : sequence of (keyword, value, comment)
+        More primary-header cards for the cleaned file (the workflow records the
+        input checksums this way).
 
     Returns
     -------
@@ -1117,6 +1121,7 @@ def clean_exposure(
     info["user_mask"] = Path(mask_path).name if mask_path else None
     info["options"] = options_record
     cards, history = _provenance(rate, cal, mask_path, info, result)
+    cards = [*cards, *extra_cards]
     write_cleaned_rate(
         rate.path, output_path, cleaned, cards=cards, history=history, overwrite=overwrite
     )

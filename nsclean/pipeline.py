@@ -119,6 +119,27 @@ def input_checksums(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
     return {Path(p).name: file_checksum(p) for p in paths}
 
 
+#: Primary-header keywords of the input checksums in a cleaned file.
+CHECKSUM_KEYWORDS = (("_rate.fits", "NSCSUMR", "rate"), ("_cal.fits", "NSCSUMC", "cal"),
+                     ("mask", "NSCSUMM", "mask"))
+
+
+def checksum_cards(inputs: dict) -> list[tuple[str, str, str]]:
+    """FITS cards (keyword, hex digest, comment) for the input checksums of a record.
+
+    ``inputs`` maps file names (or ``"mask"``) to ``"sha256:<hex>"`` as written by
+    :func:`input_checksums`.
+    """
+    cards = []
+    for suffix, keyword, what in CHECKSUM_KEYWORDS:
+        for name, value in sorted(inputs.items()):
+            if name.endswith(suffix):
+                algorithm, _, digest = str(value).partition(":")
+                cards.append((keyword, digest, f"{algorithm} of the input {what} file"))
+                break
+    return cards
+
+
 def write_status(path: str | os.PathLike, status: str, reason: str = "", **fields) -> dict:
     """Write a step's status record (JSON, sorted keys, atomic) and return it.
 

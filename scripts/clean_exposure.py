@@ -8,7 +8,15 @@ output: cleaned     -- cleaned rate file (empty placeholder if the exposure fail
 params: options     -- the ``clean`` section of the config (options of nsclean.fit)
 """
 
-from nsclean.pipeline import OK, file_checksum, require_ok, script_logging, step, write_status
+from nsclean.pipeline import (
+    OK,
+    checksum_cards,
+    file_checksum,
+    require_ok,
+    script_logging,
+    step,
+    write_status,
+)
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 log = script_logging(smk.log[0])
@@ -21,6 +29,7 @@ with step(smk.output.status, [smk.output.cleaned], log) as record:
     from nsclean.exposure import clean_exposure
 
     summary = clean_exposure(smk.input.rate, smk.output.cleaned, mask_path=smk.input.mask,
-                             fit_options=dict(smk.params.options), overwrite=True)
+                             fit_options=dict(smk.params.options), overwrite=True,
+                             extra_cards=checksum_cards(record["inputs"]))
     log.info("cleaned %s: %s", summary["stem"], summary["fit"])
     write_status(smk.output.status, OK, clean=summary, **record)

@@ -184,6 +184,15 @@ def test_cleaned_file_records_provenance(demo_run):
     assert set(record["inputs"]) == {f"{row['stem']}_rate.fits", f"{row['stem']}_cal.fits",
                                      "mask"}
     assert record["clean"]["fit_options"]["cutoff"] == pytest.approx(1 / 256)
+    # The input checksums are in the cleaned file itself, and match the inputs.
+    import hashlib
+
+    archive = results / "09999" / "archive"
+    for keyword, name in (("NSCSUMR", f"{row['stem']}_rate.fits"),
+                          ("NSCSUMC", f"{row['stem']}_cal.fits")):
+        digest = hashlib.sha256((archive / name).read_bytes()).hexdigest()
+        assert header[keyword] == digest, keyword
+    assert "sha256:" + header["NSCSUMM"] == record["inputs"]["mask"]
 
 
 @pytest.mark.slow
