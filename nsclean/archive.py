@@ -45,6 +45,7 @@ The token
 
 from __future__ import annotations
 
+import atexit
 import csv
 import dataclasses
 import json
@@ -410,7 +411,12 @@ def configure_mast_server(url: str = DEFAULT_ARCHIVE_URL, *,
             f"talks to {current}; its URLs are fixed at import time. Call "
             "configure_mast_server first thing in the process, or run the query in a "
             "child process.")
-    base = Path(config_dir) if config_dir else Path(tempfile.mkdtemp(prefix="nsclean-mast-"))
+    if config_dir:
+        base = Path(config_dir)
+    else:
+        base = Path(tempfile.mkdtemp(prefix="nsclean-mast-"))
+        # The configuration only lives as long as this process; leave no litter in /tmp.
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
     (base / "astropy").mkdir(parents=True, exist_ok=True)
     (base / "astropy" / "astroquery.cfg").write_text(
         f"[mast]\nserver = {url}\nssoserver = {url}\ncatalogs_server = {url}\n")
