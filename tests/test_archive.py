@@ -4,6 +4,7 @@ its URLs at import)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import runpy
 import time
@@ -383,11 +384,14 @@ def test_rule_scripts_with_local_source(program_dir, tmp_path):
     assert "5 exposures to process" in log.read_text()
 
     target = tmp_path / "01345" / "archive" / rows[0].cal_file
+    status = tmp_path / "01345" / "downloads" / f"{rows[0].cal_file}.json"
     smk = SimpleNamespace(params=_Named(), config=config, log=_Named([str(tmp_path / "f.log")]),
-                          input=_Named(manifest=str(manifest)), output=_Named(path=str(target)))
+                          input=_Named(manifest=str(manifest)),
+                          output=_Named(path=str(target), status=str(status)))
     runpy.run_path(str(SCRIPTS / "fetch_file.py"), init_globals={"snakemake": smk})
     assert target.read_bytes() == (program_dir / rows[0].cal_file).read_bytes()
     assert "fetched" in (tmp_path / "f.log").read_text()
+    assert json.loads(status.read_text())["status"] == "ok"
 
 
 def test_fetch_file_script_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
@@ -399,13 +403,20 @@ def test_fetch_file_script_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
                                       tmp_path / "manifest.csv")
     log = tmp_path / "fetch_file.log"
     with MastServer(program_dir, exclusive=[RATE]) as server:
+        status = tmp_path / "downloads" / f"{RATE}.json"
         smk = SimpleNamespace(params=_Named(), config={"archive": {"url": server.url}},
                               log=_Named([str(log)]), input=_Named(manifest=str(manifest)),
-                              output=_Named([str(tmp_path / "archive" / RATE)]))
-        with pytest.raises(archive.AuthenticationRequired):
-            runpy.run_path(str(SCRIPTS / "fetch_file.py"), init_globals={"snakemake": smk})
-        smk.output = _Named([str(tmp_path / "archive" / "unknown_rate.fits")])
+                              output=_Named(path=str(tmp_path / "archive" / RATE),
+                                            status=str(status)))
+        # A refusal fails this exposure only: a status record says why, the file is an
+        # empty placeholder (never partial data).
+        runpy.run_path(str(SCRIPTS / "fetch_file.py"), init_globals={"snakemake": smk})
+        record = json.loads(status.read_text())
+        assert record["status"] == "failed"
+        assert "a MAST API token is needed" in record["reason"]
+        smk.output = _Named(path=str(tmp_path / "archive" / "unknown_rate.fits"),
+                            status=str(status))
         with pytest.raises(archive.ArchiveError, match="not listed"):
             runpy.run_path(str(SCRIPTS / "fetch_file.py"), init_globals={"snakemake": smk})
     assert "a MAST API token is needed" in log.read_text()
-    assert not (tmp_path / "archive" / RATE).exists()
+    assert (tmp_path / "archive" / RATE).stat().st_size == 0
