@@ -232,7 +232,8 @@ def test_input_is_never_modified_and_nans_stay_nan():
     cleaned = nsclean.clean(image, mask, "NRS1")
     assert digest(image) == before_img and digest(mask) == before_mask
     assert cleaned.dtype == np.float32 and cleaned is not image
-    assert np.isnan(cleaned[500, 700]) and np.isfinite(np.delete(cleaned.ravel(), 500 * N + 700)).all()
+    assert np.isnan(cleaned[500, 700])
+    assert np.isfinite(np.delete(cleaned.ravel(), 500 * N + 700)).all()
 
 
 def test_reference_pixels_are_left_unchanged():
