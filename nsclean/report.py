@@ -34,8 +34,10 @@ __all__ = [
 
 STATUSES = ("cleaned", "failed", "skipped")
 BASE_COLUMNS = ("program", "stem", "status", "reason", "cleaned_file")
-#: CSV header: the five record fields, then every QA metric in a stable order.
-CSV_COLUMNS = BASE_COLUMNS + FLAT_METRIC_KEYS
+#: Provenance at the end of every CSV row: software version and input checksums.
+PROVENANCE_COLUMNS = ("nsclean_version", "rate_sha256", "cal_sha256", "mask_sha256")
+#: CSV header: the five record fields, every QA metric in a stable order, provenance.
+CSV_COLUMNS = BASE_COLUMNS + FLAT_METRIC_KEYS + PROVENANCE_COLUMNS
 #: Figures linked from the table, in display order; "thumbnail" is shown inline.
 FIGURE_KINDS = ("comparison", "mask", "column", "spectrum")
 
@@ -531,8 +533,23 @@ def _csv(records):
         for key in FLAT_METRIC_KEYS:
             value = _metric(record, key)
             row.append("" if value is None else value)
+        row.extend(_provenance(record))
         writer.writerow(row)
     return buffer.getvalue()
+
+
+def _provenance(record):
+    """Version and the rate/cal/mask checksums of a record (empty where unknown)."""
+    inputs = record.get("inputs") or {}
+
+    def digest(suffix):
+        for name, value in sorted(inputs.items()):
+            if str(name).endswith(suffix):
+                return str(value).partition(":")[2] or str(value)
+        return ""
+
+    return [record.get("nsclean_version") or "", digest("_rate.fits"), digest("_cal.fits"),
+            digest("mask")]
 
 
 def write_report(records, html_path, csv_path, *, title, config=None, results_dir=None):

@@ -193,6 +193,10 @@ def test_cleaned_file_records_provenance(demo_run):
         digest = hashlib.sha256((archive / name).read_bytes()).hexdigest()
         assert header[keyword] == digest, keyword
     assert "sha256:" + header["NSCSUMM"] == record["inputs"]["mask"]
+    # ... and in the report table.
+    assert row["rate_sha256"] == header["NSCSUMR"]
+    assert row["cal_sha256"] == header["NSCSUMC"]
+    assert row["nsclean_version"] == header["NSCVER"]
 
 
 @pytest.mark.slow
