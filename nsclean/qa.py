@@ -32,7 +32,7 @@ DEFAULT_THRESHOLDS = {
     "max_residual_banding": 2.0,
     "max_frame_ratio": 1.1,
     "max_model_ratio": 1.0,
-    "max_guarded_fraction": 0.5,
+    "max_guarded_fraction": 1.0,
     "max_uncleaned_fraction": 0.02,
     "min_background_fraction": 0.05,
     "starved_column_fraction": 0.02,

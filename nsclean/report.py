@@ -325,7 +325,7 @@ tr.skipped{background:#eceff1;color:#666}
 td.why{min-width:22em;max-width:40em}
 td.why ul{margin:0;padding-left:1.1em}
 td.stem{white-space:nowrap}
-img.thumb{display:block;height:64px}
+img.thumb{display:block;height:64px;max-width:260px;object-fit:contain}
 img.broken{outline:2px solid red}
 .counts span{margin-right:1.2em}
 details{margin:.6em 0}
