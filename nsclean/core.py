@@ -624,6 +624,8 @@ def _batched_fit(data, valid, opts, period, evaluate):
     info : dict
     """
     n, n_lines = data.shape
+    # One copy with the unusable samples set to 0 (they may be NaN), shared by all passes.
+    data = np.where(valid, data, 0)
     gains = apodizer(np.arange(n // 2 + 1) / period, opts["cutoff"], opts["rolloff"])
     n_freq = max(0, min(int(np.count_nonzero(gains > 0)) - 1, (n - 1) // 2))
     basis = _fourier_basis(period, n_freq)[:n]
@@ -645,7 +647,7 @@ def _batched_fit(data, valid, opts, period, evaluate):
     def accumulate(j0):
         j1 = min(j0 + _BLOCK_LINES, n_lines)
         block_valid = valid[:, j0:j1]
-        block_data = np.where(block_valid, data[:, j0:j1], 0.0)
+        block_data = data[:, j0:j1]
         w = density.weights(block_valid)
         weights[:, j0:j1] = w
         # A = B^T W B and C = B^T W^2 B (for the guard) in one product.  Products of
@@ -653,17 +655,21 @@ def _batched_fit(data, valid, opts, period, evaluate):
         # 4K+1 weighted sums per line are needed instead of (2K+1)(K+1).  C must be in
         # double precision: the guard's A^-1 C A^-1 amplifies its rounding errors by
         # the square of A's condition number on lines with long gaps.
-        w = w.astype(np.float64)
-        stacked = (np.concatenate([w, w * w], axis=1).T @ trig) @ to_pairs
-        normal[j0:j1] = stacked[: j1 - j0]
-        weight_sq_normal[j0:j1] = stacked[j1 - j0 :]
-        rhs[j0:j1] = (w * block_data).T @ basis
+        width = j1 - j0
+        both = np.empty((n, 2 * width))
+        both[:, :width] = w
+        np.multiply(both[:, :width], both[:, :width], out=both[:, width:])
+        stacked = (both.T @ trig) @ to_pairs
+        normal[j0:j1] = stacked[:width]
+        weight_sq_normal[j0:j1] = stacked[width:]
+        rhs[j0:j1] = (both[:, :width] * block_data).T @ basis
         if not clip_far:
-            return np.empty(0, np.intp), np.empty(0, np.intp)
+            return _NO_SAMPLES
         # Gross outliers (hot pixels, cosmic-ray residue) are kept out of the first fit
         # only; the outlier passes below judge every pixel again.
-        pix, line = np.nonzero(block_valid & (np.abs(block_data - level) > _FAR * spread))
-        return pix, line + j0
+        far = np.abs(block_data - level) > _FAR * spread
+        far &= block_valid
+        return _flat_indices(far, j0)
 
     far = _map_blocks(accumulate, n_lines)
     far_pix = [pix for pix, _ in far]
@@ -871,17 +877,21 @@ def _find_outliers(data, valid, coefficients, basis, threshold, global_sigma):
     truncation = 1.0 - 2.0 * clip * math.exp(-clip * clip / 2) / (
         math.sqrt(2 * math.pi) * erf(clip / math.sqrt(2.0))
     )
+    n_valid = valid.sum(axis=0)
+
     def block_outliers(j0):
         j1 = min(j0 + _BLOCK_LINES, n_lines)
         block_valid = valid[:, j0:j1]
         # Double precision: single-precision BLAS results can change with the number
         # of threads, and these statistics feed the adaptive gains.
-        fitted = basis @ coefficients[j0:j1].T
-        resid = np.where(block_valid, data[:, j0:j1] - fitted, 0.0)
-        sq = resid * resid
+        # Squared residuals, in place, 0 on unusable samples (their data are 0).
+        sq = basis @ coefficients[j0:j1].T
+        np.subtract(data[:, j0:j1], sq, out=sq)
+        sq *= block_valid
+        np.square(sq, out=sq)
         keep = sq < (clip * global_sigma) ** 2
-        keep &= block_valid
-        count = keep.sum(axis=0)
+        # Unusable samples hold 0 and pass the clip: take them out of the count.
+        count = keep.sum(axis=0) - (n - n_valid[j0:j1])
         # Summed row by row (axis 0), so the result does not depend on the block width.
         total = np.where(keep, sq, 0.0).sum(axis=0)
         sigma = np.where(
@@ -889,12 +899,25 @@ def _find_outliers(data, valid, coefficients, basis, threshold, global_sigma):
         )
         sigma = np.where(sigma > 0, sigma, global_sigma)
         if threshold is None:
-            return np.empty(0, np.intp), np.empty(0, np.intp), sigma
-        pix, line = np.nonzero(sq > (threshold * sigma) ** 2)
-        return pix, line + j0, sigma
+            return (*_NO_SAMPLES, sigma)
+        return (*_flat_indices(sq > (threshold * sigma) ** 2, j0), sigma)
 
     blocks = _map_blocks(block_outliers, n_lines)
     return tuple(np.concatenate([block[i] for block in blocks]) for i in range(3))
+
+
+_NO_SAMPLES = (np.empty(0, np.intp), np.empty(0, np.intp))
+
+
+def _flat_indices(selected, j0):
+    """(sample, line) indices of the True entries of a block that starts at line j0.
+
+    ``flatnonzero`` and a division are several times faster than a 2-D ``nonzero``.
+    """
+    if not selected.any():
+        return _NO_SAMPLES
+    pix, line = np.divmod(np.flatnonzero(selected), selected.shape[1])
+    return pix, line + j0
 
 
 def _map_blocks(func, n_lines):
