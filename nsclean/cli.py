@@ -203,6 +203,25 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "line", "timeseries"),
         help="'line' for full frames, 'timeseries' for subarrays (default auto)",
     )
+    group.add_argument(
+        "--outlier-iterations",
+        type=int,
+        metavar="N",
+        help="reject-and-refit passes (default 1)",
+    )
+    group.add_argument(
+        "--adaptive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="weight each frequency by the correlated power this exposure has there "
+        "(default on); --no-adaptive gives the paper's plain apodizer",
+    )
+    group.add_argument(
+        "--chunk-length",
+        type=int,
+        metavar="TICKS",
+        help="time-series mode: chunk length in pixel-clock ticks (default 2048)",
+    )
 
 
 _FIT_FLAGS = (
@@ -215,6 +234,9 @@ _FIT_FLAGS = (
     "smooth_sigma",
     "per_channel",
     "mode",
+    "outlier_iterations",
+    "adaptive",
+    "chunk_length",
 )
 
 

@@ -150,6 +150,7 @@ _FIT_KEYWORDS = {
     "smooth_sigma": ("NSCFSMOO", "[lines] model smoothing sigma"),
     "per_channel": ("NSCFPCH", "median method: per output channel"),
     "chunk_length": ("NSCFCHNK", "[ticks] time-series chunk length"),
+    "adaptive": ("NSCFADPT", "Wiener gains per frequency (adaptive)"),
 }
 _FIT_INFO_KEYWORDS = {
     "n_lines": ("NSCNLINE", "lines or chunks fitted"),

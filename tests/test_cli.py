@@ -95,6 +95,21 @@ def test_clean_with_cal_builds_the_mask(files, tmp_path, capsys):
     status, _, err = run(["clean", rate, "--cal", cal, "-o", out, "--clip", "0"], capsys)
     assert status == 0, err
     assert fits.getheader(out)["NSCMCLIP"] == "NONE"
+    assert fits.getheader(out)["NSCFADPT"] is True
+
+
+def test_every_fit_option_reaches_the_fit(files, tmp_path, capsys):
+    _, rate, cal = files
+    out = tmp_path / "plain.fits"
+    status, _, err = run(
+        ["clean", rate, "--cal", cal, "-o", out, "--no-adaptive", "--outlier-iterations", "2",
+         "--chunk-length", "1024"],
+        capsys,
+    )
+    assert status == 0, err
+    header = fits.getheader(out)
+    assert header["NSCFADPT"] is False
+    assert header["NSCFOITR"] == 2 and header["NSCFCHNK"] == 1024
 
 
 def test_png2mask_converts_a_hand_shaded_png(files, tmp_path, capsys):
