@@ -88,6 +88,9 @@ def _normalise(record, source="record"):
         "metrics": record.get("metrics") or None,
         "figures": dict(record.get("figures") or {}),
         "timing": dict(record.get("timing") or {}),
+        # Provenance, when the record has it (the workflow's records do).
+        "nsclean_version": record.get("nsclean_version") or None,
+        "inputs": dict(record.get("inputs") or {}),
     }
     return out
 
@@ -105,7 +108,9 @@ def write_record(record, json_path):
         ``metrics`` (the dict of :func:`nsclean.qa.exposure_metrics`, or
         None), ``figures`` (kind -> PNG path, absolute or relative to the
         current directory; kinds "comparison", "mask", "column", "spectrum",
-        "thumbnail") and ``timing`` (step -> seconds).
+        "thumbnail"), ``timing`` (step -> seconds) and, optionally, the
+        provenance: ``nsclean_version`` and ``inputs`` (file name or "mask" ->
+        "sha256:<hex>"), which end the CSV rows.
     json_path : str or os.PathLike
         Where to write. Figure paths are stored relative to this file's
         folder, so a results tree can be moved as a whole.

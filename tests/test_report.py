@@ -95,6 +95,8 @@ def test_record_round_trip_is_relocatable(run, tmp_path):
         "metrics",
         "figures",
         "timing",
+        "nsclean_version",
+        "inputs",
     ]
     # Stored relative to the JSON file, so moving the tree keeps them valid.
     assert raw["figures"]["thumbnail"] == "exp0_thumbnail.png"
