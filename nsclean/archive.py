@@ -58,6 +58,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -994,6 +995,10 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
         log.info("%s: cached (%d bytes)", name, expected_size)
         return DownloadResult(destination, False, 0, expected_size, time.monotonic() - started)
 
+    # Temporary files of an earlier attempt that was killed (SIGKILL, a batch time
+    # limit) are never complete; this download replaces them.
+    for stale in destination.parent.glob(f".{glob_escape(name)}.*.part"):
+        stale.unlink(missing_ok=True)
     token = _token_from_env(token)
     own_session = session is None
     session = session or requests.Session()
