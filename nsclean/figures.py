@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import numpy as np
+
+from ._atomic import atomic_write
 
 __all__ = [
     "DPI",
@@ -53,28 +54,8 @@ _WIDE = 4.0
 _PNG_COMPRESSION = 1
 
 
-def _atomic_write(path, write):
-    """Call write(file_object) on a temporary file beside path, then rename it."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        # mkstemp makes the file private (0600); a report is meant to be read
-        # by collaborators, so give it ordinary file permissions.
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def _save(figure, path):
-    return _atomic_write(
+    return atomic_write(
         path,
         lambda handle: figure.savefig(
             handle, format="png", dpi=DPI, pil_kwargs={"compress_level": _PNG_COMPRESSION}
@@ -582,7 +563,7 @@ def _render_thumbnail(left, right, mask_display, path, n_sigma):
         panels.append(np.clip((display - centre) / (2 * halfwidth) + 0.5, 0, 1))
     gap = np.ones((left.shape[0], 2))
     combined = np.nan_to_num(np.hstack([panels[0], gap, panels[1]]), nan=0.5)
-    return _atomic_write(
+    return atomic_write(
         path,
         lambda handle: imsave(
             handle, combined, cmap="gray", vmin=0, vmax=1, origin="lower", format="png"

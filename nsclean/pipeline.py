@@ -21,11 +21,11 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from . import __version__
+from ._atomic import atomic_write_text
 from .errors import NSCleanInputError
 
 __all__ = [
@@ -80,29 +80,6 @@ def script_logging(log_path: str | os.PathLike, name: str = "nsclean") -> loggin
 
 class StepFailed(Exception):
     """Raised inside :func:`step` to stop a step with a reason (an upstream failure)."""
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (temporary file in the same directory, then rename).
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Destination.
-    text : str
-        Content.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def file_checksum(path: str | os.PathLike, algorithm: str = "sha256") -> str:

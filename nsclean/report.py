@@ -17,9 +17,9 @@ import io
 import json
 import math
 import os
-import tempfile
 import urllib.parse
 
+from ._atomic import atomic_write_text
 from .qa import FLAT_METRIC_KEYS, flatten_metrics
 
 __all__ = [
@@ -45,24 +45,6 @@ FIGURE_KINDS = ("comparison", "mask", "column", "spectrum")
 # --------------------------------------------------------------------------------------
 # Records on disk
 # --------------------------------------------------------------------------------------
-
-
-def _atomic_write_text(path, text):
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _normalise(record, source="record"):
@@ -127,7 +109,7 @@ def write_record(record, json_path):
         for kind, path in record["figures"].items()
     }
     text = json.dumps(record, indent=1, allow_nan=False, default=_json_default)
-    return _atomic_write_text(json_path, text + "\n")
+    return atomic_write_text(json_path, text + "\n")
 
 
 def _json_default(value):
@@ -591,8 +573,8 @@ def write_report(records, html_path, csv_path, *, title, config=None, results_di
     """
     records = [_normalise(r, source=f"record {i}") for i, r in enumerate(records)]
     text = _html(records, html_path, title=title, config=config, results_dir=results_dir)
-    _atomic_write_text(html_path, text)
-    _atomic_write_text(csv_path, _csv(records))
+    atomic_write_text(html_path, text)
+    atomic_write_text(csv_path, _csv(records))
     return os.fspath(html_path), os.fspath(csv_path)
 
 
