@@ -220,6 +220,23 @@ def test_network_guard_refuses_the_real_archive(tmp_path):
     network_guard.ATTEMPTS.clear()  # expected here; anything else fails the module
 
 
+def test_download_job_imports_neither_numpy_nor_astropy(program_dir, tmp_path):
+    # The workflow runs one download job per file: start-up is most of their cost, and
+    # astropy.io.fits alone would add ~0.7 s to each.
+    with MastServer(program_dir) as server:
+        child = run_child(f"""
+import sys
+from nsclean import archive, pipeline
+size = {(program_dir / RATE).stat().st_size}
+archive.download_file({uri(RATE)!r}, {str(tmp_path / RATE)!r}, expected_size=size,
+                      archive_url={server.url!r}, token="", retries=0)
+result = sorted(m for m in sys.modules if m.split(".")[0] in ("numpy", "astropy", "scipy"))
+""")
+    assert child["rc"] == 0, child["stderr"]
+    assert child["result"] == []
+    assert (tmp_path / RATE).stat().st_size == (program_dir / RATE).stat().st_size
+
+
 # ---------------------------------------------------------------------------------------
 # the real astroquery client in child processes
 # ---------------------------------------------------------------------------------------
