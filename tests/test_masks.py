@@ -76,6 +76,17 @@ def test_dilation_is_a_euclidean_disk(radius):
     assert dilated is not footprint
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 40), (40, 3), (37, 29)])
+@pytest.mark.parametrize("radius", [1, 2, 5, 6, 12])
+def test_dilation_at_edges_of_small_and_thin_images(shape, radius):
+    rng = np.random.default_rng(radius)
+    for fraction in (0.0, 0.05, 0.5):
+        footprint = rng.random(shape) < fraction
+        footprint[0, 0] = footprint[-1, -1] = fraction > 0  # pixels at the corners
+        np.testing.assert_array_equal(masks.dilate_footprint(footprint, radius),
+                                      brute_force_disk_dilation(footprint, radius))
+
+
 # -- geometry --------------------------------------------------------------------------
 
 
