@@ -67,6 +67,8 @@ _FAR = 10.0
 # Lines are processed in blocks of this many to bound memory (a block of
 # 256 lines x 2048 pixels in float64 is 4 MB).
 _BLOCK_LINES = 128
+# The guard handles lines in groups of this many (one per thread).
+_GUARD_LINES = 1024
 # Tiny ridge added to every normal matrix so that solving never raises on a
 # singular system; 1e-12 of the mean diagonal changes a well-posed solution by
 # far less than the 1e-6 required for exactness.
@@ -643,7 +645,7 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
     evaluate : ndarray of bool (P,)
         Positions where the guard evaluates the model variance.
     dtype : numpy dtype
-        Type of the returned model (it is computed in double precision).
+        Type of the returned model (the fit is in double precision).
 
     Returns
     -------
@@ -691,13 +693,16 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
         # the square of A's condition number on lines with long gaps.
         width = j1 - j0
         block_trig = trig[rows]
-        both = np.empty((len(w), 2 * width))
+        # The right-hand sides B^T W d come out of the same product (their basis
+        # functions are among the 4K+1 trigonometric columns).
+        both = np.empty((len(w), 3 * width))
         both[:, :width] = w
-        np.multiply(both[:, :width], both[:, :width], out=both[:, width:])
-        stacked = (both.T @ block_trig) @ to_pairs
-        normal[j0:j1] = stacked[:width]
-        weight_sq_normal[j0:j1] = stacked[width:]
-        rhs[j0:j1] = (both[:, :width] * block_data).T @ block_trig[:, basis_columns]
+        np.multiply(both[:, :width], both[:, :width], out=both[:, width : 2 * width])
+        np.multiply(both[:, :width], block_data, out=both[:, 2 * width :])
+        sums = both.T @ block_trig
+        normal[j0:j1] = sums[:width] @ to_pairs
+        weight_sq_normal[j0:j1] = sums[width : 2 * width] @ to_pairs
+        rhs[j0:j1] = sums[2 * width :, basis_columns]
         if not clip_far:
             return _NO_SAMPLES
         # Gross outliers (hot pixels, cosmic-ray residue) are kept out of the first fit
@@ -733,48 +738,54 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
     pix = np.concatenate(far_pix) if far_pix else empty
     line = np.concatenate(far_line) if far_line else empty
     active_normal, active_rhs = downdated(pix, line)
-    coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
     n_rejected = len(line)
     line_sigma = None
+    # (The guard solves the final system itself, at the frequencies it allows; a
+    # full solve is needed only to judge the residuals.)
     if opts["outlier_sigma"] is not None:
         for _ in range(opts["outlier_iterations"]):
             # Rejections are recomputed from the full background set at every pass, so
             # a pixel rejected because of a poor earlier fit comes back.
+            coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
             pix, line, line_sigma = _find_outliers(
                 blocks, n_valid, coefficients, basis, opts["outlier_sigma"], spread
             )
             n_rejected = len(line)
             active_normal, active_rhs = downdated(pix, line)
-            coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
     n_background = n_valid - np.bincount(line, minlength=n_lines)
     if opts["adaptive"] and line_sigma is None:
-        _, _, line_sigma = _find_outliers(
-            blocks, n_valid, coefficients, basis, None, spread
+        coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
+        _, _, line_sigma = _find_outliers(blocks, n_valid, coefficients, basis, None, spread)
+
+    normal_stack = _unpack(active_normal, n_par, iu, ju)
+    weight_sq_stack = _unpack(weight_sq_normal, n_par, iu, ju)
+
+    def guard_unit(j0):
+        j1 = min(j0 + _GUARD_LINES, n_lines)
+        return _guard(
+            normal_stack[:, :, j0:j1],
+            weight_sq_stack[:, :, j0:j1],
+            active_rhs[j0:j1],
+            n_background[j0:j1],
+            basis,
+            gain_per_par,
+            evaluate,
+            opts,
+            sparsest[j0:j1],
         )
 
-    used, coefficients, coef_variance = _guard(
-        _unpack(active_normal, n_par, iu, ju),
-        _unpack(weight_sq_normal, n_par, iu, ju),
-        active_rhs,
-        n_background,
-        basis,
-        gain_per_par,
-        evaluate,
-        opts,
-        sparsest,
+    # Lines are independent: fixed groups of lines run on the threads.
+    guarded = _map_blocks(guard_unit, n_lines, _GUARD_LINES)
+    used, coefficients, coef_variance = (
+        np.concatenate([unit[i] for unit in guarded]) for i in range(3)
     )
     gain = np.broadcast_to(gain_per_par, coefficients.shape)
     if opts["adaptive"]:
         gain = gain * _wiener_gains(coefficients, coef_variance, line_sigma, used, n_freq)
-    # Lines with fewer frequencies carry zeros in the unused coefficients.
-    scaled = (coefficients * gain).T
-    model = np.empty((n, n_lines), dtype=dtype)
-
-    def evaluate_model(j0):
-        j1 = min(j0 + _BLOCK_LINES, n_lines)
-        model[:, j0:j1] = basis @ scaled[:, j0:j1]
-
-    _map_blocks(evaluate_model, n_lines)
+    # Lines with fewer frequencies carry zeros in the unused coefficients.  The model
+    # is evaluated in the precision of the result (a single-precision image gets a
+    # single-precision model, good to ~1e-7 of its amplitude).
+    model = basis.astype(dtype) @ (coefficients * gain).T.astype(dtype)
     info = {
         "n_lines": int(n_lines),
         "n_guarded": int(np.count_nonzero((used >= 0) & (used < n_freq))),
@@ -1091,15 +1102,17 @@ def _background_rows(valid, data, j0, j1):
     return rows, block_valid, np.where(block_valid, block_data, 0.0)
 
 
-def _map_blocks(func, n_lines):
-    """``[func(j0) for j0 in block starts]``, run on a few threads, results in order.
+def _map_blocks(func, n_lines, step=None):
+    """``[func(j0) for j0 in range(0, n_lines, step)]`` on a few threads, results in order.
+
+    ``step`` defaults to ``_BLOCK_LINES``.
 
     numpy releases the GIL in the array operations and BLAS runs single-threaded inside
     a fit (see :func:`fit`), so the blocks of lines are processed in parallel.  Every
     block writes only its own lines and the results are returned in block order, so the
     output does not depend on the number of threads.
     """
-    starts = range(0, n_lines, _BLOCK_LINES)
+    starts = range(0, n_lines, step or _BLOCK_LINES)
     workers = min(_worker_count(), len(starts))
     if workers <= 1:
         return [func(j0) for j0 in starts]
