@@ -98,7 +98,7 @@ def _display(image, factors, smooth_sigma):
     smooth_sigma / block, and the block average itself adds the rest of the
     smoothing that shows correlated noise (Rauscher 2024, Fig. 1).
     """
-    from scipy.ndimage import gaussian_filter
+    from ._smooth import gaussian_filter
 
     # float32 halves the memory traffic of the full-resolution pass; the
     # block sums themselves are accumulated in float64.
@@ -358,15 +358,15 @@ def plot_column(
     str
         ``path``.
     """
-    from scipy.ndimage import gaussian_filter1d
+    from ._smooth import gaussian_filter1d
 
-    before = np.asarray(before, dtype=float)
+    before = np.asarray(before)
     mask = np.asarray(background_mask, dtype=bool)
     if column is None:
         column = _default_column(model, mask)
     if not 0 <= column < before.shape[1]:
         raise ValueError(f"column {column} outside 0..{before.shape[1] - 1}")
-    values = before[:, column]
+    values = np.asarray(before[:, column], dtype=float)
     is_background = mask[:, column] & np.isfinite(values)
     rows = np.arange(values.size)
 
@@ -392,7 +392,7 @@ def plot_column(
     if model is not None:
         top.plot(
             rows,
-            np.asarray(model, dtype=float)[:, column],
+            np.asarray(np.asarray(model)[:, column], dtype=float),
             "-",
             lw=1.5,
             color="navy",
@@ -440,7 +440,7 @@ def _log_binned(freq, power, n_bins=30):
     return centres[filled], sums[filled] / counts[filled]
 
 
-def plot_power_spectrum(before, after, background_mask, path, *, title=None):
+def plot_power_spectrum(before, after, background_mask, path, *, title=None, spectra=None):
     """Power spectrum of the background column means, before and after.
 
     Parameters
@@ -453,6 +453,9 @@ def plot_power_spectrum(before, after, background_mask, path, *, title=None):
         PNG to write.
     title : str, optional
         Figure title.
+    spectra : dict, optional
+        The spectra and white level of these images as filled in by
+        :func:`nsclean.qa.exposure_metrics` (``spectra=``); measured here if not given.
 
     Returns
     -------
@@ -469,14 +472,20 @@ def plot_power_spectrum(before, after, background_mask, path, *, title=None):
     """
     from .qa import banding_power_spectrum, banding_white_level
 
+    if spectra is None:
+        spectra = {
+            "before": banding_power_spectrum(before, background_mask),
+            "after": banding_power_spectrum(after, background_mask),
+            "white": banding_white_level(after, background_mask),
+        }
     figure = _new_figure("spectrum")
     ax = figure.subplots()
     plotted = False
-    white = banding_white_level(after, background_mask)
+    white = spectra["white"]
     if white:
         ax.axhline(white, color="grey", ls="--", lw=1, label="white-noise level (after)")
-    for name, image, colour in (("before", before, "tab:red"), ("after", after, "tab:blue")):
-        freq, power = banding_power_spectrum(image, background_mask)
+    for name, colour in (("before", "tab:red"), ("after", "tab:blue")):
+        freq, power = spectra[name]
         positive = power > 0
         if positive.any():
             ax.loglog(freq[positive], power[positive], lw=0.5, color=colour, alpha=0.3)
@@ -583,6 +592,7 @@ def write_figures(
     n_sigma=2.5,
     smooth_sigma=2.0,
     display_size=512,
+    spectra=None,
 ):
     """Write the whole figure set of one exposure.
 
@@ -603,6 +613,9 @@ def write_figures(
     n_sigma, smooth_sigma, display_size : float, float, int
         As in :func:`plot_comparison`; the mask figure reuses the smoothed
         ``before`` view.
+    spectra : dict, optional
+        For :func:`plot_power_spectrum`: the spectra that
+        :func:`nsclean.qa.exposure_metrics` filled in (``spectra=``).
 
     Returns
     -------
@@ -637,7 +650,7 @@ def write_figures(
             before, model, background_mask, target("column"), column=column, title=stem
         ),
         "spectrum": plot_power_spectrum(
-            before, after, background_mask, target("spectrum"), title=stem
+            before, after, background_mask, target("spectrum"), title=stem, spectra=spectra
         ),
         "thumbnail": _render_thumbnail(
             _background_display(before, background_mask, thumbnail_factors),

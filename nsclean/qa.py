@@ -181,7 +181,7 @@ def _smoothed_background(values, use):
     weighted fraction of background pixels, used to leave out areas with too
     little background to say anything.
     """
-    from scipy.ndimage import gaussian_filter
+    from ._smooth import gaussian_filter
 
     weighted = _block_sum(np.where(use, values, 0.0), _FRAME_BLOCK)
     counts = _block_sum(use.astype(float), _FRAME_BLOCK)
@@ -267,7 +267,7 @@ def _length_weights(use):
     background blocks at the top and bottom no longer outvote the thin gaps
     between the slices, where the science is.
     """
-    from scipy.ndimage import gaussian_filter1d
+    from ._smooth import gaussian_filter1d
 
     ny, nx = use.shape
     block = min(_DENSITY_BLOCK, ny)
@@ -308,12 +308,19 @@ def _row_means(image, use):
     return means, valid
 
 
-def _image_metrics(image, background_mask, *, lowfreq_cutoff, edge_width):
+def _image_metrics(image, background_mask, *, lowfreq_cutoff, edge_width, series=None):
+    """Per-image metrics; ``series``, if given, receives the banding spectrum and white
+    level they were measured from (as :func:`banding_power_spectrum` and
+    :func:`banding_white_level` compute them)."""
     use, median, sigma = _background_pixels(image, background_mask)
     n_nonfinite = int(np.count_nonzero(~np.isfinite(image)))
     result = dict.fromkeys(_IMAGE_KEYS)
     result["n_nonfinite"] = n_nonfinite
+    if series is not None:
+        series["white"] = None
     if not use.any():
+        if series is not None:
+            series["spectrum"] = _series_power(*_column_means(image, use)[:2])
         return result
     # Median and MAD are taken before the 5-sigma clip: the clip removes far
     # less than the 50 % a MAD tolerates, so recomputing would change nothing
@@ -331,6 +338,10 @@ def _image_metrics(image, background_mask, *, lowfreq_cutoff, edge_width):
         excess = result["banding_rms"] ** 2 - white
         result["banding_excess_rms"] = float(np.sqrt(max(excess, 0.0)))
         result.update(_uniform_banding(image, use, column_valid, within))
+        if series is not None:
+            series["white"] = _as_float(2.0 * white / image.shape[1])
+    if series is not None:
+        series["spectrum"] = _series_power(column_means, column_valid)
     result["lowfreq_power_rows"] = _lowfreq_power(column_means, column_valid, lowfreq_cutoff)
     row_means, row_valid = _row_means(image, use)
     result["lowfreq_power_columns"] = _lowfreq_power(row_means, row_valid, lowfreq_cutoff)
@@ -483,6 +494,7 @@ def exposure_metrics(
     edge_width=128,
     n_worst_columns=5,
     max_listed_lines=20,
+    spectra=None,
     **thresholds,
 ):
     """Measure how well one exposure was cleaned.
@@ -513,6 +525,11 @@ def exposure_metrics(
         How many columns with the fewest background pixels to list.
     max_listed_lines : int
         At most this many guarded / uncleaned line indices are listed.
+    spectra : dict, optional
+        If given, filled with what the banding metrics were measured from, so that
+        the spectrum figure need not measure it again: ``"before"`` and ``"after"``
+        map to ``(freq, power)`` as :func:`banding_power_spectrum` returns it for
+        that image, ``"white"`` to :func:`banding_white_level` of ``after``.
     **thresholds
         Overrides for :data:`DEFAULT_THRESHOLDS` (``rms_increase_tolerance``,
         ``max_banding_ratio``, ``max_residual_banding``, ``max_frame_ratio``,
@@ -576,8 +593,12 @@ def exposure_metrics(
         "edge_width": float(edge_width),
     }
     options = {"lowfreq_cutoff": lowfreq_cutoff, "edge_width": edge_width}
-    metrics["before"] = _image_metrics(before, mask, **options)
-    metrics["after"] = _image_metrics(after, mask, **options)
+    series = {"before": {}, "after": {}} if spectra is not None else {}
+    metrics["before"] = _image_metrics(before, mask, series=series.get("before"), **options)
+    metrics["after"] = _image_metrics(after, mask, series=series.get("after"), **options)
+    if spectra is not None:
+        spectra.update(before=series["before"]["spectrum"], after=series["after"]["spectrum"],
+                       white=series["after"]["white"])
     metrics["ratio"] = {
         key: _ratio(metrics["after"][key], metrics["before"][key])
         for key in ("background_rms", "banding_rms", "frame_rms")

@@ -37,15 +37,20 @@ with step(metrics_path, [], log) as record:
     before = read_rate(smk.input.rate)
     after = read_rate(smk.input.cleaned)
     mask, _ = read_mask(smk.input.mask, before)
+    # FITS data are big-endian; every numpy operation on them would convert on the fly,
+    # so convert once (the same values).
+    before_sci, after_sci = (exposure.sci.astype(exposure.sci.dtype.newbyteorder("="))
+                             for exposure in (before, after))
     # The subtracted model, where it is observable: NaN rate pixels stay NaN in the
     # cleaned file and carry no model (0 there, so the model metrics stay finite).
-    model = np.nan_to_num(before.sci.astype(np.float64) - after.sci, nan=0.0)
-    metrics = qa.exposure_metrics(before.sci, after.sci, model, mask,
-                                  fit_info=clean_record["clean"]["fit"])
+    model = np.nan_to_num(before_sci.astype(np.float64) - after_sci, nan=0.0)
+    spectra = {}  # the banding spectra the metrics are measured from, for the figure
+    metrics = qa.exposure_metrics(before_sci, after_sci, model, mask,
+                                  fit_info=clean_record["clean"]["fit"], spectra=spectra)
     pngs = {}
     if smk.params.options["figures"]:
-        pngs = figures.write_figures(before.sci, after.sci, model, mask, figure_dir,
-                                     before.stem)
+        pngs = figures.write_figures(before_sci, after_sci, model, mask, figure_dir,
+                                     before.stem, spectra=spectra)
     log.info("QA of %s: flags %s", before.stem, metrics["flags"] or "none")
     record["cleaned_file"] = os.path.relpath(smk.input.cleaned, results_dir)
     # Figure paths relative to the record's folder, as nsclean.report expects.
