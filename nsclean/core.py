@@ -67,8 +67,9 @@ _FAR = 10.0
 # Lines are processed in blocks of this many to bound memory (a block of
 # 256 lines x 2048 pixels in float64 is 4 MB).
 _BLOCK_LINES = 128
-# The guard handles lines in groups of this many (one per thread).
-_GUARD_LINES = 1024
+# After the normal equations, lines go through the outlier passes and the guard in
+# groups of about this many (one per thread).
+_GROUP_LINES = 1024
 # Tiny ridge added to every normal matrix so that solving never raises on a
 # singular system; 1e-12 of the mean diagonal changes a well-posed solution by
 # far less than the 1e-6 required for exactness.
@@ -711,74 +712,79 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
         far &= block_valid
         return _flat_indices(far, j0, rows)
 
-    far = _map_blocks(accumulate, n_lines)
-    far_pix = [pix for pix, _ in far]
-    far_line = [line for _, line in far]
+    far = _map_blocks(accumulate, n_lines)  # gross outliers of every block
 
-    def downdated(pix, line):
-        """Normal matrices (packed) and right-hand sides without the samples (pix, line)."""
-        sub_normal, sub_rhs = normal, rhs
+    def downdated(g0, g1, pix, line):
+        """Normal matrices (packed) and right-hand sides of lines g0:g1 without the
+        samples (pix, line)."""
+        sub_normal, sub_rhs = normal[g0:g1], rhs[g0:g1]
         if len(line):
+            local = line - g0
             w_out = binned_weights[pix // density.bin, line].astype(np.float64)
             d_out = np.asarray(data[pix, line], dtype=np.float64)
             # Per-line sums of the removed samples' contributions, through the same
             # 4K+1 trigonometric sums as the full matrices.
+            count = g1 - g0
             sums = np.stack(
-                [np.bincount(line, w_out * t, minlength=n_lines) for t in trig[pix].T], axis=1
+                [np.bincount(local, w_out * t, minlength=count) for t in trig[pix].T], axis=1
             )
-            sub_normal = normal - sums @ to_pairs
+            sub_normal = sub_normal - sums @ to_pairs
             weighted = w_out * d_out
-            sub_rhs = rhs - np.stack(
-                [np.bincount(line, weighted * b, minlength=n_lines) for b in basis[pix].T],
+            sub_rhs = sub_rhs - np.stack(
+                [np.bincount(local, weighted * b, minlength=count) for b in basis[pix].T],
                 axis=1,
             )
         return sub_normal, sub_rhs
 
-    empty = np.empty(0, dtype=np.intp)
-    pix = np.concatenate(far_pix) if far_pix else empty
-    line = np.concatenate(far_line) if far_line else empty
-    active_normal, active_rhs = downdated(pix, line)
-    n_rejected = len(line)
-    line_sigma = None
-    # (The guard solves the final system itself, at the frequencies it allows; a
-    # full solve is needed only to judge the residuals.)
-    if opts["outlier_sigma"] is not None:
-        for _ in range(opts["outlier_iterations"]):
-            # Rejections are recomputed from the full background set at every pass, so
-            # a pixel rejected because of a poor earlier fit comes back.
-            coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
-            pix, line, line_sigma = _find_outliers(
-                blocks, n_valid, coefficients, basis, opts["outlier_sigma"], spread
-            )
-            n_rejected = len(line)
-            active_normal, active_rhs = downdated(pix, line)
-    n_background = n_valid - np.bincount(line, minlength=n_lines)
-    if opts["adaptive"] and line_sigma is None:
-        coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
-        _, _, line_sigma = _find_outliers(blocks, n_valid, coefficients, basis, None, spread)
-
-    normal_stack = _unpack(active_normal, n_par, iu, ju)
-    weight_sq_stack = _unpack(weight_sq_normal, n_par, iu, ju)
-
-    def guard_unit(j0):
-        j1 = min(j0 + _GUARD_LINES, n_lines)
-        return _guard(
-            normal_stack[:, :, j0:j1],
-            weight_sq_stack[:, :, j0:j1],
-            active_rhs[j0:j1],
-            n_background[j0:j1],
+    def fit_group(g0):
+        """Outlier passes and guard of lines g0:g1 (lines are independent)."""
+        g1 = min(g0 + group, n_lines)
+        own = range(g0 // _BLOCK_LINES, (g1 - 1) // _BLOCK_LINES + 1)
+        pix = np.concatenate([far[b][0] for b in own])
+        line = np.concatenate([far[b][1] for b in own])
+        active_normal, active_rhs = downdated(g0, g1, pix, line)
+        line_sigma = None
+        # (The guard solves the final system itself, at the frequencies it allows; a
+        # full solve is needed only to judge the residuals.)
+        if opts["outlier_sigma"] is not None:
+            for _ in range(opts["outlier_iterations"]):
+                # Rejections are recomputed from the full background set at every
+                # pass, so a pixel rejected because of a poor earlier fit comes back.
+                coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
+                pix, line, line_sigma = _find_outliers(
+                    blocks, g0, g1, n_valid, coefficients, basis, opts["outlier_sigma"],
+                    spread,
+                )
+                active_normal, active_rhs = downdated(g0, g1, pix, line)
+        n_background = n_valid[g0:g1] - np.bincount(line - g0, minlength=g1 - g0)
+        if line_sigma is None:
+            line_sigma = np.zeros(g1 - g0)
+            if opts["adaptive"]:
+                coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
+                _, _, line_sigma = _find_outliers(
+                    blocks, g0, g1, n_valid, coefficients, basis, None, spread
+                )
+        used, coefficients, coef_variance = _guard(
+            _unpack(active_normal, n_par, iu, ju),
+            _unpack(weight_sq_normal[g0:g1], n_par, iu, ju),
+            active_rhs,
+            n_background,
             basis,
             gain_per_par,
             evaluate,
             opts,
-            sparsest[j0:j1],
+            sparsest[g0:g1],
         )
+        return used, coefficients, coef_variance, line_sigma, n_background, len(line)
 
-    # Lines are independent: fixed groups of lines run on the threads.
-    guarded = _map_blocks(guard_unit, n_lines, _GUARD_LINES)
-    used, coefficients, coef_variance = (
-        np.concatenate([unit[i] for unit in guarded]) for i in range(3)
+    # Every line is fitted on its own: fixed groups of whole blocks of lines go through
+    # the rest of the fit on the threads, and the results do not depend on their number.
+    group = _BLOCK_LINES * max(1, round(_GROUP_LINES / _BLOCK_LINES))
+    groups = _map_blocks(fit_group, n_lines, group)
+    used, coefficients, coef_variance, line_sigma, n_background = (
+        np.concatenate([result[i] for result in groups]) for i in range(5)
     )
+    n_rejected = sum(result[5] for result in groups)
     gain = np.broadcast_to(gain_per_par, coefficients.shape)
     if opts["adaptive"]:
         gain = gain * _wiener_gains(coefficients, coef_variance, line_sigma, used, n_freq)
@@ -1017,38 +1023,37 @@ def _condition(normal, inverse):
     return norm * norm_inverse
 
 
-def _find_outliers(blocks, n_valid, coefficients, basis, threshold, global_sigma):
-    """Background samples whose residual from the current fit exceeds the threshold.
+def _find_outliers(blocks, g0, g1, n_valid, coefficients, basis, threshold, global_sigma):
+    """Background samples of lines g0:g1 whose residual from the fit exceeds the threshold.
 
     The noise level of each line is the rms of its residuals clipped at 4 times the
     image-wide sigma, corrected for the clipping, so a line noisier or quieter than
     the rest is judged on its own scale.  ``blocks`` holds the background rows, mask
-    and data of every block of lines (see :func:`_background_rows`), ``n_valid`` the
-    number of background samples of every line.
+    and data of every block of lines, by first line (see :func:`_background_rows`;
+    g0 and g1 are block boundaries), ``n_valid`` the number of background samples of
+    every line and ``coefficients`` the fit of lines g0:g1.
 
     Returns
     -------
     pix, line : ndarray of int
         Sample and line indices of the outliers (none if ``threshold`` is None).
     sigma : ndarray
-        Robust noise sigma of every line.
+        Robust noise sigma of every line of g0:g1.
     """
-    n_lines = len(n_valid)
     if not global_sigma > 0:
-        return np.empty(0, np.intp), np.empty(0, np.intp), np.zeros(n_lines)
+        return (*_NO_SAMPLES, np.zeros(g1 - g0))
     clip = 4.0
     # E[x^2 | |x| < 4 sigma] / sigma^2 for a Gaussian, to correct the clipped rms.
     truncation = 1.0 - 2.0 * clip * math.exp(-clip * clip / 2) / (
         math.sqrt(2 * math.pi) * erf(clip / math.sqrt(2.0))
     )
-
-    def block_outliers(j0):
-        j1 = min(j0 + _BLOCK_LINES, n_lines)
+    sigma = np.empty(g1 - g0)
+    pixels, lines = [_NO_SAMPLES[0]], [_NO_SAMPLES[1]]
+    for j0 in range(g0, g1, _BLOCK_LINES):
+        j1 = min(j0 + _BLOCK_LINES, g1)
         rows, block_valid, block_data = blocks[j0]
-        # Double precision: single-precision BLAS results can change with the number
-        # of threads, and these statistics feed the adaptive gains.
         # Squared residuals, in place, 0 on unusable samples (their data are 0).
-        sq = basis[rows] @ coefficients[j0:j1].T
+        sq = basis[rows] @ coefficients[j0 - g0 : j1 - g0].T
         np.subtract(block_data, sq, out=sq)
         sq *= block_valid
         np.square(sq, out=sq)
@@ -1057,16 +1062,16 @@ def _find_outliers(blocks, n_valid, coefficients, basis, threshold, global_sigma
         count = keep.sum(axis=0) - (len(sq) - n_valid[j0:j1])
         # Summed row by row (axis 0), so the result does not depend on the block width.
         total = np.where(keep, sq, 0.0).sum(axis=0)
-        sigma = np.where(
+        block_sigma = np.where(
             count >= 3, np.sqrt(total / np.maximum(count, 1) / truncation), global_sigma
         )
-        sigma = np.where(sigma > 0, sigma, global_sigma)
-        if threshold is None:
-            return (*_NO_SAMPLES, sigma)
-        return (*_flat_indices(sq > (threshold * sigma) ** 2, j0, rows), sigma)
-
-    blocks = _map_blocks(block_outliers, n_lines)
-    return tuple(np.concatenate([block[i] for block in blocks]) for i in range(3))
+        block_sigma = np.where(block_sigma > 0, block_sigma, global_sigma)
+        sigma[j0 - g0 : j1 - g0] = block_sigma
+        if threshold is not None:
+            pix, line = _flat_indices(sq > (threshold * block_sigma) ** 2, j0, rows)
+            pixels.append(pix)
+            lines.append(line)
+    return np.concatenate(pixels), np.concatenate(lines), sigma
 
 
 _NO_SAMPLES = (np.empty(0, np.intp), np.empty(0, np.intp))
