@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.fft
-from scipy.special import erf
 
 from .orientation import detector_to_dms, dms_to_detector, normalize_detector
 
@@ -1045,7 +1044,7 @@ def _find_outliers(blocks, g0, g1, n_valid, coefficients, basis, threshold, glob
     clip = 4.0
     # E[x^2 | |x| < 4 sigma] / sigma^2 for a Gaussian, to correct the clipped rms.
     truncation = 1.0 - 2.0 * clip * math.exp(-clip * clip / 2) / (
-        math.sqrt(2 * math.pi) * erf(clip / math.sqrt(2.0))
+        math.sqrt(2 * math.pi) * math.erf(clip / math.sqrt(2.0))
     )
     sigma = np.empty(g1 - g0)
     pixels, lines = [_NO_SAMPLES[0]], [_NO_SAMPLES[1]]
