@@ -790,7 +790,15 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
     # Lines with fewer frequencies carry zeros in the unused coefficients.  The model
     # is evaluated in the precision of the result (a single-precision image gets a
     # single-precision model, good to ~1e-7 of its amplitude).
-    model = basis.astype(dtype) @ (coefficients * gain).T.astype(dtype)
+    basis_out = basis.astype(dtype)
+    scaled = (coefficients * gain).T.astype(dtype)
+    model = np.empty((n, n_lines), dtype=dtype)
+
+    def evaluate_model(j0):
+        j1 = min(j0 + group, n_lines)
+        np.matmul(basis_out, scaled[:, j0:j1], out=model[:, j0:j1])
+
+    _map_blocks(evaluate_model, n_lines, group)
     info = {
         "n_lines": int(n_lines),
         "n_guarded": int(np.count_nonzero((used >= 0) & (used < n_freq))),
