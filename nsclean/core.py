@@ -938,19 +938,21 @@ def _cholesky(normal):
     n_par, _, n_lines = normal.shape
     low = np.zeros_like(normal)
     size = np.full(n_lines, n_par)
-    for j in range(n_par):
-        row = low[j, :j]
-        pivot = normal[j, j] - np.einsum("kl,kl->l", row, row)
-        bad = ~(pivot > 0)  # also NaN
-        if bad.any():
-            size = np.where(bad & (size > j), j, size)
-            pivot = np.where(bad, 1.0, pivot)
-        root = np.sqrt(pivot)
-        low[j, j] = root
-        if j + 1 < n_par:
-            low[j + 1 :, j] = (
-                normal[j + 1 :, j] - np.einsum("ikl,kl->il", low[j + 1 :, :j], row)
-            ) / root
+    # Past a failed pivot a line's factor is garbage (replaced below): no warnings.
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        for j in range(n_par):
+            row = low[j, :j]
+            pivot = normal[j, j] - np.einsum("kl,kl->l", row, row)
+            bad = ~(pivot > 0)  # also NaN
+            if bad.any():
+                size = np.where(bad & (size > j), j, size)
+                pivot = np.where(bad, 1.0, pivot)
+            root = np.sqrt(pivot)
+            low[j, j] = root
+            if j + 1 < n_par:
+                low[j + 1 :, j] = (
+                    normal[j + 1 :, j] - np.einsum("ikl,kl->il", low[j + 1 :, :j], row)
+                ) / root
     if (size < n_par).any():
         keep = np.arange(n_par)[:, None] < size[None, :]
         inside = keep[:, None, :] & keep[None, :, :]
