@@ -765,7 +765,7 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
                 )
         used, coefficients, coef_variance = _guard(
             _unpack(active_normal, n_par, iu, ju),
-            _unpack(weight_sq_normal[g0:g1], n_par, iu, ju),
+            _unpack(weight_sq_normal[g0:g1], n_par, iu, ju, lines_first=True),
             active_rhs,
             n_background,
             basis,
@@ -897,14 +897,19 @@ def _robust_level(data, valid):
     return level, 1.4826 * float(np.median(np.abs(sample - level)))
 
 
-def _unpack(packed, n_par, iu, ju):
-    """Symmetric matrices from packed upper triangles, lines on the LAST axis.
+def _unpack(packed, n_par, iu, ju, lines_first=False):
+    """Symmetric matrices from packed upper triangles (M, K(K+1)/2).
 
-    ``packed`` is (M, K(K+1)/2); the result is (K, K, M): the small-matrix algebra
-    below works on whole rows of lines at a time (contiguous vectors of length M),
-    which is several times faster than numpy's batched LAPACK calls on 17 x 17
-    matrices.
+    The result is (K, K, M), lines on the LAST axis: the factorisation below works on
+    whole rows of lines at a time (contiguous vectors of length M), which is several
+    times faster than numpy's batched LAPACK calls on 17 x 17 matrices.  With
+    ``lines_first`` it is (M, K, K), for batched matrix products.
     """
+    if lines_first:
+        full = np.empty((packed.shape[0], n_par, n_par), dtype=packed.dtype)
+        full[:, iu, ju] = packed
+        full[:, ju, iu] = packed
+        return full
     full = np.empty((n_par, n_par, packed.shape[0]), dtype=packed.dtype)
     full[iu, ju] = packed.T
     full[ju, iu] = packed.T
@@ -922,55 +927,48 @@ def _regularised(normal):
     return regular
 
 
-def _cholesky(normal):
-    """Lower Cholesky factors of a (K, K, M) stack of symmetric matrices.
+def _inverse_factor(normal):
+    """Inverse Cholesky factors ``F = L^-1`` of a (K, K, M) stack of symmetric matrices.
+
+    ``A = L L^T`` and ``A^-1 = F^T F``.  ``F`` is built row by row: with ``F_j`` the
+    inverse factor of the leading block of order j and ``a`` the next column above the
+    diagonal, ``v = F_j a``, ``d = sqrt(A_jj - v.v)`` and the next row of ``F`` is
+    ``(-v^T F_j / d, 1 / d)``.
 
     Returns
     -------
-    low : ndarray (K, K, M)
-        ``A = L L^T`` on the leading block of order ``size``; the rest of each
-        factor is the identity.
+    factor : ndarray (K, K, M)
+        Lower triangular; the inverse factor of the leading block of order ``size``,
+        the identity beyond it.
     size : ndarray of int (M,)
         Order of the largest leading block that is numerically positive definite
-        (K for a healthy matrix).  The factor of a leading block is the leading
-        block of the factor, so a line can still be fitted with that many parameters.
+        (K for a healthy matrix).  The inverse factor of a leading block is the
+        leading block of the inverse factor, so a line can still be fitted with that
+        many parameters.
     """
     n_par, _, n_lines = normal.shape
-    low = np.zeros_like(normal)
+    factor = np.zeros_like(normal)
     size = np.full(n_lines, n_par)
     # Past a failed pivot a line's factor is garbage (replaced below): no warnings.
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         for j in range(n_par):
-            row = low[j, :j]
-            pivot = normal[j, j] - np.einsum("kl,kl->l", row, row)
+            pivot = normal[j, j]
+            if j:
+                v = np.einsum("pql,ql->pl", factor[:j, :j], normal[:j, j])
+                pivot = pivot - np.einsum("pl,pl->l", v, v)
             bad = ~(pivot > 0)  # also NaN
             if bad.any():
                 size = np.where(bad & (size > j), j, size)
                 pivot = np.where(bad, 1.0, pivot)
-            root = np.sqrt(pivot)
-            low[j, j] = root
-            if j + 1 < n_par:
-                low[j + 1 :, j] = (
-                    normal[j + 1 :, j] - np.einsum("ikl,kl->il", low[j + 1 :, :j], row)
-                ) / root
+            reciprocal = 1.0 / np.sqrt(pivot)
+            factor[j, j] = reciprocal
+            if j:
+                factor[j, :j] = np.einsum("pl,pql->ql", v, factor[:j, :j]) * -reciprocal
     if (size < n_par).any():
         keep = np.arange(n_par)[:, None] < size[None, :]
         inside = keep[:, None, :] & keep[None, :, :]
-        eye = np.eye(n_par, dtype=bool)[:, :, None]
-        low = np.where(inside, low, eye)
-    return low, size
-
-
-def _triangular_inverse(low):
-    """Inverses of a (K, K, M) stack of lower-triangular matrices (lower triangular)."""
-    n_par = low.shape[0]
-    inverse = np.zeros_like(low)
-    for i in range(n_par):
-        reciprocal = 1.0 / low[i, i]
-        inverse[i, i] = reciprocal
-        if i:
-            inverse[i, :i] = -np.einsum("kl,kcl->cl", low[i, :i], inverse[:i, :i]) * reciprocal
-    return inverse
+        factor = np.where(inside, factor, np.eye(n_par, dtype=bool)[:, :, None])
+    return factor, size
 
 
 def _solve(normal, rhs):
@@ -980,16 +978,12 @@ def _solve(normal, rhs):
     positive definite is solved on its leading positive-definite block (the other
     coefficients are 0).
     """
-    low, size = _cholesky(_regularised(normal))
-    n_par = low.shape[0]
+    factor, size = _inverse_factor(_regularised(normal))
+    n_par = factor.shape[0]
     b = np.where(np.arange(n_par)[None, :] < size[:, None], rhs, 0.0).T
-    z = np.empty_like(b)
-    for i in range(n_par):  # L z = b
-        z[i] = (b[i] - np.einsum("kl,kl->l", low[i, :i], z[:i])) / low[i, i]
-    x = np.empty_like(b)
-    for i in range(n_par - 1, -1, -1):  # L^T x = z
-        x[i] = (z[i] - np.einsum("kl,kl->l", low[i + 1 :, i], x[i + 1 :])) / low[i, i]
-    return x.T
+    # x = A^-1 b = F^T (F b)
+    z = np.einsum("pql,ql->pl", factor, b)
+    return np.einsum("qpl,ql->pl", factor, z).T
 
 
 def _condition_below(normal, lines, diag, factor, keep, limit):
@@ -1157,7 +1151,8 @@ def _guard(
 ):
     """Highest frequency each line can afford (-1: uncleaned), coefficients, their variance.
 
-    ``normal`` and ``weight_sq_normal`` are (K, K, M) stacks (see :func:`_unpack`),
+    ``normal`` is a (K, K, M) stack (see :func:`_unpack`), ``weight_sq_normal`` the
+    (M, K, K) stack of the ``C`` matrices,
     ``rhs`` is (M, K), ``probe`` (M,) optionally a sample of every line where the
     variance is likely to peak.  The variance the fit adds at sample i, in units of the
     white-noise variance of one pixel, is ``g_i^T A^-1 C A^-1 g_i`` with
@@ -1183,11 +1178,9 @@ def _guard(
     n_par, _, n_lines = normal.shape
     n_freq = (n_par - 1) // 2
     limit = opts["max_model_variance"]
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        low, size = _cholesky(_regularised(normal))
-        factor = np.ascontiguousarray(_triangular_inverse(low).transpose(2, 0, 1))
-    m = factor @ np.ascontiguousarray(weight_sq_normal.transpose(2, 0, 1))
-    m = m @ factor.transpose(0, 2, 1)
+    factor, size = _inverse_factor(_regularised(normal))
+    factor = np.ascontiguousarray(factor.transpose(2, 0, 1))
+    m = factor @ weight_sq_normal @ factor.transpose(0, 2, 1)
     m_lower = np.tril(m, -1)
     m_diag = np.diagonal(m, axis1=1, axis2=2)
     orders = 2 * np.arange(n_freq + 1) + 1
