@@ -666,7 +666,7 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
     basis_columns = [0] + [c for k in range(1, n_freq + 1) for c in (k, 2 * n_freq + k)]
     density = _DensityFilter(n, opts["weight_sigma"])
     level, spread = _robust_level(data, valid)
-    n_valid = np.count_nonzero(valid, axis=0)
+    n_valid = np.empty(n_lines, dtype=np.intp)  # background samples of every line
 
     normal = np.empty((n_lines, len(iu)))
     weight_sq_normal = np.empty((n_lines, len(iu)))
@@ -682,6 +682,7 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
         # (an IFU mask keeps ~30 % of the rows of a 128-line block); their data are
         # set to 0 where they are not background (they may be NaN).
         rows, block_valid, block_data = blocks[j0] = _background_rows(valid, data, j0, j1)
+        n_valid[j0:j1] = np.count_nonzero(block_valid, axis=0)
         inverse_sq = density.binned_weights(valid[:, j0:j1], sparsest[j0:j1])
         binned_weights[:, j0:j1] = inverse_sq
         w = inverse_sq[rows // density.bin]
@@ -871,20 +872,25 @@ def _wiener_gains(coefficients, coef_variance, line_sigma, used, n_freq):
     fit's noise; a noiseless line has ``N = 0`` and is reproduced exactly.
     """
     noise = coef_variance * (line_sigma[:, None] ** 2)
-    gains = np.ones_like(coefficients)
+
+    def per_frequency(values):
+        # (lines, K) -> (lines, n_freq + 1): k = 0 alone, then the mean of cos and sin.
+        pairs = values[:, 1:].reshape(len(values), n_freq, 2)
+        return np.concatenate([values[:, :1], (pairs[:, :, 0] + pairs[:, :, 1]) / 2], axis=1)
+
+    q = per_frequency(coefficients**2)
+    n = per_frequency(noise)
+    gain_k = np.ones_like(q)
     for k in range(n_freq + 1):
-        params = [0] if k == 0 else [2 * k - 1, 2 * k]
-        lines = np.flatnonzero(used >= k)
-        if lines.size == 0:
+        lines = used >= k
+        if not lines.any():
             continue
-        q = np.mean(coefficients[np.ix_(lines, params)] ** 2, axis=1)
-        n = np.mean(noise[np.ix_(lines, params)], axis=1)
         m = _MEDIAN_CHI2_1 if k == 0 else math.log(2.0)
-        power = max(float(np.median(q)) / m - float(np.median(n)), 0.0)
+        power = max(float(np.median(q[lines, k])) / m - float(np.median(n[lines, k])), 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            g = np.where(n > 0, power / (power + n), 1.0)
-        gains[np.ix_(lines, params)] = g[:, None]
-    return gains
+            gain_k[lines, k] = np.where(n[lines, k] > 0, power / (power + n[lines, k]), 1.0)
+    # Back to parameters: 1, then cos and sin of every k.
+    return np.concatenate([gain_k[:, :1], np.repeat(gain_k[:, 1:], 2, axis=1)], axis=1)
 
 
 def _robust_level(data, valid):
