@@ -992,32 +992,26 @@ def _solve(normal, rhs):
     return np.einsum("qpl,ql->pl", factor, z).T
 
 
-def _condition_below(normal, lines, diag, factor, keep, limit):
-    """Whether the condition number of each leading block is at most ``limit``.
+def _condition_below(normal, lines, diag, factor, limit):
+    """Whether the condition number of the leading k x k blocks is at most ``limit``.
 
-    ``normal[lines]`` (L, K, K) are the full matrices, ``diag`` (L, K) their
-    diagonals, ``factor`` (L, K, K) the inverse Cholesky factors of their leading
-    blocks padded with zeros and ``keep`` (L, K) marks each leading block.  The
-    number is the 1-norm condition number of the block scaled to a unit diagonal
-    (:func:`_condition`).  For a positive definite matrix with unit diagonal no entry
-    exceeds 1 in size and no entry of the inverse exceeds its largest diagonal entry,
-    so ``K^2 max_p (A^-1)_pp A_pp`` bounds it from above: only blocks above the limit
-    by that bound are computed exactly.
+    ``normal[lines]`` (L, K, K) are the full matrices, ``diag`` (L, k) the diagonals of
+    their leading blocks and ``factor`` (L, k, k) the inverse Cholesky factors of those
+    blocks.  The number is the 1-norm condition number of the block scaled to a unit
+    diagonal (:func:`_condition`).  For a positive definite matrix with unit diagonal
+    no entry exceeds 1 in size and no entry of the inverse exceeds its largest diagonal
+    entry, so ``k^2 max_p (A^-1)_pp A_pp`` bounds it from above: only blocks above the
+    limit by that bound are computed exactly.
     """
-    n_par = normal.shape[-1]
+    n_k = factor.shape[-1]
     inverse_diag = (factor * factor).sum(axis=1)  # diagonal of A_k^-1 = F_k^T F_k
-    bound = n_par * n_par * np.max(inverse_diag * diag, axis=1, initial=0.0)
+    bound = n_k * n_k * np.max(inverse_diag * diag, axis=1, initial=0.0)
     result = bound <= limit
     exact = np.flatnonzero(~result)
     if exact.size:
-        eye = np.eye(n_par, dtype=bool)
-        inside = keep[exact][:, :, None] & keep[exact][:, None, :]
         f = factor[exact]
-        # Outside the leading block both matrices are set to the identity, which
-        # leaves the number unchanged.
         result[exact] = _condition(
-            np.where(inside, normal[lines[exact]], eye),
-            np.where(inside, f.transpose(0, 2, 1) @ f, eye),
+            normal[lines[exact], :n_k, :n_k], f.transpose(0, 2, 1) @ f
         ) <= limit
     return result
 
@@ -1192,7 +1186,6 @@ def _guard(
     orders = 2 * np.arange(n_freq + 1) + 1
     allowed = (n_background[:, None] >= 2 * orders[None, :]) & (orders[None, :] <= size[:, None])
     g = basis[evaluate] * gain_per_par  # (E, K): apodized basis at the evaluated samples
-    sub_i, sub_j = np.triu_indices(n_par)
 
     def rule_out(lines, samples):
         # Drop every k of these lines whose variance at any of these samples (S
@@ -1205,14 +1198,11 @@ def _guard(
         variance = np.cumsum(terms, axis=1)[:, orders - 1, :].max(axis=2)
         allowed[lines] &= variance <= limit
 
-    if limit is not None:
-        # Off-diagonal products appear twice in the quadratic form g^T Q g.
-        products = g[:, sub_i] * g[:, sub_j] * np.where(sub_i == sub_j, 1.0, 2.0)
-        if probe is not None:
-            # The evaluated samples on either side of the probe: lower bounds of the
-            # maximum, like any evaluated sample.
-            after = np.clip(np.searchsorted(np.flatnonzero(evaluate), probe), 0, len(g) - 1)
-            rule_out(slice(None), np.stack([np.maximum(after - 1, 0), after], axis=1))
+    if limit is not None and probe is not None:
+        # The evaluated samples on either side of the probe: lower bounds of the
+        # maximum, like any evaluated sample.
+        after = np.clip(np.searchsorted(np.flatnonzero(evaluate), probe), 0, len(g) - 1)
+        rule_out(slice(None), np.stack([np.maximum(after - 1, 0), after], axis=1))
 
     def highest(lines):
         # Highest allowed k of each line, -1 if none.
@@ -1227,35 +1217,42 @@ def _guard(
     normal_lines = normal.transpose(2, 0, 1)
     diag = np.diagonal(normal)  # (K, K, M) -> (M, K)
     while pending.size:
-        every = pending.size == n_lines
-        k = trying[pending]
-        keep = np.arange(n_par)[None, :] < (2 * k + 1)[:, None]
-        f = (factor if every else factor[pending]) * keep[:, :, None]  # F_k, zero-padded
-        f_t = f.transpose(0, 2, 1)
-        # Covariance of the coefficients / sigma^2.
-        noise = f_t @ ((m if every else m[pending]) @ f)
-        ok = np.ones(pending.size, dtype=bool)
-        if limit is not None:
-            variance = noise[:, sub_i, sub_j] @ products.T  # (lines, samples)
-            worst = np.argmax(variance, axis=1)
-            ok = variance[np.arange(pending.size), worst] <= limit
-            # Every lower k whose variance at the worst sample is already too high
-            # is ruled out as well.
-            rule_out(pending[~ok], worst[~ok][:, None])
-        # Numerical validity: beyond this condition number (of A_k scaled to a unit
-        # diagonal) neither the solution nor its variance is reliable in double
-        # precision (a long gap makes A nearly singular).
-        check = np.flatnonzero(ok)
-        ok[check] = _condition_below(
-            normal_lines, pending[check], diag[pending[check]], f[check], keep[check],
-            _MAX_CONDITION,
-        )
-        accepted = pending[ok]
-        f, f_t = f[ok], f_t[ok]
-        used[accepted] = k[ok]
-        result[accepted] = (f_t @ (f @ rhs[accepted][:, :, None]))[:, :, 0]
-        variance_of_coef[accepted] = np.diagonal(noise[ok], axis1=1, axis2=2)
+        ok = np.zeros(pending.size, dtype=bool)
+        worst = np.zeros(pending.size, dtype=np.intp)
+        # Lines trying the same k together, with the k x k leading blocks only.
+        for k in np.unique(trying[pending]):
+            n_k = 2 * k + 1
+            select = np.flatnonzero(trying[pending] == k)
+            lines = pending[select]
+            f = factor[lines, :n_k, :n_k]  # F_k
+            f_t = f.transpose(0, 2, 1)
+            noise = f_t @ (m[lines, :n_k, :n_k] @ f)  # covariance of the coefficients / sigma^2
+            good = np.ones(len(lines), dtype=bool)
+            if limit is not None:
+                sub_i, sub_j = np.triu_indices(n_k)
+                # Off-diagonal products appear twice in the quadratic form g^T Q g.
+                products = g[:, sub_i] * g[:, sub_j] * np.where(sub_i == sub_j, 1.0, 2.0)
+                variance = noise[:, sub_i, sub_j] @ products.T  # (lines, samples)
+                worst[select] = np.argmax(variance, axis=1)
+                good = variance[np.arange(len(lines)), worst[select]] <= limit
+            # Numerical validity: beyond this condition number (of A_k scaled to a unit
+            # diagonal) neither the solution nor its variance is reliable in double
+            # precision (a long gap makes A nearly singular).
+            check = np.flatnonzero(good)
+            good[check] = _condition_below(
+                normal_lines, lines[check], diag[lines[check], :n_k], f[check], _MAX_CONDITION
+            )
+            ok[select] = good
+            accepted = lines[good]
+            f, f_t = f[good], f_t[good]
+            used[accepted] = k
+            result[accepted, :n_k] = (f_t @ (f @ rhs[accepted, :n_k, None]))[:, :, 0]
+            variance_of_coef[accepted, :n_k] = np.diagonal(noise[good], axis1=1, axis2=2)
         failed = pending[~ok]
+        if limit is not None:
+            # Every lower k whose variance at the worst sample is already too high is
+            # ruled out as well.
+            rule_out(failed, worst[~ok][:, None])
         allowed[failed, trying[failed]] = False
         trying[failed] = highest(failed)
         pending = failed[trying[failed] >= 0]
