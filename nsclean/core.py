@@ -593,6 +593,7 @@ class _DensityFilter:
         self.spectrum = scipy.fft.rfft(circular).astype(np.complex64)[:, None]
         edge = self._convolve(np.full((self.n_bins, 1), self.bin, dtype=np.float32))
         self.edge_sq = (edge * edge).astype(np.float32)
+        self.inverse_edge = (1.0 / edge).astype(np.float32)
 
     def _convolve(self, binned):
         spectrum = scipy.fft.rfft(binned, n=self.size, axis=0)
@@ -609,13 +610,13 @@ class _DensityFilter:
         """
         n, m = valid.shape
         counts = valid.view(np.uint8)
-        binned = counts[0 :: self.bin].astype(np.float32)
+        binned = counts[0 :: self.bin].copy()  # at most 255 samples per bin
         for offset in range(1, self.bin):
             binned += counts[offset :: self.bin]
-        density = self._convolve(binned)
+        density = self._convolve(binned.astype(np.float32))
         if sparsest is not None:
             # Relative to the ends' normalisation, so the line ends are not favoured.
-            sparsest[:] = np.argmin(density / np.sqrt(self.edge_sq), axis=0) * self.bin
+            sparsest[:] = np.argmin(density * self.inverse_edge, axis=0) * self.bin
             sparsest += self.bin // 2
         density *= density
         # 1/rho^2 with rho = density / edge; bins with no background get weight 0.
