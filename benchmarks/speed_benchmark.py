@@ -1,7 +1,9 @@
 """Speed and memory benchmark of ``nsclean.clean`` (and jwst's NSClean port when installed).
 
 Times are medians of repeated calls, measured side by side in one run (the machines are
-shared and noisy: compare the ratio, not the absolute numbers across runs).  Memory is
+shared and noisy: compare the ratio, not the absolute numbers across runs).  ``nsclean s``
+uses the default threads (``NSCLEAN_THREADS``, else the CPUs available); ``nsclean 1
+thread s`` is the same call with ``NSCLEAN_THREADS=1``.  Memory is
 the peak of numpy allocations during one call above what was allocated before it
 (``tracemalloc``; numpy reports its buffers to it).
 
@@ -83,8 +85,9 @@ def main(argv=None):
         f"{os.cpu_count()} CPUs, numpy {np.__version__}, load average "
         f"{os.getloadavg()[0]:.2f}"
     )
-    print("| case | shape | bkg fraction | nsclean s | jwst s | speed-up | nsclean extra MB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| case | shape | bkg fraction | nsclean s | nsclean 1 thread s | jwst s | speed-up "
+          "| nsclean extra MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, kind in (("ifu full frame", "ifu"), ("mos full frame", "mos"),
                        ("bots SUB2048", "bots")):
         image, mask, detector = _case(kind)
@@ -105,11 +108,21 @@ def main(argv=None):
             t_jwst = _median_time(theirs, args.jwst_repeat)
             t_ours = min(t_ours, _median_time(ours, args.repeat))
         memory = _peak_extra_mb(ours)
+        # The same call on one thread (what a workflow job with threads: 1 gets).
+        saved = os.environ.get("NSCLEAN_THREADS")
+        os.environ["NSCLEAN_THREADS"] = "1"
+        try:
+            t_single = _median_time(ours, args.repeat)
+        finally:
+            if saved is None:
+                del os.environ["NSCLEAN_THREADS"]
+            else:
+                os.environ["NSCLEAN_THREADS"] = saved
         jwst_text = f"{t_jwst:.3f}" if t_jwst else "n/a"
         ratio = f"{t_jwst / t_ours:.1f}x" if t_jwst else "n/a"
         print(
             f"| {name} | {image.shape[0]}x{image.shape[1]} | {mask.mean():.3f} | "
-            f"{t_ours:.3f} | {jwst_text} | {ratio} | {memory:.0f} |",
+            f"{t_ours:.3f} | {t_single:.3f} | {jwst_text} | {ratio} | {memory:.0f} |",
             flush=True,
         )
 
