@@ -171,7 +171,13 @@ def _block_sum(array, block):
     if pad_y or pad_x:
         array = np.pad(array, ((0, pad_y), (0, pad_x)))
     by, bx = array.shape[0] // block, array.shape[1] // block
-    return array.reshape(by, block, bx, block).sum(axis=(1, 3), dtype=np.float64)
+    # Row by row, then along the rows: several times faster than a sum over two
+    # non-adjacent axes of the 4-D view (numpy runs that through a cast buffer).
+    blocks = array.reshape(by, block, bx, block)
+    total = blocks[:, 0].astype(np.float64)
+    for row in range(1, block):
+        total += blocks[:, row]
+    return total.sum(axis=2)
 
 
 def _smoothed_background(values, use):
@@ -184,7 +190,7 @@ def _smoothed_background(values, use):
     from ._smooth import gaussian_filter
 
     weighted = _block_sum(np.where(use, values, 0.0), _FRAME_BLOCK)
-    counts = _block_sum(use.astype(float), _FRAME_BLOCK)
+    counts = _block_sum(use, _FRAME_BLOCK)
     # Normalised convolution: dividing the smoothed sums by the smoothed
     # counts makes the zero padding outside the array harmless, so the edge
     # band (where the picture frame lives) is not pulled toward zero.
