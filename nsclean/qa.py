@@ -617,11 +617,13 @@ def exposure_metrics(
         model_metrics["n_nonfinite"] = int(np.count_nonzero(~finite))
         if finite.any():
             # The model's overall level is the sky/dark pedestal, not noise.
-            values = model[finite]
+            # (a flat view when every pixel is finite: the same values in the same order)
+            values = model.ravel() if model_metrics["n_nonfinite"] == 0 else model[finite]
             pedestal, _ = _robust_location_scale(values)
             deviation = values - pedestal
-            model_metrics["rms"] = _as_float(np.sqrt(np.mean(deviation**2, dtype=np.float64)))
             model_metrics["max_abs"] = _as_float(np.max(np.abs(deviation)))
+            np.square(deviation, out=deviation)
+            model_metrics["rms"] = _as_float(np.sqrt(np.mean(deviation, dtype=np.float64)))
     metrics["model"] = model_metrics
     metrics["guard"] = _guard_metrics(fit_info, max_listed_lines)
     metrics["flags"] = _flags(metrics, effective)
