@@ -422,3 +422,54 @@ def test_simulated_ifu_with_wide_dilation_stays_at_noise_level():
     result = nsclean.fit(noise, mask, "NRS1")
     white = float(np.std(sim.noise_white))
     assert np.abs(result.model).max() < 10 * white
+
+
+def _guard_by_brute_force(valid, limit=0.25, step=16):
+    """Highest k of every line by trying every k from the top with explicit matrices."""
+    n, n_lines = valid.shape
+    basis = core._fourier_basis(n, 8)
+    gains = core.apodizer(np.arange(9) / n)
+    gain_per_par = np.concatenate([[gains[0]], np.repeat(gains[1:9], 2)])
+    weights = core._DensityFilter(n, 32.0).weights(valid).astype(np.float64)
+    evaluated = (basis * gain_per_par)[::step]
+    chosen = np.full(n_lines, -1)
+    for line in range(n_lines):
+        w = weights[:, line]
+        for k in range(8, -1, -1):
+            p = 2 * k + 1
+            b = basis[:, :p]
+            if valid[:, line].sum() < 2 * p:
+                continue
+            a = b.T @ (w[:, None] * b)
+            c = b.T @ ((w * w)[:, None] * b)
+            a_inv = np.linalg.inv(a)
+            noise = a_inv @ c @ a_inv
+            g = evaluated[:, :p]
+            variance = np.einsum("ip,pq,iq->i", g, noise, g)
+            d = np.sqrt(np.diag(a))
+            condition = np.linalg.cond(a / d[:, None] / d[None, :], 1)
+            if variance.max() <= limit and condition <= 1e10:
+                chosen[line] = k
+                break
+    return chosen
+
+
+def test_guard_choice_equals_trying_every_frequency_count_from_the_top():
+    # The guard prunes frequency counts with variances at probe samples and grouped
+    # k x k checks; its choice must be exactly that of the plain definition.
+    rng = np.random.default_rng(21)
+    n_lines = 48
+    valid = np.ones((N, n_lines), bool)
+    for line in range(n_lines):
+        # Gaps from 0 to ~1100 px at random places, plus a sprinkling of masked pixels.
+        length = int(rng.integers(0, 1100)) if line % 6 else 0
+        start = int(rng.integers(0, N - length)) if length else 0
+        valid[start : start + length, line] = False
+        valid[rng.random(N) < 0.3, line] = False
+    valid[:, 5] = False
+    valid[::300, 5] = True  # 7 samples: not enough for any k > 1
+    image = np.zeros((N, n_lines))
+    fit = nsclean.fit(image, valid, outlier_sigma=None, adaptive=False)
+    expected = _guard_by_brute_force(valid)
+    assert len(set(expected)) >= 4  # the lines really need different frequency counts
+    np.testing.assert_array_equal(fit.info["frequencies"], expected)
