@@ -76,6 +76,19 @@ def test_dilation_is_a_euclidean_disk(radius):
     assert dilated is not footprint
 
 
+@pytest.mark.parametrize("radius", [1, 2, 3, 8])
+def test_dilation_equals_scikit_image_disk_dilation(radius):
+    # The dilation is done in numpy (no import at run time); scikit-image's dilation
+    # with its disk (on a boolean image) is the reference (a test dependency).
+    from skimage.morphology import dilation, disk
+
+    rng = np.random.default_rng(40 + radius)
+    footprint = rng.random((300, 260)) < 0.01
+    footprint[100:104, :] = True  # a trace-like band
+    expected = dilation(footprint, disk(radius))
+    np.testing.assert_array_equal(masks.dilate_footprint(footprint, radius), expected)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (3, 40), (40, 3), (37, 29)])
 @pytest.mark.parametrize("radius", [1, 2, 5, 6, 12])
 def test_dilation_at_edges_of_small_and_thin_images(shape, radius):
