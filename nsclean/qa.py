@@ -116,6 +116,22 @@ def _validate(image, name, shape=None):
     return array
 
 
+def _validate_mask(background_mask, shape):
+    mask = np.asarray(background_mask)
+    if mask.shape != shape:
+        raise ValueError(f"background_mask has shape {mask.shape}, expected {shape}")
+    return mask.astype(bool, copy=False)
+
+
+def _column_series(image, background_mask):
+    """Validated image, background pixels, their sigma and the clipped column means."""
+    image = _validate(image, "image")
+    mask = _validate_mask(background_mask, image.shape)
+    use, _, sigma = _background_pixels(image, mask)
+    means, valid, counts = _column_means(image, use)
+    return image, use, sigma, means, valid, counts
+
+
 def _robust_location_scale(values):
     """Median and 1.4826 * MAD of a 1-D array (NaN, NaN if empty)."""
     if values.size == 0:
@@ -577,10 +593,7 @@ def exposure_metrics(
     effective = {**DEFAULT_THRESHOLDS, **{k: float(v) for k, v in thresholds.items()}}
     before = _validate(before, "before")
     after = _validate(after, "after", before.shape)
-    mask = np.asarray(background_mask)
-    if mask.shape != before.shape:
-        raise ValueError(f"background_mask has shape {mask.shape}, expected {before.shape}")
-    mask = mask.astype(bool)
+    mask = _validate_mask(background_mask, before.shape)
 
     usable = mask & np.isfinite(before)
     counts = usable.sum(axis=0)
@@ -656,12 +669,7 @@ def banding_power_spectrum(image, background_mask):
     :func:`exposure_metrics`; columns without background are linearly
     interpolated from their neighbours.
     """
-    image = _validate(image, "image")
-    mask = np.asarray(background_mask, dtype=bool)
-    if mask.shape != image.shape:
-        raise ValueError(f"background_mask has shape {mask.shape}, expected {image.shape}")
-    use, _, _ = _background_pixels(image, mask)
-    means, valid, _ = _column_means(image, use)
+    _, _, _, means, valid, _ = _column_series(image, background_mask)
     return _series_power(means, valid)
 
 
@@ -683,12 +691,7 @@ def banding_white_level(image, background_mask):
         bins of :func:`banding_power_spectrum`. None without two background
         columns.
     """
-    image = _validate(image, "image")
-    mask = np.asarray(background_mask, dtype=bool)
-    if mask.shape != image.shape:
-        raise ValueError(f"background_mask has shape {mask.shape}, expected {image.shape}")
-    use, _, sigma = _background_pixels(image, mask)
-    means, valid, counts = _column_means(image, use)
+    image, use, sigma, means, valid, counts = _column_series(image, background_mask)
     if valid.sum() < 2:
         return None
     white = _white_variance(image, use, means, valid, counts, sigma)
