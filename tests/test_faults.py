@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
+from fits_helpers import assert_same_fits
 
 pytestmark = pytest.mark.slow
 
@@ -103,25 +103,6 @@ def job_counts(output):
     return {name: int(count) for name, count in re.findall(r"^(\w+)\s+(\d+)\s*$", table,
                                                            re.MULTILINE)
             if name != "total"}
-
-
-def assert_same_fits(produced, expected):
-    """Same HDUs, same data bit for bit, same headers except a DATE keyword."""
-    from astropy.io import fits
-
-    with fits.open(produced) as mine, fits.open(expected) as theirs:
-        assert len(mine) == len(theirs), produced
-        for a, b in zip(mine, theirs, strict=True):
-            assert a.name == b.name
-            if b.data is None:
-                assert a.data is None, (produced, a.name)
-            else:
-                assert a.data.dtype == b.data.dtype, (produced, a.name)
-                assert np.array_equal(np.asarray(a.data).view(np.uint8),
-                                      np.asarray(b.data).view(np.uint8)), (produced, a.name)
-            cards_a = [c for c in a.header.cards if not c.keyword.startswith("DATE")]
-            cards_b = [c for c in b.header.cards if not c.keyword.startswith("DATE")]
-            assert [str(c) for c in cards_a] == [str(c) for c in cards_b], (produced, a.name)
 
 
 def assert_same_products(results, reference):

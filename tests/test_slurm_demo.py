@@ -26,8 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
+from fits_helpers import assert_same_fits
 from slurm_fixture import slurm_cluster  # noqa: F401  (fixture, see tests/slurm_fixture.py)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -50,25 +50,6 @@ def demo_command(workdir, cores, *snakemake_args):
 def report_rows(results):
     with open(results / "report.csv", newline="", encoding="utf-8") as handle:
         return list(csv.DictReader(handle))
-
-
-def assert_same_fits(produced, expected):
-    """Same HDUs, same data bit for bit, same headers except a DATE keyword."""
-    from astropy.io import fits
-
-    with fits.open(produced) as mine, fits.open(expected) as theirs:
-        assert len(mine) == len(theirs), produced
-        for a, b in zip(mine, theirs, strict=True):
-            assert a.name == b.name
-            if b.data is None:
-                assert a.data is None, (produced, a.name)
-                continue
-            assert a.data.dtype == b.data.dtype, (produced, a.name)
-            assert np.array_equal(np.asarray(a.data).view(np.uint8),
-                                  np.asarray(b.data).view(np.uint8)), (produced, a.name)
-            cards_a = [str(c) for c in a.header.cards if not c.keyword.startswith("DATE")]
-            cards_b = [str(c) for c in b.header.cards if not c.keyword.startswith("DATE")]
-            assert cards_a == cards_b, (produced, a.name)
 
 
 def test_demo_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):  # noqa: F811
