@@ -33,10 +33,15 @@ have() {
     command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/usr/bin/$1" ]
 }
 
-missing=()
-for pkg in "${PACKAGES[@]}"; do
-    have "${PROVIDES[$pkg]}" || missing+=("$pkg")
-done
+absent() {
+    # the packages among the arguments whose program is not installed
+    local pkg
+    for pkg in "$@"; do
+        have "${PROVIDES[$pkg]}" || echo "$pkg"
+    done
+}
+
+mapfile -t missing < <(absent "${PACKAGES[@]}")
 
 if [ "${#missing[@]}" -eq 0 ]; then
     echo "install-system-packages: all present (${PACKAGES[*]})"
@@ -85,10 +90,7 @@ if ! install "${missing[@]}"; then
     fi
 fi
 
-still=()
-for pkg in "${missing[@]}"; do
-    have "${PROVIDES[$pkg]}" || still+=("$pkg")
-done
+mapfile -t still < <(absent "${missing[@]}")
 if [ "${#still[@]}" -gt 0 ]; then
     warn "still missing: ${still[*]}; the tests that need them will skip"
 else
