@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fits_helpers import assert_same_fits
+from workflow_helpers import assert_same_fits, read_report
 
 pytestmark = pytest.mark.slow
 
@@ -69,11 +69,6 @@ def write_config(workdir, url, **archive):
     path = workdir / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
-
-
-def read_report(results):
-    with open(results / "report.csv", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def sha256(path):

@@ -15,7 +15,6 @@ report rules are local rules.  Every process is bounded by ``timeout -s KILL``.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -27,8 +26,8 @@ import time
 from pathlib import Path
 
 import pytest
-from fits_helpers import assert_same_fits
 from slurm_fixture import slurm_cluster  # noqa: F401  (fixture, see tests/slurm_fixture.py)
+from workflow_helpers import assert_same_fits, read_report
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -45,11 +44,6 @@ def demo_command(workdir, cores, *snakemake_args):
     return [sys.executable, "-m", "nsclean.demo", "--workdir", str(workdir), "--exposures",
             str(EXPOSURES), "--cores", str(cores), "--timeout", str(SLURM_TIMEOUT - 30),
             "--", *snakemake_args]
-
-
-def report_rows(results):
-    with open(results / "report.csv", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def test_demo_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):  # noqa: F811
@@ -108,7 +102,7 @@ def test_demo_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):  # noqa
     assert set(job_ids) <= completed
 
     # Inside each exposure's job, its downloads, mask, clean and QA ran (Slurm logs).
-    stems = sorted(row["stem"] for row in report_rows(remote / "results"))
+    stems = sorted(row["stem"] for row in read_report(remote / "results"))
     logs = {job: next((remote / ".snakemake" / "slurm_logs").rglob(f"{job}.log"))
             for job in job_ids}
     ran = {}
@@ -122,8 +116,8 @@ def test_demo_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):  # noqa
 
     # Same products as the local run, bit for bit.
     local_results, results = local / "results", remote / "results"
-    assert report_rows(results) == report_rows(local_results)
-    assert {row["status"] for row in report_rows(results)} == {"cleaned"}
+    assert read_report(results) == read_report(local_results)
+    assert {row["status"] for row in read_report(results)} == {"cleaned"}
     assert len(stems) == EXPOSURES
     for stem in stems:
         folder = Path(PROGRAM) / stem

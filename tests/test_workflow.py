@@ -9,7 +9,6 @@ subprocess is bounded by a timeout.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from workflow_helpers import read_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
@@ -41,11 +41,6 @@ def snakemake(*args, cwd, timeout=DRY_RUN_TIMEOUT, env=None):
 def write_yaml(path, data):
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     return path
-
-
-def read_report(results):
-    with open(results / "report.csv", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
 
 
 def job_counts(output):

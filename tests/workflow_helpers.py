@@ -1,8 +1,16 @@
-"""Comparison of FITS products shared by the workflow tests."""
+"""Helpers shared by the workflow tests: FITS products and the run report."""
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
+
+
+def read_report(results):
+    """Rows of ``<results>/report.csv`` as dicts."""
+    with open(results / "report.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
 
 
 def assert_same_fits(produced, expected):
