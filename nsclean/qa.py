@@ -9,6 +9,7 @@ definitions and the flag thresholds.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -128,7 +129,7 @@ def _column_series(image, background_mask):
     image = _validate(image, "image")
     mask = _validate_mask(background_mask, image.shape)
     use, _, sigma = _background_pixels(image, mask)
-    means, valid, counts = _column_means(image, use)
+    means, valid, counts = _column_means(_zeroed(image, use), use)
     return image, use, sigma, means, valid, counts
 
 
@@ -196,23 +197,49 @@ def _block_sum(array, block):
     return total.sum(axis=2)
 
 
-def _smoothed_background(values, use):
+def _block_count(use, block):
+    """Number of True pixels per (block x block) block, as float64 (what ``_block_sum``
+    gives for a bool array: small integers, exact either way), counted in int8."""
+    ny, nx = use.shape
+    pad_y = (-ny) % block
+    pad_x = (-nx) % block
+    if pad_y or pad_x:
+        use = np.pad(use, ((0, pad_y), (0, pad_x)))
+    rows = use.view(np.int8).reshape(use.shape[0] // block, block, use.shape[1])
+    total = rows[:, 0].copy()
+    for row in range(1, block):
+        total += rows[:, row]
+    return total.reshape(total.shape[0], -1, block).sum(axis=2, dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=4)
+def _frame_norm(shape):
+    """Smoothed array of ones on the block grid (the same for every image of a shape)."""
+    from ._smooth import gaussian_filter
+
+    norm = gaussian_filter(np.ones(shape), _FRAME_SIGMA_BLOCKS, mode="constant")
+    norm.flags.writeable = False  # shared between calls
+    return norm
+
+
+def _smoothed_background(zeroed, use):
     """Normalised-convolution smooth of the background, on a 4x4 block grid.
 
+    ``zeroed`` is the image with zeros off the background (``_zeroed``).
     Returns (smoothed, density) on the block grid; density is the Gaussian
     weighted fraction of background pixels, used to leave out areas with too
     little background to say anything.
     """
     from ._smooth import gaussian_filter
 
-    weighted = _block_sum(np.where(use, values, 0.0), _FRAME_BLOCK)
-    counts = _block_sum(use, _FRAME_BLOCK)
+    weighted = _block_sum(zeroed, _FRAME_BLOCK)
+    counts = _block_count(use, _FRAME_BLOCK)
     # Normalised convolution: dividing the smoothed sums by the smoothed
     # counts makes the zero padding outside the array harmless, so the edge
     # band (where the picture frame lives) is not pulled toward zero.
     smooth_weighted = gaussian_filter(weighted, _FRAME_SIGMA_BLOCKS, mode="constant")
     smooth_counts = gaussian_filter(counts, _FRAME_SIGMA_BLOCKS, mode="constant")
-    norm = gaussian_filter(np.ones_like(counts), _FRAME_SIGMA_BLOCKS, mode="constant")
+    norm = _frame_norm(counts.shape)
     density = smooth_counts / (norm * _FRAME_BLOCK**2)
     with np.errstate(invalid="ignore", divide="ignore"):
         smoothed = smooth_weighted / smooth_counts
@@ -230,9 +257,9 @@ def _edge_zone(shape_blocks, full_shape, edge_width):
     return np.minimum(dist_y[:, None], dist_x[None, :]) < edge_width
 
 
-def _picture_frame(values, use, edge_width):
-    smoothed, _ = _smoothed_background(values, use)
-    edge = _edge_zone(smoothed.shape, values.shape, edge_width)
+def _picture_frame(zeroed, use, edge_width):
+    smoothed, _ = _smoothed_background(zeroed, use)
+    edge = _edge_zone(smoothed.shape, zeroed.shape, edge_width)
     finite = np.isfinite(smoothed)
     interior_values = smoothed[~edge & finite]
     edge_values = smoothed[edge & finite]
@@ -250,15 +277,24 @@ def _background_pixels(image, background_mask):
     use = background_mask & np.isfinite(image)
     median, sigma = _robust_location_scale(image[use])
     if use.any() and sigma > 0:
-        use &= np.abs(np.where(use, image, median) - median) <= _CLIP_SIGMA * sigma
+        # |image - median| in the image's dtype, as the clip has always been computed;
+        # off the background (NaNs included) the comparison does not matter.
+        deviation = image - median
+        np.abs(deviation, out=deviation)
+        use &= deviation <= _CLIP_SIGMA * sigma
     return use, median, sigma
 
 
-def _column_means(image, use, min_pixels=1):
-    counts = use.sum(axis=0)
-    sums = np.where(use, image, 0.0).sum(axis=0, dtype=np.float64)
+def _zeroed(image, use):
+    """The image with zeros off ``use``: computed once, summed by several metrics."""
+    return np.where(use, image, 0.0)
+
+
+def _column_means(zeroed, use, min_pixels=1):
+    counts = np.count_nonzero(use, axis=0)
+    sums = zeroed.sum(axis=0, dtype=np.float64)
     valid = counts >= min_pixels
-    means = np.zeros(image.shape[1])
+    means = np.zeros(zeroed.shape[1])
     means[valid] = sums[valid] / counts[valid]
     return means, valid, counts
 
@@ -270,9 +306,12 @@ def _pooled_variance(image, use, column_means, column_valid, column_counts, sigm
     measuring the scatter about the column means keeps the stripes
     themselves from inflating it.
     """
-    residual = np.where(use, image - column_means[None, :], 0.0)
+    # In place in one float64 buffer: zeros off the background, squares on it.
+    residual = np.zeros(image.shape)
+    np.subtract(image, column_means[None, :], out=residual, where=use)
+    np.square(residual, out=residual)
     dof = np.sum(column_counts[column_valid] - 1)
-    return float(np.sum(residual**2, dtype=np.float64) / dof) if dof > 0 else sigma**2
+    return float(np.sum(residual, dtype=np.float64) / dof) if dof > 0 else sigma**2
 
 
 def _white_variance(image, use, column_means, column_valid, column_counts, sigma):
@@ -295,37 +334,42 @@ def _length_weights(use):
     block = min(_DENSITY_BLOCK, ny)
     pad = (-ny) % block
     padded = np.pad(use, ((0, pad), (0, 0))) if pad else use
-    fraction = padded.reshape(-1, block, nx).mean(axis=1, dtype=np.float64)
+    # count / block: exactly the float64 mean of the bools, counted in int16.
+    counts = padded.reshape(-1, block, nx).sum(axis=1, dtype=np.int16)
+    fraction = counts / block
     density = gaussian_filter1d(fraction, _DENSITY_SIGMA_BLOCKS, axis=0, mode="nearest")
     with np.errstate(divide="ignore"):
         block_weight = np.where(density > 0, 1.0 / density, 0.0)
     weights = np.repeat(block_weight.astype(np.float32), block, axis=0)[:ny]
-    return np.where(use, weights, np.float32(0.0))
+    weights *= use  # 0 off the background (the weights are finite)
+    return weights
 
 
-def _uniform_banding(image, use, column_valid, within):
+def _uniform_banding(zeroed, use, column_valid, within):
     weights = _length_weights(use)
     weight_sum = weights.sum(axis=0, dtype=np.float64)
     valid = column_valid & (weight_sum > 0)
     keys = ("banding_uniform_rms", "banding_uniform_white_rms", "banding_uniform_excess_rms")
     if valid.sum() < 2:
         return dict.fromkeys(keys)
-    weighted = np.where(use, image, 0.0) * weights
+    weighted = zeroed * weights
     means = weighted.sum(axis=0, dtype=np.float64)[valid] / weight_sum[valid]
     centred = means - means.mean()
     rms = float(np.sqrt(np.mean(centred**2)))
     # Variance of a weighted mean of independent pixels: s^2 sum(w^2) / (sum w)^2.
-    square_sum = (weights.astype(np.float64) ** 2).sum(axis=0)[valid]
+    squares = weights.astype(np.float64)
+    np.square(squares, out=squares)
+    square_sum = squares.sum(axis=0)[valid]
     white = float(np.mean(within * square_sum / weight_sum[valid] ** 2))
     excess = math.sqrt(max(rms**2 - white, 0.0))
     return dict(zip(keys, (rms, math.sqrt(white), excess), strict=True))
 
 
-def _row_means(image, use):
-    counts = use.sum(axis=1)
-    sums = np.where(use, image, 0.0).sum(axis=1, dtype=np.float64)
+def _row_means(zeroed, use):
+    counts = np.count_nonzero(use, axis=1)
+    sums = zeroed.sum(axis=1, dtype=np.float64)
     valid = counts >= 1
-    means = np.zeros(image.shape[0])
+    means = np.zeros(zeroed.shape[0])
     means[valid] = sums[valid] / counts[valid]
     return means, valid
 
@@ -340,9 +384,10 @@ def _image_metrics(image, background_mask, *, lowfreq_cutoff, edge_width, series
     result["n_nonfinite"] = n_nonfinite
     if series is not None:
         series["white"] = None
+    zeroed = _zeroed(image, use)
     if not use.any():
         if series is not None:
-            series["spectrum"] = _series_power(*_column_means(image, use)[:2])
+            series["spectrum"] = _series_power(*_column_means(zeroed, use)[:2])
         return result
     # Median and MAD are taken before the 5-sigma clip: the clip removes far
     # less than the 50 % a MAD tolerates, so recomputing would change nothing
@@ -350,7 +395,7 @@ def _image_metrics(image, background_mask, *, lowfreq_cutoff, edge_width, series
     result["background_median"] = median
     result["background_rms"] = sigma
 
-    column_means, column_valid, column_counts = _column_means(image, use)
+    column_means, column_valid, column_counts = _column_means(zeroed, use)
     if column_valid.sum() >= 2:
         centred = column_means[column_valid] - column_means[column_valid].mean()
         result["banding_rms"] = float(np.sqrt(np.mean(centred**2)))
@@ -359,15 +404,15 @@ def _image_metrics(image, background_mask, *, lowfreq_cutoff, edge_width, series
         result["banding_white_rms"] = float(np.sqrt(white))
         excess = result["banding_rms"] ** 2 - white
         result["banding_excess_rms"] = float(np.sqrt(max(excess, 0.0)))
-        result.update(_uniform_banding(image, use, column_valid, within))
+        result.update(_uniform_banding(zeroed, use, column_valid, within))
         if series is not None:
             series["white"] = _as_float(2.0 * white / image.shape[1])
     if series is not None:
         series["spectrum"] = _series_power(column_means, column_valid)
     result["lowfreq_power_rows"] = _lowfreq_power(column_means, column_valid, lowfreq_cutoff)
-    row_means, row_valid = _row_means(image, use)
+    row_means, row_valid = _row_means(zeroed, use)
     result["lowfreq_power_columns"] = _lowfreq_power(row_means, row_valid, lowfreq_cutoff)
-    frame_rms, interior_rms, amplitude = _picture_frame(image, use, edge_width)
+    frame_rms, interior_rms, amplitude = _picture_frame(zeroed, use, edge_width)
     result["frame_rms"] = frame_rms
     result["interior_rms"] = interior_rms
     result["picture_frame_amplitude"] = amplitude
@@ -634,7 +679,10 @@ def exposure_metrics(
             values = model.ravel() if model_metrics["n_nonfinite"] == 0 else model[finite]
             pedestal, _ = _robust_location_scale(values)
             deviation = values - pedestal
-            model_metrics["max_abs"] = _as_float(np.max(np.abs(deviation)))
+            # The largest |d| is that of the largest or the smallest d (no array of |d|).
+            model_metrics["max_abs"] = _as_float(
+                max(abs(float(deviation.max())), abs(float(deviation.min())))
+            )
             np.square(deviation, out=deviation)
             model_metrics["rms"] = _as_float(np.sqrt(np.mean(deviation, dtype=np.float64)))
     metrics["model"] = model_metrics

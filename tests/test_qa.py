@@ -377,3 +377,15 @@ def test_spectra_handed_back_are_those_of_the_spectrum_functions():
     empty = {}
     qa.exposure_metrics(before, after, None, np.zeros(SHAPE, bool), spectra=empty)
     assert empty["white"] is None and empty["before"][0].size == 0
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (13, 30), (64, 2048), (2048, 37)])
+def test_block_count_is_the_number_of_background_pixels_per_block(shape):
+    use = np.random.default_rng(sum(shape)).random(shape) < 0.4
+    padded = np.pad(use, ((0, -shape[0] % 4), (0, -shape[1] % 4)))
+    expected = padded.reshape(padded.shape[0] // 4, 4, -1, 4).sum(axis=(1, 3))
+    counts = qa._block_count(use, 4)
+    assert counts.dtype == np.float64
+    np.testing.assert_array_equal(counts, expected)
+    # the same float64 values as the block sum the picture-frame metric used before
+    np.testing.assert_array_equal(counts, qa._block_sum(use, 4))
