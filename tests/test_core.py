@@ -331,6 +331,83 @@ def test_density_weights_are_centred_and_symmetric():
     assert w[1000, 0] > w[320, 0]
 
 
+def test_fast_fft_length_is_the_smallest_5_smooth_number_not_below_n():
+    def five_smooth(m):
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    expected = 1
+    for n in range(1, 5000):
+        if expected < n:
+            expected = next(m for m in range(n, 2 * n + 1) if five_smooth(m))
+        assert core._fast_fft_length(n) == expected, n
+    for n in (65537, 1_000_001, 3**13 + 1):
+        m = core._fast_fft_length(n)
+        assert five_smooth(m) and m >= n
+        assert not any(five_smooth(k) for k in range(n, m))
+    # The lengths the density filter used with scipy.fft.
+    scipy_fft = pytest.importorskip("scipy.fft")
+    for n in list(range(1, 3000)) + [65537, 1_000_001, 3**13 + 1]:
+        assert core._fast_fft_length(n) == scipy_fft.next_fast_len(n, real=True), n
+
+
+def test_cleaning_imports_no_scipy():
+    # Every clean job of the workflow is a fresh process: scipy.fft alone cost ~0.4 s.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np, nsclean.exposure, nsclean.core;"
+        "img = np.random.default_rng(0).normal(size=(2048, 64)).astype(np.float32);"
+        "nsclean.core.clean(img, np.ones(img.shape, bool));"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_density_filter_is_the_direct_convolution_in_single_precision():
+    rng = np.random.default_rng(22)
+    valid = rng.random((N, 6)) < 0.4
+    valid[300:900, 1] = False
+    valid[:, 2] = True
+    for sigma in (32.0, 8.0):  # binned by 4, and not binned
+        density = core._DensityFilter(N, sigma)
+        binned = valid.reshape(density.n_bins, density.bin, -1).sum(axis=1).astype(float)
+        s = sigma / density.bin
+        offsets = np.arange(-int(np.ceil(4 * s)), int(np.ceil(4 * s)) + 1)
+        kernel = np.exp(-0.5 * (offsets / s) ** 2)
+        kernel /= kernel.sum()
+
+        rho = np.stack([np.convolve(c, kernel, mode="same") for c in binned.T], axis=1)
+        rho /= np.convolve(np.full(density.n_bins, float(density.bin)), kernel, mode="same")[
+            :, None
+        ]
+        weights = density.binned_weights(valid)
+        assert weights.dtype == np.float32
+        # Single-precision FFTs: an error of a few 1e-8 in rho (which is at most 1).
+        dense = rho > 1e-3
+        np.testing.assert_allclose(weights[dense] ** -0.5, rho[dense], rtol=0, atol=5e-7)
+
+
+def test_density_filter_does_not_depend_on_how_many_lines_go_together():
+    # The FFTs run on groups of lines at once (SIMD lanes, and a remainder line by line):
+    # every line must come out the same bits whatever the group, or block size and
+    # thread count would change the result.
+    rng = np.random.default_rng(23)
+    valid = rng.random((N, 45)) < 0.3
+    valid[200:1100, ::4] = False
+    for sigma in (32.0, 8.0):
+        density = core._DensityFilter(N, sigma)
+        whole = density.binned_weights(valid)
+        for width in (1, 3, 8, 13):
+            parts = [density.binned_weights(valid[:, j : j + width]) for j in range(0, 45, width)]
+            np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+
+
 def test_result_does_not_depend_on_block_size(monkeypatch):
     rng = np.random.default_rng(14)
     image = rng.normal(size=(N, 300)).astype(np.float32)
