@@ -1,0 +1,145 @@
+"""The per-exposure steps of the workflow (mask, clean, QA) as plain functions.
+
+Each step takes the job's files and settings as plain dictionaries (what a rule script
+reads from Snakemake's ``snakemake`` object), writes every declared output and returns
+nothing; :mod:`nsclean.pipeline` describes the status records and how an exposure's
+failure is recorded.  The rule scripts call them through :func:`nsclean.warm.run_step`,
+which runs a step in a pre-imported worker process when one is available and in the
+calling process otherwise: the same function either way.
+
+All heavy imports (numpy, astropy, matplotlib) happen inside the steps, so that
+importing this module is cheap.
+
+Arguments common to every step
+------------------------------
+input, output : dict
+    The rule's named input and output files.
+params : dict
+    The rule's params (``options``: the config section of the step).
+log : str
+    The rule's log file.
+wildcards : dict
+    The rule's wildcards (``program``, ``stem``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .pipeline import (
+    CLEANED,
+    OK,
+    checksum_cards,
+    file_checksum,
+    input_checksums,
+    require_ok,
+    script_logging,
+    step,
+    write_status,
+)
+
+__all__ = ["STEPS", "clean", "mask", "qa"]
+
+
+def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
+    """Rule ``mask``: the background mask of one exposure.
+
+    input: ``rate``, ``cal`` and optionally the download status records
+    (``*_status``); output: ``mask`` (FITS, 1 = background; empty if the exposure
+    failed) and ``status`` (JSON record with the mask summary and input checksums).
+    """
+    logger = script_logging(log)
+    options = dict(params["options"])
+    with step(output["status"], [output["mask"]], logger) as record:
+        # Status records of the downloads (an archive refusal fails this exposure with
+        # the archive's reason).
+        require_ok([path for key, path in input.items() if key.endswith("_status")])
+        record["inputs"] = input_checksums([input["rate"], input["cal"]])
+        from .exposure import make_mask
+
+        summary = make_mask(input["cal"], input["rate"], output["mask"], options=options,
+                            overwrite=True)
+        logger.info("mask of %s: %d background pixels (%.1f %%), %d weak columns",
+                    summary["stem"], summary["n_background"],
+                    100 * summary["background_fraction"], summary["n_weak_columns"])
+        write_status(output["status"], OK, mask=summary, mask_options=options, **record)
+
+
+def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
+    """Rule ``clean``: fit and subtract the correlated read noise of one exposure.
+
+    input: ``rate``, ``mask``, ``mask_status``; output: ``cleaned`` (the cleaned rate
+    file; empty if the exposure failed) and ``status`` (JSON record with the fit
+    summary and provenance).  ``params["options"]`` are options of
+    :func:`nsclean.fit`.
+    """
+    logger = script_logging(log)
+    with step(output["status"], [output["cleaned"]], logger) as record:
+        (mask_record,) = require_ok([input["mask_status"]])
+        record["inputs"] = {**mask_record.get("inputs", {}),
+                            "mask": file_checksum(input["mask"])}
+        record["mask_options"] = mask_record.get("mask_options", {})
+        from .exposure import clean_exposure
+
+        summary = clean_exposure(input["rate"], output["cleaned"], mask_path=input["mask"],
+                                 fit_options=dict(params["options"]), overwrite=True,
+                                 extra_cards=checksum_cards(record["inputs"]))
+        logger.info("cleaned %s: %s", summary["stem"], summary["fit"])
+        write_status(output["status"], OK, clean=summary, **record)
+
+
+def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
+    """Rule ``qa``: metrics before and after cleaning, and the figures, of one exposure.
+
+    input: ``rate``, ``cleaned``, ``mask``, ``clean_status``; output: ``metrics`` (the
+    exposure's final record in the layout of :func:`nsclean.report.write_record`,
+    with the fit summary and provenance) and ``figures`` (a directory of PNGs, empty
+    if the exposure failed).  ``params["options"]["figures"]`` turns the figures off.
+    """
+    logger = script_logging(log)
+    metrics_path = Path(output["metrics"])
+    figure_dir = Path(output["figures"])
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    # <results>/<program>/<stem>/<stem>_qa.json: the results directory is three up.
+    results_dir = metrics_path.parents[2]
+    with step(metrics_path, [], logger) as record:
+        record.update(program=wildcards["program"], stem=wildcards["stem"],
+                      cleaned_file=None)
+        (clean_record,) = require_ok([input["clean_status"]])
+        record.update(inputs=clean_record["inputs"],
+                      mask_options=clean_record["mask_options"], clean=clean_record["clean"])
+        import numpy as np
+
+        from . import figures
+        from . import qa as qa_metrics
+        from .exposure import read_mask, read_rate
+
+        before = read_rate(input["rate"])
+        after = read_rate(input["cleaned"])
+        mask_array, _ = read_mask(input["mask"], before)
+        # FITS data are big-endian; every numpy operation on them would convert on the
+        # fly, so convert once (the same values).
+        before_sci, after_sci = (exposure.sci.astype(exposure.sci.dtype.newbyteorder("="))
+                                 for exposure in (before, after))
+        # The subtracted model, where it is observable: NaN rate pixels stay NaN in the
+        # cleaned file and carry no model (0 there, so the model metrics stay finite).
+        model = np.nan_to_num(before_sci.astype(np.float64) - after_sci, nan=0.0)
+        spectra = {}  # the banding spectra the metrics are measured from, for the figure
+        metrics = qa_metrics.exposure_metrics(before_sci, after_sci, model, mask_array,
+                                              fit_info=clean_record["clean"]["fit"],
+                                              spectra=spectra)
+        pngs = {}
+        if params["options"]["figures"]:
+            pngs = figures.write_figures(before_sci, after_sci, model, mask_array,
+                                         figure_dir, before.stem, spectra=spectra)
+        logger.info("QA of %s: flags %s", before.stem, metrics["flags"] or "none")
+        record["cleaned_file"] = os.path.relpath(input["cleaned"], results_dir)
+        # Figure paths relative to the record's folder, as nsclean.report expects.
+        record["figures"] = {kind: os.path.relpath(path, metrics_path.parent)
+                             for kind, path in pngs.items()}
+        write_status(metrics_path, CLEANED, metrics=metrics, **record)
+
+
+#: The steps by name (what :func:`nsclean.warm.run_step` accepts).
+STEPS = {"mask": mask, "clean": clean, "qa": qa}

@@ -1,0 +1,589 @@
+"""Warm workers: run the workflow's per-exposure steps in a pre-imported process.
+
+A rule script of the workflow spends most of its time importing numpy, astropy and
+matplotlib (about 0.9 CPU-s for a mask job, 1.2 for a clean and 1.6 for a QA job, more
+than the work on one exposure).  A warm worker imports them once:
+
+* A **server** (``python -m nsclean.warm serve``) listens on a Unix socket in a private
+  directory (``$XDG_RUNTIME_DIR`` or the temporary directory, ``nsclean-warm-<uid>``,
+  mode 0700).  It imports the libraries and the steps once, then forks one child per
+  request.  Its socket's name is a hash of everything the imports depend on (host,
+  Python, ``sys.path``, the nsclean source files, thread and matplotlib environment
+  variables), so that code or environment changes start a new server.  It exits after
+  ``idle`` seconds without work (default 30).
+* The **client** (:func:`run_step`, called by a rule script) starts the server if none
+  is running, sends the step's name and arguments with its working directory,
+  environment, umask and standard streams, and waits.  The forked child adopts all of
+  them, runs the step (:mod:`nsclean.steps`, the same function the client would run)
+  and reports its exit status, CPU time and peak memory, which the client writes to
+  the rule's log.  The client passes on the signals it gets (Ctrl-C, ``kill``), and a
+  child whose client has died stops at once, so that Snakemake's view of a job stays
+  the truth.
+* Whenever a worker cannot be used (no ``fork``, no Unix sockets, a server that
+  cannot start or does not answer), the step runs in the calling process, with a note
+  in the log.  Results do not depend on where a step ran.
+
+Snakemake's ``benchmark:`` files of a step run by a warm worker count only the small
+client's CPU time and memory (the wall time is right); the step's own figures are in
+the rule's log.  Jobs submitted to a cluster run each in its own allocation, where a
+server would not outlive the job: in ``auto`` mode warm workers are used only outside
+Slurm jobs.
+
+This module imports only the standard library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+__all__ = ["default_socket_dir", "run_rule_step", "run_step", "server_key",
+           "use_warm_workers"]
+
+#: Seconds a server stays up without requests.
+IDLE_SECONDS = 30.0
+#: Seconds a client waits for a server to answer (it may be importing).
+ANSWER_SECONDS = 120.0
+#: Seconds a client waits for a server it started to create its socket.
+START_SECONDS = 20.0
+#: Seconds during which a server that failed to start is not tried again.
+RETRY_FAILED_SECONDS = 300.0
+# Environment variables read when the libraries are imported: a server started with
+# other values would not behave like a fresh process, so they are part of its key.
+_IMPORT_ENV_PREFIXES = ("OMP_", "OPENBLAS_", "MKL_", "GOTO_", "BLIS_", "VECLIB_",
+                        "NUMEXPR_", "NUMPY_", "MPL", "ASTROPY", "PYTHON", "XDG_CONFIG",
+                        "XDG_CACHE", "NSCLEAN_")
+_HEADER = struct.Struct("!I")  # length of the JSON message that follows
+_MAX_MESSAGE = 16 << 20
+
+
+class WarmUnavailable(Exception):
+    """No warm worker can run this step; it runs in the calling process instead."""
+
+
+# ------------------------------------------------------------------------------------
+# entry point of the rule scripts
+# ------------------------------------------------------------------------------------
+def use_warm_workers(setting="auto", environ=None) -> bool:
+    """Whether steps go to a warm worker.
+
+    Parameters
+    ----------
+    setting : {"auto", True, False}
+        The workflow's ``warm_workers`` config value.  ``"auto"`` uses them except
+        inside a Slurm job (``SLURM_JOB_ID`` set), where each job has its own
+        allocation and a server would die with it.
+    environ : mapping, optional
+        The environment to look at (default ``os.environ``).
+
+    Returns
+    -------
+    bool
+    """
+    environ = os.environ if environ is None else environ
+    if setting is False or not (hasattr(os, "fork") and hasattr(socket, "AF_UNIX")):
+        return False
+    if setting is True:
+        return True
+    if setting != "auto":
+        raise ValueError(f"warm_workers must be 'auto', true or false; got {setting!r}")
+    return "SLURM_JOB_ID" not in environ
+
+
+def run_rule_step(name: str, smk) -> None:
+    """Run a step with the files and settings of a Snakemake rule script's job.
+
+    Parameters
+    ----------
+    name : str
+        The step (``"mask"``, ``"clean"``, ``"qa"``).
+    smk
+        The ``snakemake`` object of the rule script: its named input, output, params
+        and wildcards, its first log file, and the ``warm_workers`` config value.
+    """
+    kwargs = {"input": dict(smk.input.items()), "output": dict(smk.output.items()),
+              "params": dict(smk.params.items()), "log": smk.log[0],
+              "wildcards": dict(smk.wildcards.items())}
+    run_step(name, kwargs, warm=use_warm_workers(smk.config.get("warm_workers", "auto")))
+
+
+def run_step(name: str, kwargs: dict, *, warm=True, log: str | None = None,
+             socket_dir: str | None = None, idle: float = IDLE_SECONDS) -> None:
+    """Run one step of :data:`nsclean.steps.STEPS`, in a warm worker when possible.
+
+    Parameters
+    ----------
+    name : str
+        The step (``"mask"``, ``"clean"``, ``"qa"``).
+    kwargs : dict
+        Its keyword arguments; must be JSON-serialisable (plain dicts, strings).
+    warm : bool
+        Try a warm worker first (see :func:`use_warm_workers`).
+    log : str, optional
+        Where notes about the worker go (default ``kwargs["log"]``).
+    socket_dir : str, optional
+        Directory of the servers' sockets (default :func:`default_socket_dir`).
+    idle : float
+        Idle time after which a server started here exits.
+
+    Raises
+    ------
+    SystemExit
+        With the worker's exit status if the step failed there (its traceback is on
+        the job's standard error).  A step run in this process raises as usual.
+    """
+    from .steps import STEPS
+
+    if name not in STEPS:
+        raise ValueError(f"unknown step {name!r}; known: {', '.join(STEPS)}")
+    log = log or kwargs.get("log")
+    if warm:
+        try:
+            json.dumps(kwargs)
+        except (TypeError, ValueError) as error:
+            _note(log, f"step arguments are not plain data ({error}); no warm worker")
+            warm = False
+    if warm:
+        try:
+            status = _run_in_worker(name, kwargs, socket_dir or default_socket_dir(), idle,
+                                    log)
+        except WarmUnavailable as why:
+            _note(log, f"no warm worker ({why}); running the step in this process")
+        else:
+            if status:
+                raise SystemExit(status)
+            return
+    STEPS[name](**kwargs)
+
+
+def default_socket_dir() -> str:
+    """Private directory of the warm-worker sockets of this user."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return os.path.join(base, f"nsclean-warm-{os.getuid()}")
+
+
+def server_key(path: list[str] | None = None, environ=None) -> str:
+    """Hash of what a server's imports depend on (its socket is named after it).
+
+    Parameters
+    ----------
+    path : list of str, optional
+        The module search path (default ``sys.path``).
+    environ : mapping, optional
+        The environment (default ``os.environ``).
+
+    Returns
+    -------
+    str
+        16 hexadecimal digits.
+    """
+    import nsclean
+
+    environ = os.environ if environ is None else environ
+    package = os.path.dirname(os.path.abspath(nsclean.__file__))
+    parts = [socket.gethostname(), sys.executable, sys.version, package,
+             *(path if path is not None else sys.path)]
+    for entry in sorted(os.scandir(package), key=lambda e: e.name):
+        if entry.name.endswith(".py"):
+            stat = entry.stat()
+            parts.append(f"{entry.name}:{stat.st_mtime_ns}:{stat.st_size}")
+    parts += [f"{key}={value}" for key, value in sorted(environ.items())
+              if key.startswith(_IMPORT_ENV_PREFIXES)]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------
+# client
+# ------------------------------------------------------------------------------------
+def _run_in_worker(name, kwargs, directory, idle, log) -> int:
+    """Run a step in a warm worker; returns its exit status (0 = success)."""
+    key = server_key()
+    _private_directory(directory)
+    connection = _connect(directory, key, idle)
+    with connection:
+        connection.settimeout(ANSWER_SECONDS)
+        try:
+            hello = _receive(connection)
+        except (OSError, ValueError) as error:
+            raise WarmUnavailable(f"the server did not answer: {error}") from None
+        if hello.get("key") != key:
+            raise WarmUnavailable(f"the server answered for {hello.get('key')!r}")
+        request = {"step": name, "kwargs": kwargs, "cwd": os.getcwd(),
+                   "env": dict(os.environ), "umask": _umask()}
+        try:
+            _send(connection, request, fds=[0, 1, 2])
+            connection.settimeout(ANSWER_SECONDS)
+            started = _receive(connection)
+        except (OSError, ValueError) as error:
+            raise WarmUnavailable(f"the server did not take the step: {error}") from None
+        # From here on the step is running in the worker: it must not run again here.
+        child = int(started["pid"])
+        connection.settimeout(None)
+        forwarded = []
+
+        def forward(signum, _frame):
+            forwarded.append(signum)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+        previous = {sig: signal.signal(sig, forward)
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+        try:
+            while True:
+                try:
+                    result = _receive(connection)
+                    break
+                except InterruptedError:
+                    continue
+                except (OSError, ValueError):
+                    result = None
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    if result is None:
+        if forwarded:
+            return 128 + forwarded[-1]
+        print(f"nsclean.warm: worker {child} ended without reporting (killed? out of "
+              "memory?)", file=sys.stderr)
+        return 1
+    _note(log, f"step {name} ran in warm worker {child}: {result['cpu']:.2f} CPU-s, "
+               f"peak {result['maxrss_mb']:.0f} MB (server {hello['pid']})")
+    return int(result["status"])
+
+
+def _connect(directory, key, idle) -> socket.socket:
+    """Connected socket of the server with this key; starts one if there is none."""
+    path = os.path.join(directory, f"{key}.sock")
+    failed = os.path.join(directory, f"{key}.failed")
+    with contextlib.suppress(OSError):
+        # A server that failed to start is not tried again for a while (a fix of the
+        # environment that does not change the key is picked up after that).
+        if time.time() - os.stat(failed).st_mtime < RETRY_FAILED_SECONDS:
+            raise WarmUnavailable(f"a server failed to start recently, see {failed}")
+    with contextlib.suppress(OSError):
+        return _try_connect(path)
+    import fcntl
+
+    # One client at a time starts a server; the others wait here, then connect to it.
+    with open(os.path.join(directory, f"{key}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):
+            return _try_connect(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # left by a server that was killed
+        server_log = os.path.join(directory, f"{key}.log")
+        with open(server_log, "ab") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "nsclean.warm", "serve", "--socket", path,
+                 "--idle", str(idle), "--path", json.dumps(sys.path)],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+                start_new_session=True, close_fds=True, cwd=directory)
+        deadline = time.monotonic() + START_SECONDS
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                return _try_connect(path)
+            if process.poll() is not None:
+                raise WarmUnavailable(f"the server exited at once, see {server_log}")
+            time.sleep(0.02)
+        raise WarmUnavailable(f"the server made no socket in {START_SECONDS:.0f} s")
+
+
+def _try_connect(path) -> socket.socket:
+    connection = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        connection.connect(path)
+    except OSError:
+        connection.close()
+        raise
+    return connection
+
+
+def _private_directory(directory):
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.stat(directory)
+    if info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise WarmUnavailable(f"{directory} is not private to this user")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _note(log, text):
+    """Append a line to the rule's log (the step's own logging goes there too)."""
+    if not log:
+        return
+    with contextlib.suppress(OSError):
+        os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO nsclean.warm: {text}\n")
+
+
+# ------------------------------------------------------------------------------------
+# messages: a 4-byte length, then JSON; file descriptors ride on the first byte
+# ------------------------------------------------------------------------------------
+def _send(connection, message, fds=()):
+    data = json.dumps(message).encode()
+    payload = _HEADER.pack(len(data)) + data
+    if fds:
+        sent = socket.send_fds(connection, [payload], list(fds))
+        payload = payload[sent:]
+    connection.sendall(payload)
+
+
+def _receive(connection, want_fds=0):
+    """One message (and, if ``want_fds``, the descriptors sent with it)."""
+    fds = []
+    if want_fds:
+        head, fds, _flags, _addr = socket.recv_fds(connection, _HEADER.size, want_fds)
+    else:
+        head = connection.recv(_HEADER.size)
+    head += _read_exactly(connection, _HEADER.size - len(head), allow_empty=not head)
+    if not head:
+        raise ValueError("connection closed")
+    (size,) = _HEADER.unpack(head)
+    if size > _MAX_MESSAGE:
+        raise ValueError(f"message of {size} bytes")
+    message = json.loads(_read_exactly(connection, size))
+    return (message, fds) if want_fds else message
+
+
+def _read_exactly(connection, size, allow_empty=False):
+    chunks, remaining = [], size
+    while remaining:
+        chunk = connection.recv(remaining)
+        if not chunk:
+            if allow_empty and remaining == size:
+                return b""
+            raise ValueError("connection closed mid-message")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+# ------------------------------------------------------------------------------------
+# server
+# ------------------------------------------------------------------------------------
+def _preload():
+    """Import what the steps use and exercise the lazy parts once (fonts, FITS I/O)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import numpy as np
+    from astropy.io import fits
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    import nsclean.core
+    import nsclean.exposure
+    import nsclean.figures
+    import nsclean.masks
+    import nsclean.qa
+    import nsclean.steps  # noqa: F401
+
+    for module in ("matplotlib.ticker", "matplotlib.image", "PIL.Image", "threadpoolctl"):
+        with contextlib.suppress(ImportError):
+            __import__(module)
+    buffer = io.BytesIO()
+    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(np.zeros((2, 2), np.float32),
+                                                   name="SCI")]).writeto(buffer)
+    buffer.seek(0)
+    with fits.open(buffer) as hdus:
+        hdus["SCI"].data.sum()
+    figure = Figure(figsize=(2, 2))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.imshow(np.zeros((4, 4)))
+    axes.set_title("warm-up")
+    figure.savefig(io.BytesIO(), format="png")
+
+
+def serve(path: str, idle: float = IDLE_SECONDS, search_path: list[str] | None = None):
+    """Run a warm-worker server on the Unix socket ``path`` until idle for ``idle`` s."""
+    if search_path is not None:
+        sys.path[:] = search_path
+    directory, name = os.path.split(path)
+    key = name.removesuffix(".sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)  # first, so that clients can queue while the imports run
+    listener.listen(64)
+    identity = os.stat(path).st_ino
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} server {os.getpid()} on {path}",
+          flush=True)
+    try:
+        if server_key() != key:
+            raise RuntimeError("started for another code or environment")
+        _preload()
+    except BaseException:
+        traceback.print_exc()
+        with contextlib.suppress(OSError):
+            with open(os.path.join(directory, f"{key}.failed"), "w") as handle:
+                traceback.print_exc(file=handle)
+        _remove_socket(path, identity)
+        raise
+    children: set[int] = set()
+    last_activity = time.monotonic()
+    listener.settimeout(1.0)
+    while True:
+        while children:
+            try:
+                pid, _status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                children.clear()
+                break
+            if not pid:
+                break
+            children.discard(pid)
+            last_activity = time.monotonic()
+        if not children and time.monotonic() - last_activity > idle:
+            break
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            continue
+        last_activity = time.monotonic()
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                listener.close()
+                _child(connection, key)  # ends with os._exit
+            finally:
+                os._exit(1)
+        connection.close()
+        children.add(pid)
+    _remove_socket(path, identity)
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} server {os.getpid()} idle, exiting",
+          flush=True)
+
+
+def _remove_socket(path, identity):
+    """Remove the socket file if it is still this server's."""
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == identity:
+            os.unlink(path)
+
+
+class _Stopped(BaseException):
+    """Raised in a worker by SIGTERM/SIGHUP, so that temporary files are cleaned up."""
+
+
+def _child(connection, key):
+    """Forked per request: take over the client's context, run the step, report."""
+    status = 1
+    state = {"done": False}
+
+    def stop(signum, _frame):
+        if not state["done"]:
+            raise _Stopped(signum)
+
+    try:
+        os.setsid()  # out of the server's session: a signal to one is not for the other
+        connection.settimeout(30.0)
+        _send(connection, {"key": key, "pid": os.getppid()})
+        request, fds = _receive(connection, want_fds=3)
+        connection.settimeout(None)
+        if len(fds) != 3:
+            raise ValueError(f"expected 3 file descriptors, got {len(fds)}")
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.umask(request["umask"])
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGHUP, stop)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        _send(connection, {"pid": os.getpid()})
+        # The client holds the other end until the step ends: if it goes away (killed,
+        # Snakemake gave up on the job), stop too.
+        threading.Thread(target=_stop_when_closed, args=(connection, state),
+                         daemon=True).start()
+        from .steps import STEPS
+
+        try:
+            STEPS[request["step"]](**request["kwargs"])
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code if isinstance(exit_.code, int) else 1
+        except KeyboardInterrupt:
+            status = 128 + signal.SIGINT
+        except _Stopped as stopped:
+            status = 128 + stopped.args[0]
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            state["done"] = True
+            import logging
+
+            logging.shutdown()
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+        import resource
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        _send(connection, {"status": status,
+                           "cpu": usage.ru_utime + usage.ru_stime + children.ru_utime
+                           + children.ru_stime,
+                           "maxrss_mb": max(usage.ru_maxrss, children.ru_maxrss) / 1024})
+    except BaseException:
+        state["done"] = True
+        with contextlib.suppress(BaseException):
+            traceback.print_exc()
+    finally:
+        os._exit(status)
+
+
+#: Seconds a worker whose client is gone has to stop cleanly before it is ended.
+STOP_GRACE_SECONDS = 10.0
+
+
+def _stop_when_closed(connection, state):
+    with contextlib.suppress(OSError):
+        while connection.recv(1):
+            pass
+    if state["done"]:
+        return
+    # Stop the step as SIGTERM would (temporary files removed), then for sure.
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(STOP_GRACE_SECONDS)
+    os._exit(128 + signal.SIGTERM)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nsclean.warm serve --socket PATH``: run a server (started by clients)."""
+    parser = argparse.ArgumentParser(prog="python -m nsclean.warm", description=__doc__
+                                     .split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    server = commands.add_parser("serve", help="run a server on a Unix socket")
+    server.add_argument("--socket", required=True)
+    server.add_argument("--idle", type=float, default=IDLE_SECONDS)
+    server.add_argument("--path", help="module search path, as JSON (the client's)")
+    args = parser.parse_args(argv)
+    serve(args.socket, args.idle, json.loads(args.path) if args.path else None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
