@@ -297,7 +297,9 @@ def test_the_worker_stops_with_its_client(exposures, tmp_path, sockets, how):
         # (The client's module path differs from this process's: its own server.)
         (worker,) = wait_for(lambda: [pid for server in server_pids(sockets)
                                       for pid in children_of(server)], what="worker process")
-        time.sleep(0.3)  # inside the step (reading, metrics)
+        # The step has begun once it opened its log; then it reads and measures (~2 s).
+        wait_for(lambda: Path(arguments["qa"]["log"]).exists(), what="QA log")
+        time.sleep(0.2)
         client.send_signal(how)
         client.wait(timeout=60)
         wait_for(lambda: not alive(worker), timeout=30, what="worker exit")
