@@ -73,35 +73,58 @@ def _block_factors(shape, display_size):
     return tuple(max(1, math.ceil(n / display_size)) for n in shape)
 
 
-def _block_mean(image, weights, factors):
-    """Weighted block mean: (mean, weight sum) on the block grid.
+def _pad_to_blocks(array, factors):
+    """Zero-pad (False-pad) the far edges up to whole blocks."""
+    ny, nx = array.shape
+    pad_y, pad_x = (-ny) % factors[0], (-nx) % factors[1]
+    if pad_y or pad_x:
+        array = np.pad(array, ((0, pad_y), (0, pad_x)))
+    return array
 
-    ``image`` must already be zero where ``weights`` is zero (NaN * 0 is NaN).
+
+def _block_sum(values, factors, accumulate=np.float64):
+    """Sums over (fy, fx) blocks, as float64, zero-padded to whole blocks.
+
+    The fy rows of each block are added as whole strided rows (in ``accumulate``),
+    then its fx columns: several times faster than a sum over two non-adjacent axes
+    of the 4-D view (numpy runs that element by element through a cast buffer) or
+    over a short last axis.
     """
     fy, fx = factors
-    ny, nx = image.shape
-    if ny % fy or nx % fx:
-        pad = ((0, (-ny) % fy), (0, (-nx) % fx))
-        image = np.pad(image, pad)
-        weights = np.pad(weights, pad)
-    sums = _block_sum(image * weights, factors)
-    counts = _block_sum(weights, factors)
+    values = _pad_to_blocks(values, factors)
+    ny, nx = values.shape
+    rows = values.reshape(ny // fy, fy, nx)
+    total = rows[:, 0].astype(accumulate)
+    for row in range(1, fy):
+        total += rows[:, row]
+    columns = total.reshape(ny // fy, nx // fx, fx)
+    sums = columns[:, :, 0].astype(np.float64)
+    for column in range(1, fx):
+        sums += columns[:, :, column]
+    return sums
+
+
+def _block_count(flags, factors):
+    """Number of True values per block (float64), counted in integers."""
+    return _block_sum(np.asarray(flags, dtype=bool).view(np.uint8), factors, np.int32)
+
+
+def _pixel_count(shape, factors):
+    """Number of image pixels per block (fewer in the partial blocks at the far edges)."""
+    per_axis = [np.minimum(n - np.arange(0, n, f), f) for n, f in zip(shape, factors, strict=True)]
+    return np.outer(*per_axis).astype(np.float64)
+
+
+def _block_mean(zeroed, use, factors):
+    """Mean of the ``use`` pixels of each block and their number: (mean, count).
+
+    ``zeroed`` must be zero where ``use`` is False; ``use=None`` means every pixel.
+    Blocks without a pixel to use get NaN.
+    """
+    sums = _block_sum(zeroed, factors)
+    counts = _pixel_count(zeroed.shape, factors) if use is None else _block_count(use, factors)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts, counts
-
-
-def _block_sum(values, factors):
-    """Sums over (fy, fx) blocks, in float64; the shape must be a multiple of the block.
-
-    Row by row, then along the rows: ~3x faster than a sum over two non-adjacent axes
-    of the 4-D view, which numpy runs element by element through a cast buffer.
-    """
-    fy, fx = factors
-    blocks = values.reshape(values.shape[0] // fy, fy, values.shape[1] // fx, fx)
-    total = blocks[:, 0].astype(np.float64)
-    for row in range(1, fy):
-        total += blocks[:, row]
-    return total.sum(axis=2)
 
 
 def _display(image, factors, smooth_sigma):
@@ -117,16 +140,24 @@ def _display(image, factors, smooth_sigma):
     # block sums themselves are accumulated in float64.
     image = np.asarray(image, dtype=np.float32)
     finite = np.isfinite(image)
-    means, counts = _block_mean(np.where(finite, image, 0.0), finite.astype(np.float32), factors)
-    sigma = [max(smooth_sigma / f, 0.5) if smooth_sigma else 0.0 for f in factors]
-    filled = np.where(counts > 0, means, 0.0)
-    weight = (counts > 0).astype(float)
-    if any(sigma):
-        with np.errstate(invalid="ignore", divide="ignore"):
-            smoothed = gaussian_filter(filled * weight, sigma) / gaussian_filter(weight, sigma)
+    if finite.all():
+        means, counts = _block_mean(image, None, factors)
     else:
-        smoothed = filled
-    smoothed[counts == 0] = np.nan
+        means, counts = _block_mean(np.where(finite, image, np.float32(0.0)), finite, factors)
+    sigma = [max(smooth_sigma / f, 0.5) if smooth_sigma else 0.0 for f in factors]
+    has_data = counts > 0
+    if not any(sigma):
+        smoothed = means
+    elif has_data.all():
+        # Every weight is 1: the normalisation is 1 too.
+        smoothed = gaussian_filter(means, sigma)
+    else:
+        weight = has_data.astype(float)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            smoothed = gaussian_filter(np.where(has_data, means, 0.0), sigma) / gaussian_filter(
+                weight, sigma
+            )
+    smoothed[~has_data] = np.nan
     return smoothed
 
 
@@ -142,11 +173,11 @@ def _robust(values):
 
 
 def _mask_fraction(background_mask, factors):
+    """Fraction of background pixels per block (None without a mask)."""
     if background_mask is None:
         return None
-    mask = np.asarray(background_mask, dtype=np.float32)
-    fraction, _ = _block_mean(mask, np.ones_like(mask), factors)
-    return fraction
+    mask = np.asarray(background_mask, dtype=bool)
+    return _block_count(mask, factors) / _pixel_count(mask.shape, factors)
 
 
 def _stretch_halfwidth(display, mask_display, n_sigma):
@@ -325,12 +356,14 @@ def _render_mask(display, fraction, background_fraction, shape, path, title):
 
 def _default_column(model, background_mask):
     """Column with the largest model variation among well-sampled columns."""
-    counts = np.asarray(background_mask, dtype=bool).sum(axis=0)
+    counts = np.count_nonzero(np.asarray(background_mask, dtype=bool), axis=0)
     if model is None:
         return int(np.argmax(counts)) if counts.size else 0
     model = np.asarray(model, dtype=float)
     with np.errstate(invalid="ignore"):
-        spread = np.nanstd(model, axis=0)
+        # Without NaNs np.std computes what np.nanstd does, without its copy and mask.
+        std = np.nanstd if np.isnan(model).any() else np.std
+        spread = std(model, axis=0)
     spread = np.where(counts >= np.median(counts), np.nan_to_num(spread), -1.0)
     return int(np.argmax(spread))
 
@@ -570,8 +603,7 @@ def _background_display(image, background_mask, factors):
         return _display(image, factors, 0.0)
     image = np.asarray(image, dtype=np.float32)
     use = np.asarray(background_mask, dtype=bool) & np.isfinite(image)
-    means, counts = _block_mean(np.where(use, image, 0.0), use.astype(np.float32), factors)
-    means[counts == 0] = np.nan
+    means, _ = _block_mean(np.where(use, image, np.float32(0.0)), use, factors)
     return means
 
 

@@ -138,3 +138,65 @@ def test_all_nan_and_constant_images(tmp_path):
     )
     for path in paths.values():
         _decodes(path)
+
+
+def _reference_block_mean(image, use, factors):
+    """Block means of the used pixels, one block at a time (NaN where none is used)."""
+    fy, fx = factors
+    ny, nx = image.shape
+    means = np.full((-(-ny // fy), -(-nx // fx)), np.nan)
+    counts = np.zeros(means.shape)
+    for i in range(means.shape[0]):
+        for j in range(means.shape[1]):
+            block = (slice(i * fy, (i + 1) * fy), slice(j * fx, (j + 1) * fx))
+            values = image[block][use[block]]
+            counts[i, j] = values.size
+            if values.size:
+                means[i, j] = values.astype(np.float64).mean()
+    return means, counts
+
+
+@pytest.mark.parametrize("shape, factors", [((64, 64), (4, 4)), ((37, 50), (4, 3)),
+                                            ((32, 96), (1, 8)), ((48, 48), (16, 16))])
+def test_block_reductions_equal_a_block_by_block_mean(shape, factors):
+    rng = np.random.default_rng(shape[0])
+    image = rng.normal(10.0, 3.0, shape).astype(np.float32)
+    use = rng.random(shape) < 0.6
+    use[: factors[0], : factors[1]] = False  # one block without any pixel to use
+    expected, expected_counts = _reference_block_mean(image, use, factors)
+
+    means, counts = figures._block_mean(np.where(use, image, 0), use, factors)
+    np.testing.assert_array_equal(counts, expected_counts)
+    np.testing.assert_allclose(means, expected, rtol=1e-12)  # NaN where expected is NaN
+    everything, pixels = figures._block_mean(image, None, factors)
+    reference, reference_pixels = _reference_block_mean(image, np.ones(shape, bool), factors)
+    np.testing.assert_array_equal(pixels, reference_pixels)
+    np.testing.assert_allclose(everything, reference, rtol=1e-12)
+    np.testing.assert_allclose(figures._mask_fraction(use, factors),
+                               expected_counts / reference_pixels, rtol=1e-15)
+
+
+def test_display_ignores_nans_and_keeps_empty_blocks_empty():
+    rng = np.random.default_rng(5)
+    image = rng.normal(0.0, 1.0, (64, 64))
+    holed = image.copy()
+    holed[:4, :4] = np.nan  # one whole 4x4 block
+    holed[10, 10] = np.inf
+    plain = figures._display(image, (4, 4), 0.0)
+    display = figures._display(holed, (4, 4), 0.0)
+    assert np.isnan(display[0, 0]) and np.isfinite(display[1:, 1:]).all()
+    # the block with the inf pixel is the mean of its 15 finite pixels
+    block = image[8:12, 8:12].astype(np.float32).astype(np.float64).ravel()
+    assert display[2, 2] == pytest.approx(np.delete(block, 2 * 4 + 2).mean(), rel=1e-12)
+    np.testing.assert_array_equal(display[3:, 3:], plain[3:, 3:])
+    # Smoothing (8 px = 2 blocks): normalised convolution around the empty block, a
+    # plain Gaussian of the block means without one.
+    from nsclean._smooth import gaussian_filter
+
+    smoothed = figures._display(holed, (4, 4), 8.0)
+    assert np.isnan(smoothed[0, 0]) and np.isfinite(smoothed[1:, 1:]).all()
+    weight = np.isfinite(display).astype(float)
+    expected = gaussian_filter(np.nan_to_num(display), 2.0) / gaussian_filter(weight, 2.0)
+    np.testing.assert_allclose(smoothed[1:, 1:], expected[1:, 1:], rtol=1e-12)
+    np.testing.assert_allclose(figures._display(image, (4, 4), 8.0),
+                               gaussian_filter(plain, 2.0), rtol=1e-12)
