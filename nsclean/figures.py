@@ -207,6 +207,32 @@ def _is_wide(shape):
     return shape[1] > _WIDE * shape[0]
 
 
+def _nearest_picks(n, pixels):
+    """Indices of ``ceil(pixels)`` evenly spread samples of ``n`` (all of them if fewer)."""
+    m = math.ceil(pixels)
+    if m >= n:
+        return np.arange(n)
+    return np.minimum(((np.arange(m) + 0.5) * (n / m)).astype(int), n - 1)
+
+
+def _fit_to_panel(image, data):
+    """Give an ``AxesImage`` only as many pixels of ``data`` as its panel has.
+
+    Agg resamples an image to the panel's pixels when it draws ('nearest': it picks
+    the nearest pixel); picking them here, once the layout (colorbar, aspect) is
+    final, spares it resampling and colour-mapping the whole reduced view (512 x 512
+    for the 254 x 254 px panels of a full-frame comparison). Extent, axes and ticks
+    are unchanged.
+    """
+    ax = image.axes
+    ax.apply_aspect()
+    box = ax.get_position()
+    width, height = ax.figure.get_size_inches() * ax.figure.dpi * (box.width, box.height)
+    rows = _nearest_picks(data.shape[0], height)
+    columns = _nearest_picks(data.shape[1], width)
+    image.set_data(data[np.ix_(rows, columns)])
+
+
 def plot_comparison(
     before,
     after,
@@ -271,10 +297,12 @@ def _render_comparison(displays, mask_display, shape, path, n_sigma, title):
     n = len(displays)
     axes = np.atleast_1d(figure.subplots(n, 1) if wide else figure.subplots(1, n))
     figure.subplots_adjust(left=0.04, right=0.88, bottom=0.07, top=0.88, wspace=0.15, hspace=0.35)
+    shown = []
     for ax, (name, display) in zip(axes, displays, strict=True):
         centre = _background_centre(display, mask_display)
+        shown.append(display - centre)
         image = ax.imshow(
-            display - centre,
+            shown[-1],
             origin="lower",
             cmap="gray",
             vmin=-halfwidth,
@@ -292,6 +320,9 @@ def _render_comparison(displays, mask_display, shape, path, n_sigma, title):
     colorbar.ax.tick_params(labelsize=7)
     if title:
         figure.suptitle(title, fontsize=10)
+    # Now that the colorbar has taken its space the panels have their final size.
+    for ax, data in zip(axes, shown, strict=True):
+        _fit_to_panel(ax.images[0], data)
     return _save(figure, path)
 
 
@@ -339,7 +370,7 @@ def _render_mask(display, fraction, background_fraction, shape, path, title):
     wide = _is_wide(shape)
     figure = _new_figure("mask_wide" if wide else "mask")
     ax = figure.subplots()
-    ax.imshow(
+    image = ax.imshow(
         rgb,
         origin="lower",
         interpolation="nearest",
@@ -351,6 +382,7 @@ def _render_mask(display, fraction, background_fraction, shape, path, title):
         (title + "\n" if title else "") + f"background (red): {background_fraction:.1%} of pixels",
         fontsize=9,
     )
+    _fit_to_panel(image, rgb)
     return _save(figure, path)
 
 

@@ -200,3 +200,29 @@ def test_display_ignores_nans_and_keeps_empty_blocks_empty():
     np.testing.assert_allclose(smoothed[1:, 1:], expected[1:, 1:], rtol=1e-12)
     np.testing.assert_allclose(figures._display(image, (4, 4), 8.0),
                                gaussian_filter(plain, 2.0), rtol=1e-12)
+
+
+def test_nearest_picks_spread_evenly_and_keep_small_images_whole():
+    picks = figures._nearest_picks(512, 300.2)
+    assert picks.size == 301 and picks[0] == 0 and picks[-1] == 511
+    assert np.all(np.diff(picks) >= 1) and np.all(np.diff(picks) <= 2)
+    np.testing.assert_array_equal(figures._nearest_picks(100, 300.0), np.arange(100))
+    np.testing.assert_array_equal(figures._nearest_picks(8, 4), [1, 3, 5, 7])
+
+
+def test_image_panels_get_no_more_pixels_than_they_show(tmp_path, monkeypatch):
+    kept = {}
+    monkeypatch.setattr(figures, "_save", lambda figure, path: kept.setdefault(path, figure))
+    before, after, model, mask = _exposure((2048, 2048))
+    figures.write_figures(before, after, model, mask, tmp_path, "s")
+    for kind in ("comparison", "mask"):
+        figure = kept[os.path.join(tmp_path, f"s_{kind}.png")]
+        for ax in figure.axes:
+            for image in ax.images:
+                box = ax.get_position()
+                width, height = figure.get_size_inches() * figure.dpi * (box.width, box.height)
+                ny, nx = image.get_array().shape[:2]
+                assert ny <= np.ceil(height) < 512 and nx <= np.ceil(width) < 512
+                # extent (and so the axes and their ticks) is the full frame
+                assert tuple(image.get_extent()) == (0, 2048, 0, 2048)
+
