@@ -165,6 +165,22 @@ def test_demo_run_cleans_every_exposure(demo_run):
 
 
 @pytest.mark.slow
+def test_per_exposure_steps_ran_in_warm_workers(demo_run):
+    """On one machine (warm_workers: auto, outside Slurm) every mask, clean and QA job
+    handed its step to a warm worker: its log says so, with the step's CPU time."""
+    from nsclean.warm import use_warm_workers
+
+    if not use_warm_workers("auto"):
+        pytest.skip("inside a Slurm job: warm workers are off by design")
+    for rule in ("mask", "clean", "qa"):
+        logs = list((demo_run["results"] / "logs" / rule).rglob("*.log"))
+        assert len(logs) == DEMO_EXPOSURES, rule
+        for log in logs:
+            assert re.search(rf"step {rule} ran in warm worker \d+: [0-9.]+ CPU-s",
+                             log.read_text()), log
+
+
+@pytest.mark.slow
 def test_cleaned_file_records_provenance(demo_run):
     from astropy.io import fits
 
