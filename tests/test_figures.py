@@ -226,3 +226,18 @@ def test_image_panels_get_no_more_pixels_than_they_show(tmp_path, monkeypatch):
                 # extent (and so the axes and their ticks) is the full frame
                 assert tuple(image.get_extent()) == (0, 2048, 0, 2048)
 
+
+def test_write_figures_restores_the_garbage_collector(tmp_path):
+    import gc
+
+    before, after, model, mask = _exposure((64, 64))
+    assert gc.isenabled()
+    figures.write_figures(before, after, model, mask, tmp_path, "on")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        figures.write_figures(before, after, model, mask, tmp_path, "off")
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
