@@ -341,9 +341,11 @@ def plot_comparison(
 
 
 def _background_centre(display, mask_display):
+    """Median of the finite background of a view (``_robust``'s median, without its MAD)."""
     if mask_display is not None and np.any(mask_display > 0.5):
-        return _robust(display[mask_display > 0.5])[0]
-    return _robust(display)[0]
+        display = display[mask_display > 0.5]
+    values = display[np.isfinite(display)]
+    return float(np.median(values)) if values.size else 0.0
 
 
 def _render_comparison(displays, mask_display, shape, path, n_sigma, title):
@@ -448,12 +450,47 @@ def _default_column(model, background_mask):
     if model is None:
         return int(np.argmax(counts)) if counts.size else 0
     model = np.asarray(model, dtype=float)
-    with np.errstate(invalid="ignore"):
-        # Without NaNs np.std computes what np.nanstd does, without its copy and mask.
-        std = np.nanstd if np.isnan(model).any() else np.std
-        spread = std(model, axis=0)
+    if np.isnan(model).any():
+        with np.errstate(invalid="ignore"):
+            spread = np.nanstd(model, axis=0)
+    else:
+        spread = _column_std(model)
     spread = np.where(counts >= np.median(counts), np.nan_to_num(spread), -1.0)
     return int(np.argmax(spread))
+
+
+def _column_std(image, rows_per_block=128):
+    """``np.std(image, axis=0)`` of a finite float64 image, a block of rows at a time.
+
+    numpy sums along axis 0 one row after the other, and so does this (each block's
+    sum starts from the running total), so the values are the same; but it needs no
+    full-size arrays of deviations and squares (2 x 32 MB for a full frame), whose
+    allocation costs more than the arithmetic. (np.nanstd computes the same values
+    when there is no NaN.)
+    """
+    ny, nx = image.shape
+    work = np.empty((rows_per_block + 1, nx))  # row 0: the running total
+    blocks = [(start, min(start + rows_per_block, ny)) for start in range(0, ny, rows_per_block)]
+
+    def add(total, n):
+        """total + work[1] + ... + work[n], in that order."""
+        if total is None:
+            return work[1 : 1 + n].sum(axis=0)
+        work[0] = total
+        return work[: 1 + n].sum(axis=0)
+
+    total = None
+    for start, stop in blocks:
+        work[1 : 1 + stop - start] = image[start:stop]
+        total = add(total, stop - start)
+    mean = total / ny
+    total = None
+    for start, stop in blocks:
+        deviations = work[1 : 1 + stop - start]
+        np.subtract(image[start:stop], mean, out=deviations)
+        np.square(deviations, out=deviations)
+        total = add(total, stop - start)
+    return np.sqrt(total / ny)
 
 
 def plot_column(

@@ -259,3 +259,22 @@ def test_png_writer_round_trips(shape):
         assert image.info["dpi"] == pytest.approx((figures.DPI, figures.DPI), abs=0.01)
         assert image.info["Software"].startswith("Matplotlib")
 
+
+@pytest.mark.parametrize("shape", [(2048, 64), (129, 7), (128, 3), (1, 5)])
+def test_column_std_is_numpy_std_to_the_bit(shape):
+    rng = np.random.default_rng(shape[0])
+    model = rng.normal(0.1, 1e-3, shape) * rng.random(shape[1])  # a pedestal and spreads
+    np.testing.assert_array_equal(figures._column_std(model), np.std(model, axis=0))
+    mask = np.ones(shape, bool)
+    assert figures._default_column(model, mask) == int(np.argmax(np.nanstd(model, axis=0)))
+
+
+def test_background_centre_is_the_background_median():
+    rng = np.random.default_rng(1)
+    display = rng.normal(3.0, 1.0, (64, 64))
+    display[0, :5] = np.nan
+    fraction = rng.random((64, 64))
+    expected = np.median(display[(fraction > 0.5) & np.isfinite(display)])
+    assert figures._background_centre(display, fraction) == expected
+    assert figures._background_centre(display, None) == np.nanmedian(display)
+    assert figures._background_centre(np.full((4, 4), np.nan), None) == 0.0
