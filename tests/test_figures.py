@@ -242,24 +242,6 @@ def test_write_figures_restores_the_garbage_collector(tmp_path):
         gc.enable()
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 3), (7, 5, 3), (400, 1200, 3)])
-def test_png_writer_round_trips(shape):
-    import io
-
-    from PIL import Image
-
-    rgb = np.random.default_rng(shape[0]).integers(0, 256, shape, dtype=np.uint8)
-    rgb[: shape[0] // 2] = 255  # some flat background too
-    rgba = np.dstack([rgb, np.full(shape[:2], 255, np.uint8)])
-    png = figures._png(rgba[:, :, :3], figures.DPI)  # a strided view, as _save passes it
-    with Image.open(io.BytesIO(png)) as image:
-        image.load()
-        assert image.mode == "RGB" and image.size == (shape[1], shape[0])
-        np.testing.assert_array_equal(np.asarray(image), rgb)
-        assert image.info["dpi"] == pytest.approx((figures.DPI, figures.DPI), abs=0.01)
-        assert image.info["Software"].startswith("Matplotlib")
-
-
 @pytest.mark.parametrize("shape", [(2048, 64), (129, 7), (128, 3), (1, 5)])
 def test_column_std_is_numpy_std_to_the_bit(shape):
     rng = np.random.default_rng(shape[0])
