@@ -438,6 +438,11 @@ def serve(path: str, idle: float = IDLE_SECONDS, search_path: list[str] | None =
                 traceback.print_exc(file=handle)
         _remove_socket(path, identity)
         raise
+    import gc
+
+    # The preloaded objects live as long as the server: kept out of the collections of
+    # the forked workers, which would otherwise walk (and so copy) all of their pages.
+    gc.freeze()
     children: set[int] = set()
     last_activity = time.monotonic()
     listener.settimeout(1.0)
