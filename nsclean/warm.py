@@ -66,6 +66,7 @@ _IMPORT_ENV_PREFIXES = ("OMP_", "OPENBLAS_", "MKL_", "GOTO_", "BLIS_", "VECLIB_"
                         "NUMEXPR_", "NUMPY_", "MPL", "ASTROPY", "PYTHON", "XDG_CONFIG",
                         "XDG_CACHE", "NSCLEAN_")
 _HEADER = struct.Struct("!I")  # length of the JSON message that follows
+_MAX_SOCKET_PATH = 100  # bytes; Linux allows 107 for a Unix socket's path
 _MAX_MESSAGE = 16 << 20
 
 
@@ -210,8 +211,13 @@ def server_key(path: list[str] | None = None, environ=None) -> str:
 def _run_in_worker(name, kwargs, directory, idle, log) -> int:
     """Run a step in a warm worker; returns its exit status (0 = success)."""
     key = server_key()
-    _private_directory(directory)
-    connection = _connect(directory, key, idle)
+    if len(os.fsencode(os.path.join(directory, f"{key}.sock"))) > _MAX_SOCKET_PATH:
+        raise WarmUnavailable(f"the socket path under {directory} would be too long")
+    try:
+        _private_directory(directory)
+        connection = _connect(directory, key, idle)
+    except OSError as error:  # e.g. a directory that cannot be created
+        raise WarmUnavailable(str(error)) from None
     with connection:
         connection.settimeout(ANSWER_SECONDS)
         try:

@@ -315,3 +315,17 @@ def test_the_worker_stops_with_its_client(exposures, tmp_path, sockets, how):
     time.sleep(0.5)
     assert not metrics.exists(), "the step went on after its client was gone"
     assert not list(metrics.parent.rglob(".*.tmp")), "a temporary file was left"
+
+
+def test_an_unusable_socket_directory_means_the_step_runs_here(exposures, tmp_path):
+    rate, cal = exposures["fs"]
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    for directory, why in ((str(blocker / "sockets"), "Not a directory"),
+                           ("/tmp/" + "d" * 120, "too long")):
+        arguments = step_arguments(rate, cal, tmp_path / why.split()[-1])["mask"]
+        warm.run_step("mask", arguments, warm=True, socket_dir=directory, idle=IDLE)
+        log = Path(arguments["log"]).read_text()
+        assert "no warm worker" in log and why in log, log
+        assert read_status(arguments["output"]["status"])["status"] == "ok"
+    assert not os.path.exists("/tmp/" + "d" * 120)
