@@ -13,12 +13,12 @@ than the work on one exposure).  A warm worker imports them once:
   ``idle`` seconds without work (default 30).
 * The **client** (:func:`run_step`, called by a rule script) starts the server if none
   is running, sends the step's name and arguments with its working directory,
-  environment, umask and standard streams, and waits.  The forked child adopts all of
-  them, runs the step (:mod:`nsclean.steps`, the same function the client would run)
-  and reports its exit status, CPU time and peak memory, which the client writes to
-  the rule's log.  The client passes on the signals it gets (Ctrl-C, ``kill``), and a
-  child whose client has died stops at once, so that Snakemake's view of a job stays
-  the truth.
+  environment, umask, resource limits and standard streams, and waits. The forked
+  child adopts all of them, runs the step (:mod:`nsclean.steps`, the same function the
+  client would run) and reports its exit status, CPU time and peak memory, which the
+  client writes to the rule's log. The client passes on the signals it gets (Ctrl-C,
+  ``kill``), and a child whose client has died stops at once, so that Snakemake's view
+  of a job stays the truth.
 * Whenever a worker cannot be used (no ``fork``, no Unix sockets, a server that
   cannot start or does not answer), the step runs in the calling process, with a note
   in the log.  Results do not depend on where a step ran.
@@ -227,7 +227,7 @@ def _run_in_worker(name, kwargs, directory, idle, log) -> int:
         if hello.get("key") != key:
             raise WarmUnavailable(f"the server answered for {hello.get('key')!r}")
         request = {"step": name, "kwargs": kwargs, "cwd": os.getcwd(),
-                   "env": dict(os.environ), "umask": _umask()}
+                   "env": dict(os.environ), "umask": _umask(), "limits": _limits()}
         try:
             _send(connection, request, fds=[0, 1, 2])
             connection.settimeout(ANSWER_SECONDS)
@@ -322,6 +322,36 @@ def _private_directory(directory):
     info = os.stat(directory)
     if info.st_uid != os.getuid() or info.st_mode & 0o077:
         raise WarmUnavailable(f"{directory} is not private to this user")
+
+
+#: Resource limits (``ulimit``) a worker takes over from its client.
+_LIMITS = ("RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_RSS", "RLIMIT_CPU", "RLIMIT_FSIZE",
+           "RLIMIT_NOFILE", "RLIMIT_CORE", "RLIMIT_STACK")
+
+
+def _limits() -> dict:
+    import resource
+
+    return {name: resource.getrlimit(getattr(resource, name)) for name in _LIMITS
+            if hasattr(resource, name)}
+
+
+def _adopt_limits(limits: dict) -> None:
+    """Take over the client's limits where allowed (a hard limit can only be lowered)."""
+    import resource
+
+    def smaller(a, b):
+        if a == resource.RLIM_INFINITY:
+            return b
+        return a if b == resource.RLIM_INFINITY else min(a, b)
+
+    for name, (soft, hard) in limits.items():
+        which = getattr(resource, name, None)
+        if which is None:
+            continue
+        hard = smaller(hard, resource.getrlimit(which)[1])
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(which, (smaller(soft, hard), hard))
 
 
 def _umask() -> int:
@@ -520,6 +550,11 @@ def _child(connection, key):
         os.environ.clear()
         os.environ.update(request["env"])
         os.umask(request["umask"])
+        _adopt_limits(request.get("limits", {}))
+        # What the standard library derived from the server's environment: the
+        # temporary directory (Snakemake sets TMPDIR per job) and the time zone.
+        tempfile.tempdir = None
+        time.tzset()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGHUP, stop)

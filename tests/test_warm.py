@@ -329,3 +329,34 @@ def test_an_unusable_socket_directory_means_the_step_runs_here(exposures, tmp_pa
         assert "no warm worker" in log and why in log, log
         assert read_status(arguments["output"]["status"])["status"] == "ok"
     assert not os.path.exists("/tmp/" + "d" * 120)
+
+
+LIMITED_CLIENT = """
+import json, resource, sys
+from nsclean import warm
+# A file size limit below the size of a cleaned full frame (~84 MB): as with ulimit -f.
+resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, resource.getrlimit(
+    resource.RLIMIT_FSIZE)[1]))
+warm.run_step("clean", json.loads(sys.argv[1]), warm=True, socket_dir=sys.argv[2],
+              idle=float(sys.argv[3]))
+"""
+
+
+def test_the_worker_takes_over_the_clients_limits(exposures, tmp_path, sockets):
+    """ulimit of the job applies to its step in the worker, as it would in process."""
+    rate, cal = exposures["ifu"]
+    arguments = step_arguments(rate, cal, tmp_path)
+    # The server is started by a client without the limit (same module path, so the
+    # same server as the limited client's below).
+    first = start_client("mask", arguments["mask"], sockets)
+    assert first.wait(timeout=300) == 0, first.stdout.read()
+    client = subprocess.run(
+        [sys.executable, "-c", LIMITED_CLIENT, json.dumps(arguments["clean"]), sockets,
+         str(IDLE)], capture_output=True, text=True, timeout=300, check=False)
+    log = Path(arguments["clean"]["log"]).read_text()
+    assert "ran in warm worker" in log, log
+    # Writing the 84 MB cleaned file hit the 20 MB limit: the step failed there.
+    assert client.returncode == 1, (client.stdout, client.stderr, log)
+    assert "File too large" in log, log
+    assert not Path(arguments["clean"]["output"]["cleaned"]).exists()
+    assert len(server_pids(sockets)) == 1  # the limited client did not start its own
