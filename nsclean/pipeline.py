@@ -40,8 +40,10 @@ __all__ = [
     "script_logging",
     "input_checksums",
     "program_records",
+    "read_benchmark_seconds",
     "read_status",
     "step",
+    "step_timings",
     "write_placeholders",
     "write_status",
 ]
@@ -218,8 +220,50 @@ def require_ok(status_paths: Iterable[str | os.PathLike]) -> list[dict]:
     return records
 
 
+def read_benchmark_seconds(path: str | os.PathLike) -> float | None:
+    """Wall time of a job from its Snakemake ``benchmark:`` file (column ``s``).
+
+    Returns the mean over the file's rows (one per repetition), or None if the file has
+    no usable value.
+    """
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            values = [float(row["s"]) for row in csv.DictReader(handle, delimiter="\t")
+                      if (row.get("s") or "").strip() not in ("", "NA")]
+    except (OSError, KeyError, ValueError):
+        return None
+    return sum(values) / len(values) if values else None
+
+
+def step_timings(benchmark_paths: Iterable[str | os.PathLike]) -> dict[str, dict[str, float]]:
+    """Seconds per step of each exposure, from the per-exposure benchmark files.
+
+    Parameters
+    ----------
+    benchmark_paths : iterable of path
+        ``<results>/benchmarks/<rule>/<program>/<stem>.tsv`` files.
+
+    Returns
+    -------
+    dict
+        ``{stem: {rule: seconds}}``.  Wall times are measured by Snakemake around each
+        job, so they are right whether the step ran in the job's process or in a warm
+        worker.
+    """
+    timings: dict[str, dict[str, float]] = {}
+    for path in benchmark_paths:
+        path = Path(path)
+        seconds = read_benchmark_seconds(path)
+        if seconds is not None:
+            timings.setdefault(path.stem, {})[path.parts[-3]] = round(seconds, 4)
+    return timings
+
+
 def program_records(program: str, manifest_path: str | os.PathLike,
-                    qa_paths: Iterable[str | os.PathLike]) -> list[dict]:
+                    qa_paths: Iterable[str | os.PathLike],
+                    benchmark_paths: Iterable[str | os.PathLike] = ()) -> list[dict]:
     """Report records of one program, one per exposure of its manifest.
 
     Parameters
@@ -231,6 +275,10 @@ def program_records(program: str, manifest_path: str | os.PathLike,
     qa_paths : iterable of path
         The QA records (``nsclean.report.write_record`` layout) of the exposures the
         manifest lists for processing.
+    benchmark_paths : iterable of path, optional
+        Benchmark files of their steps (see :func:`step_timings`): their wall times
+        become the records' ``timing``.  They are kept out of the QA records
+        themselves, which are bit-identical from one run to the next.
 
     Returns
     -------
@@ -248,6 +296,9 @@ def program_records(program: str, manifest_path: str | os.PathLike,
     from .report import load_records
 
     by_stem = {record["stem"]: record for record in load_records(list(qa_paths))}
+    for stem, timing in step_timings(benchmark_paths).items():
+        if stem in by_stem:
+            by_stem[stem]["timing"] = {**timing, **by_stem[stem]["timing"]}
     records = []
     for row in read_manifest(manifest_path):
         if row.status == "ok":

@@ -27,6 +27,7 @@ __all__ = [
     "CSV_COLUMNS",
     "FIGURE_KINDS",
     "STATUSES",
+    "TIMING_COLUMNS",
     "load_records",
     "write_record",
     "write_report",
@@ -36,8 +37,12 @@ STATUSES = ("cleaned", "failed", "skipped")
 BASE_COLUMNS = ("program", "stem", "status", "reason", "cleaned_file")
 #: Provenance at the end of every CSV row: software version and input checksums.
 PROVENANCE_COLUMNS = ("nsclean_version", "rate_sha256", "cal_sha256", "mask_sha256")
-#: CSV header: the five record fields, every QA metric in a stable order, provenance.
-CSV_COLUMNS = BASE_COLUMNS + FLAT_METRIC_KEYS + PROVENANCE_COLUMNS
+#: Processing time of the exposure (seconds, the sum of its steps' ``timing``): after the
+#: metrics, and the one column that differs between identical runs.
+TIMING_COLUMNS = ("time_s",)
+#: CSV header: the five record fields, every QA metric in a stable order, the time taken,
+#: provenance.
+CSV_COLUMNS = BASE_COLUMNS + FLAT_METRIC_KEYS + TIMING_COLUMNS + PROVENANCE_COLUMNS
 #: Figures linked from the table, in display order; "thumbnail" is shown inline.
 FIGURE_KINDS = ("comparison", "mask", "column", "spectrum")
 
@@ -520,6 +525,8 @@ def _csv(records):
         for key in FLAT_METRIC_KEYS:
             value = _metric(record, key)
             row.append("" if value is None else value)
+        total = _total_time(record)
+        row.append("" if total is None else round(total, 3))
         row.extend(_provenance(record))
         writer.writerow(row)
     return buffer.getvalue()
@@ -568,7 +575,8 @@ def write_report(records, html_path, csv_path, *, title, config=None, results_di
     -----
     The CSV has one row per exposure sorted by program and stem, columns
     :data:`CSV_COLUMNS`: ``program, stem, status, reason, cleaned_file``
-    followed by :data:`nsclean.qa.FLAT_METRIC_KEYS`. Every string from the
+    followed by :data:`nsclean.qa.FLAT_METRIC_KEYS`, ``time_s`` (the sum of the
+    record's ``timing``, empty without one) and the provenance. Every string from the
     records is HTML-escaped; URLs are percent-encoded relative paths.
     """
     records = [_normalise(r, source=f"record {i}") for i, r in enumerate(records)]

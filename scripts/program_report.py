@@ -3,6 +3,7 @@
 input:  manifest -- the program's manifest (every exposure, skipped ones included)
         qa       -- the per-exposure records of rule ``qa`` (nsclean.report layout)
         figures  -- the per-exposure figure directories (linked from the report)
+        benchmarks -- the mask, clean and QA benchmark files (the time taken per exposure)
 output: html, csv -- ``<results>/<program>/report.html`` and ``report.csv``
 """
 
@@ -16,7 +17,7 @@ log = script_logging(smk.log[0])
 from nsclean import report  # noqa: E402
 
 program = smk.wildcards.program
-records = program_records(program, smk.input.manifest, smk.input.qa)
+records = program_records(program, smk.input.manifest, smk.input.qa, smk.input.benchmarks)
 report.write_report(records, smk.output.html, smk.output.csv,
                     title=f"nsclean: program {program}", config=smk.config,
                     results_dir=Path(smk.output.csv).parents[1])

@@ -3,6 +3,7 @@
 input:  manifests -- every program's manifest (``<results>/<program>/manifest.csv``)
         qa        -- the per-exposure records of every program
         programs  -- the per-program tables (made first)
+        benchmarks -- the mask, clean and QA benchmark files (the time taken per exposure)
 output: html, csv -- ``<results>/report.html`` and ``<results>/report.csv``
 """
 
@@ -19,7 +20,10 @@ records = []
 for manifest in smk.input.manifests:
     program_dir = Path(manifest).parent
     qa = [path for path in smk.input.qa if Path(path).parents[1] == program_dir]
-    records += program_records(program_dir.name, manifest, qa)
+    # <results>/benchmarks/<rule>/<program>/<stem>.tsv
+    benchmarks = [path for path in smk.input.benchmarks
+                  if Path(path).parent.name == program_dir.name]
+    records += program_records(program_dir.name, manifest, qa, benchmarks)
 report.write_report(records, smk.output.html, smk.output.csv, title="nsclean: run report",
                     config=smk.config, results_dir=Path(smk.output.csv).parent)
 log.info("%d exposures reported", len(records))

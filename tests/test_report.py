@@ -142,6 +142,28 @@ def test_csv_columns_and_rows(run):
     assert good["n_flags"] == "0"
     flagged = by_stem["jw01345062001_03101_00001_nrs2"]
     assert int(flagged["n_flags"]) > 0 and "banding not reduced" in flagged["flags"]
+    # time taken: the sum of the record's timing (clean 1.25 + qa 0.5); none when failed
+    assert float(good["time_s"]) == 1.75 and failed["time_s"] == ""
+    assert header.index("time_s") == len(report.BASE_COLUMNS) + len(qa.FLAT_METRIC_KEYS)
+
+
+def test_step_timings_from_benchmark_files(tmp_path):
+    from nsclean.pipeline import read_benchmark_seconds, step_timings
+
+    header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+    paths = []
+    for step, seconds in (("mask", "1.0312"), ("clean", "0.9"), ("qa", "2.5")):
+        path = tmp_path / "benchmarks" / step / "01345" / "jw01345062001_03101_00001_nrs1.tsv"
+        path.parent.mkdir(parents=True)
+        path.write_text(header + f"{seconds}\t0:00:01\t10\t10\t10\t10\t0\t0\t1\t0.5\n")
+        paths.append(path)
+    repeated = tmp_path / "repeated.tsv"  # benchmark: repeat(..., 2) writes one row each
+    repeated.write_text(header + "1.0\t-\tNA\tNA\tNA\tNA\tNA\tNA\tNA\tNA\n"
+                        + "3.0\t-\tNA\tNA\tNA\tNA\tNA\tNA\tNA\tNA\n")
+    assert read_benchmark_seconds(repeated) == 2.0
+    assert read_benchmark_seconds(tmp_path / "missing.tsv") is None
+    assert step_timings(paths) == {
+        "jw01345062001_03101_00001_nrs1": {"mask": 1.0312, "clean": 0.9, "qa": 2.5}}
 
 
 def test_html_escaping_marks_and_links(run):

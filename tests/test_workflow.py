@@ -165,6 +165,22 @@ def test_demo_run_cleans_every_exposure(demo_run):
 
 
 @pytest.mark.slow
+def test_report_gives_the_time_taken_per_exposure(demo_run):
+    """time_s is the wall time of the exposure's mask, clean and QA jobs as Snakemake's
+    benchmark files recorded them (first column, ``s``)."""
+    results = demo_run["results"]
+    for row in read_report(results, timing=True):
+        expected = 0.0
+        for step in ("mask", "clean", "qa"):
+            lines = (results / "benchmarks" / step / row["program"] / f"{row['stem']}.tsv"
+                     ).read_text().splitlines()
+            expected += float(lines[1].split("\t")[0])
+        assert float(row["time_s"]) == pytest.approx(expected, abs=2e-3), row["stem"]
+        assert float(row["time_s"]) > 0
+    assert "time (s)" in (results / "report.html").read_text()
+
+
+@pytest.mark.slow
 def test_per_exposure_steps_ran_in_warm_workers(demo_run):
     """On one machine (warm_workers: auto, outside Slurm) every mask, clean and QA job
     handed its step to a warm worker: its log says so, with the step's CPU time."""

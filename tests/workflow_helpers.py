@@ -7,10 +7,18 @@ import csv
 import numpy as np
 
 
-def read_report(results):
-    """Rows of ``<results>/report.csv`` as dicts."""
+def read_report(results, timing=False):
+    """Rows of ``<results>/report.csv`` as dicts.
+
+    Without ``timing``, the time column is left out: it is the one column that differs
+    between identical runs.
+    """
     with open(results / "report.csv", newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+        rows = list(csv.DictReader(handle))
+    if not timing:
+        for row in rows:
+            row.pop("time_s", None)
+    return rows
 
 
 def assert_same_fits(produced, expected):

@@ -14,6 +14,7 @@ rule program_report:
         manifest=results_path("{program}", "manifest.csv"),
         qa=program_qa_records,
         figures=program_figure_dirs,
+        benchmarks=program_step_benchmarks,
     output:
         html=report(
             results_path("{program}", "report.html"),
@@ -45,6 +46,7 @@ rule run_report:
         manifests=expand(results_path("{program}", "manifest.csv"), program=PROGRAMS),
         qa=run_qa_records,
         programs=expand(results_path("{program}", "report.csv"), program=PROGRAMS),
+        benchmarks=run_step_benchmarks,
     output:
         html=report(
             results_path("report.html"),
