@@ -292,9 +292,12 @@ def _connect(directory, key, idle) -> socket.socket:
             os.unlink(path)  # left by a server that was killed
         server_log = os.path.join(directory, f"{key}.log")
         with open(server_log, "ab") as output:
+            # The client's module path is set before nsclean is imported, so that the
+            # server imports the same nsclean (e.g. a workflow checkout's, ahead of an
+            # installed one).
             process = subprocess.Popen(
-                [sys.executable, "-m", "nsclean.warm", "serve", "--socket", path,
-                 "--idle", str(idle), "--path", json.dumps(sys.path)],
+                [sys.executable, "-c", _BOOTSTRAP, json.dumps(sys.path), "serve",
+                 "--socket", path, "--idle", str(idle)],
                 stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
                 start_new_session=True, close_fds=True, cwd=directory)
         deadline = time.monotonic() + START_SECONDS
@@ -305,6 +308,10 @@ def _connect(directory, key, idle) -> socket.socket:
                 raise WarmUnavailable(f"the server exited at once, see {server_log}")
             time.sleep(0.02)
         raise WarmUnavailable(f"the server made no socket in {START_SECONDS:.0f} s")
+
+
+_BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+              "from nsclean.warm import main; sys.exit(main(sys.argv[2:]))")
 
 
 def _try_connect(path) -> socket.socket:
@@ -451,10 +458,12 @@ def _preload():
     figure.savefig(io.BytesIO(), format="png")
 
 
-def serve(path: str, idle: float = IDLE_SECONDS, search_path: list[str] | None = None):
-    """Run a warm-worker server on the Unix socket ``path`` until idle for ``idle`` s."""
-    if search_path is not None:
-        sys.path[:] = search_path
+def serve(path: str, idle: float = IDLE_SECONDS):
+    """Run a warm-worker server on the Unix socket ``path`` until idle for ``idle`` s.
+
+    The socket's name must be :func:`server_key` as this process computes it (clients
+    start the server with their module path and environment), else the server stops.
+    """
     directory, name = os.path.split(path)
     key = name.removesuffix(".sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -625,9 +634,8 @@ def main(argv: list[str] | None = None) -> int:
     server = commands.add_parser("serve", help="run a server on a Unix socket")
     server.add_argument("--socket", required=True)
     server.add_argument("--idle", type=float, default=IDLE_SECONDS)
-    server.add_argument("--path", help="module search path, as JSON (the client's)")
     args = parser.parse_args(argv)
-    serve(args.socket, args.idle, json.loads(args.path) if args.path else None)
+    serve(args.socket, args.idle)
     return 0
 
 

@@ -360,3 +360,30 @@ def test_the_worker_takes_over_the_clients_limits(exposures, tmp_path, sockets):
     assert "File too large" in log, log
     assert not Path(arguments["clean"]["output"]["cleaned"]).exists()
     assert len(server_pids(sockets)) == 1  # the limited client did not start its own
+
+
+COPY_CLIENT = """
+import json, sys
+sys.path.insert(0, sys.argv[1])  # as a workflow checkout ahead of an installed nsclean
+from nsclean import warm
+assert warm.__file__.startswith(sys.argv[1]), warm.__file__
+warm.run_step("mask", json.loads(sys.argv[2]), warm=True, socket_dir=sys.argv[3],
+              idle=float(sys.argv[4]))
+"""
+
+
+def test_the_server_imports_the_same_nsclean_as_its_client(exposures, tmp_path, sockets):
+    """A client that imports nsclean from another place (a workflow checkout before the
+    installed package) gets a server with that same code, not a fallback."""
+    rate, cal = exposures["fs"]
+    copy = tmp_path / "checkout"
+    shutil.copytree(Path(warm.__file__).parent, copy / "nsclean",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    arguments = step_arguments(rate, cal, tmp_path / "run")["mask"]
+    client = subprocess.run(
+        [sys.executable, "-c", COPY_CLIENT, str(copy), json.dumps(arguments), sockets,
+         str(IDLE)], capture_output=True, text=True, timeout=300, check=False)
+    assert client.returncode == 0, client.stdout + client.stderr
+    log = Path(arguments["log"]).read_text()
+    assert "ran in warm worker" in log, log
+    assert not list(Path(sockets).glob("*.failed"))
