@@ -23,6 +23,7 @@ import os
 import numpy as np
 
 from ._atomic import atomic_write
+from ._blocks import block_count, block_sum
 
 __all__ = [
     "DPI",
@@ -100,42 +101,6 @@ def _block_factors(shape, display_size):
     return tuple(max(1, math.ceil(n / display_size)) for n in shape)
 
 
-def _pad_to_blocks(array, factors):
-    """Zero-pad (False-pad) the far edges up to whole blocks."""
-    ny, nx = array.shape
-    pad_y, pad_x = (-ny) % factors[0], (-nx) % factors[1]
-    if pad_y or pad_x:
-        array = np.pad(array, ((0, pad_y), (0, pad_x)))
-    return array
-
-
-def _block_sum(values, factors, accumulate=np.float64):
-    """Sums over (fy, fx) blocks, as float64, zero-padded to whole blocks.
-
-    The fy rows of each block are added as whole strided rows (in ``accumulate``),
-    then its fx columns: several times faster than a sum over two non-adjacent axes
-    of the 4-D view (numpy runs that element by element through a cast buffer) or
-    over a short last axis.
-    """
-    fy, fx = factors
-    values = _pad_to_blocks(values, factors)
-    ny, nx = values.shape
-    rows = values.reshape(ny // fy, fy, nx)
-    total = rows[:, 0].astype(accumulate)
-    for row in range(1, fy):
-        total += rows[:, row]
-    columns = total.reshape(ny // fy, nx // fx, fx)
-    sums = columns[:, :, 0].astype(np.float64)
-    for column in range(1, fx):
-        sums += columns[:, :, column]
-    return sums
-
-
-def _block_count(flags, factors):
-    """Number of True values per block (float64), counted in integers."""
-    return _block_sum(np.asarray(flags, dtype=bool).view(np.uint8), factors, np.int32)
-
-
 def _pixel_count(shape, factors):
     """Number of image pixels per block (fewer in the partial blocks at the far edges)."""
     per_axis = [np.minimum(n - np.arange(0, n, f), f) for n, f in zip(shape, factors, strict=True)]
@@ -148,8 +113,8 @@ def _block_mean(zeroed, use, factors):
     ``zeroed`` must be zero where ``use`` is False; ``use=None`` means every pixel.
     Blocks without a pixel to use get NaN.
     """
-    sums = _block_sum(zeroed, factors)
-    counts = _pixel_count(zeroed.shape, factors) if use is None else _block_count(use, factors)
+    sums = block_sum(zeroed, factors)
+    counts = _pixel_count(zeroed.shape, factors) if use is None else block_count(use, factors)
     with np.errstate(invalid="ignore", divide="ignore"):
         return sums / counts, counts
 
@@ -204,7 +169,7 @@ def _mask_fraction(background_mask, factors):
     if background_mask is None:
         return None
     mask = np.asarray(background_mask, dtype=bool)
-    return _block_count(mask, factors) / _pixel_count(mask.shape, factors)
+    return block_count(mask, factors) / _pixel_count(mask.shape, factors)
 
 
 def _stretch_halfwidth(display, mask_display, n_sigma):

@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from ._blocks import block_count, block_sum
+
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "FLAT_METRIC_KEYS",
@@ -181,34 +183,6 @@ def _lowfreq_power(series, valid, cutoff):
     return float(power[band].sum())
 
 
-def _block_sum(array, block, accumulate=np.float64):
-    ny, nx = array.shape
-    pad_y = (-ny) % block
-    pad_x = (-nx) % block
-    if pad_y or pad_x:
-        array = np.pad(array, ((0, pad_y), (0, pad_x)))
-    by, bx = array.shape[0] // block, array.shape[1] // block
-    # Row by row, then column by column, each as one strided whole-array addition:
-    # several times faster than a sum over two non-adjacent axes of the 4-D view
-    # (numpy runs that through a cast buffer) or over the short last axis, and the
-    # same additions in the same order as the latter.
-    rows = array.reshape(by, block, bx * block)
-    total = rows[:, 0].astype(accumulate)
-    for row in range(1, block):
-        total += rows[:, row]
-    columns = total.reshape(by, bx, block)
-    sums = columns[:, :, 0].astype(np.float64)
-    for column in range(1, block):
-        sums += columns[:, :, column]
-    return sums
-
-
-def _block_count(use, block):
-    """Number of True pixels per (block x block) block, as float64 (what ``_block_sum``
-    gives for the bools: small integers, exact either way), counted in integers."""
-    return _block_sum(use.view(np.uint8), block, np.int32)
-
-
 @functools.lru_cache(maxsize=4)
 def _frame_norm(shape):
     """Smoothed array of ones on the block grid (the same for every image of a shape)."""
@@ -229,8 +203,8 @@ def _smoothed_background(zeroed, use):
     """
     from ._smooth import gaussian_filter
 
-    weighted = _block_sum(zeroed, _FRAME_BLOCK)
-    counts = _block_count(use, _FRAME_BLOCK)
+    weighted = block_sum(zeroed, (_FRAME_BLOCK, _FRAME_BLOCK))
+    counts = block_count(use, (_FRAME_BLOCK, _FRAME_BLOCK))
     # Normalised convolution: dividing the smoothed sums by the smoothed
     # counts makes the zero padding outside the array harmless, so the edge
     # band (where the picture frame lives) is not pulled toward zero.

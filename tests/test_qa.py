@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from nsclean import qa
+from nsclean._blocks import block_count, block_sum
 
 SHAPE = (1024, 1024)
 WHITE = 5.0
@@ -384,8 +385,8 @@ def test_block_count_is_the_number_of_background_pixels_per_block(shape):
     use = np.random.default_rng(sum(shape)).random(shape) < 0.4
     padded = np.pad(use, ((0, -shape[0] % 4), (0, -shape[1] % 4)))
     expected = padded.reshape(padded.shape[0] // 4, 4, -1, 4).sum(axis=(1, 3))
-    counts = qa._block_count(use, 4)
+    counts = block_count(use, (4, 4))
     assert counts.dtype == np.float64
     np.testing.assert_array_equal(counts, expected)
     # the same float64 values as the block sum the picture-frame metric used before
-    np.testing.assert_array_equal(counts, qa._block_sum(use, 4))
+    np.testing.assert_array_equal(counts, block_sum(use, (4, 4)))
