@@ -142,8 +142,9 @@ def run_step(name: str, kwargs: dict, *, warm=True, log: str | None = None,
     Raises
     ------
     SystemExit
-        With the worker's exit status if the step failed there (its traceback is on
-        the job's standard error).  A step run in this process raises as usual.
+        With the worker's exit status if the step failed there (its traceback is in
+        the rule's log, where the step sends its standard error, as in process).  A
+        step run in this process raises as usual.
     """
     from .steps import STEPS
 

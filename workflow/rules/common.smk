@@ -103,29 +103,23 @@ def program_qa_records(wildcards):
     )
 
 
-def program_step_benchmarks(wildcards):
+def step_benchmarks(program):
     """Benchmark files of the mask, clean and QA jobs of a program's exposures: the
     reports show their wall times (the QA records themselves carry no time)."""
     return expand(
         benchmark_path("{step}", "{program}", "{stem}"),
         step=("mask", "clean", "qa"),
-        program=wildcards.program,
-        stem=processed_stems(wildcards.program),
+        program=program,
+        stem=processed_stems(program),
     )
 
 
+def program_step_benchmarks(wildcards):
+    return step_benchmarks(wildcards.program)
+
+
 def run_step_benchmarks(wildcards):
-    """Benchmark files of the mask, clean and QA jobs of every configured program."""
-    return [
-        path
-        for program in PROGRAMS
-        for path in expand(
-            benchmark_path("{step}", "{program}", "{stem}"),
-            step=("mask", "clean", "qa"),
-            program=program,
-            stem=processed_stems(program),
-        )
-    ]
+    return [path for program in PROGRAMS for path in step_benchmarks(program)]
 
 
 def run_qa_records(wildcards):
