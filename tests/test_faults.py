@@ -15,7 +15,6 @@ test can hang.
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import os
 import re
@@ -39,9 +38,6 @@ N_EXPOSURES = 3
 RUN_TIMEOUT = 600  # one workflow run (a 2-core machine shared with other jobs)
 WAIT_TIMEOUT = 300  # waiting for a run to reach the point where it is interrupted
 RULE_SCRIPTS = ("make_mask.py", "clean_exposure.py", "qa_exposure.py")
-# Report columns that may differ between identical runs (none today; any future
-# timing column is not part of the reproducibility promise).
-TIMING_COLUMN = re.compile(r"time|seconds|elapsed|duration", re.IGNORECASE)
 
 
 # ------------------------------------------------------------------------------------
@@ -113,17 +109,11 @@ def assert_same_products(results, reference):
                      f"{stem}_qa.json"):
             assert (folder / name).read_bytes() == (expected / name).read_bytes(), name
     for table in ("report.csv", f"{PROGRAM}/report.csv"):
-        rows, expected_rows = read_report_file(results / table), \
-            read_report_file(reference / table)
+        rows, expected_rows = read_report(results, table=table), \
+            read_report(reference, table=table)
         assert rows == expected_rows, table
     assert (results / "run_status.json").read_bytes() == \
         (reference / "run_status.json").read_bytes()
-
-
-def read_report_file(path):
-    with open(path, newline="", encoding="utf-8") as handle:
-        return [{k: v for k, v in row.items() if not TIMING_COLUMN.search(k)}
-                for row in csv.DictReader(handle)]
 
 
 # ------------------------------------------------------------------------------------

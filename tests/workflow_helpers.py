@@ -7,17 +7,20 @@ import csv
 import numpy as np
 
 
-def read_report(results, timing=False):
-    """Rows of ``<results>/report.csv`` as dicts.
+def read_report(results, timing=False, table="report.csv"):
+    """Rows of ``<results>/<table>`` (the run's report.csv by default) as dicts.
 
     Without ``timing``, the time column is left out: it is the one column that differs
     between identical runs.
     """
-    with open(results / "report.csv", newline="", encoding="utf-8") as handle:
+    from nsclean.report import TIMING_COLUMNS
+
+    with open(results / table, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     if not timing:
         for row in rows:
-            row.pop("time_s", None)
+            for column in TIMING_COLUMNS:
+                row.pop(column, None)
     return rows
 
 
