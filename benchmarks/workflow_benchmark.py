@@ -23,6 +23,7 @@ import csv
 import os
 import platform
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -53,6 +54,13 @@ def rule_times(results: Path) -> dict[str, list[dict[str, float]]]:
                     "rss": float(record.get("max_rss") or "nan"),
                 })
     return rows
+
+
+def process_cpu_seconds(who: int) -> float:
+    """User + system CPU time of this process (``RUSAGE_SELF``) or of its waited-for
+    children (``RUSAGE_CHILDREN``)."""
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 WORKER_LINE = re.compile(r"nsclean\.warm: step \w+ ran in warm worker \d+: ([0-9.]+) CPU-s")
@@ -128,10 +136,16 @@ def main(argv: list[str] | None = None) -> int:
                    "--configfile", str(config), "--cores", str(args.cores), "--quiet",
                    "rules"]
         started, cpu_before = time.perf_counter(), machine_cpu_seconds()
+        self_before = process_cpu_seconds(resource.RUSAGE_SELF)
         status = subprocess.run(command, cwd=workdir, env=environment, timeout=3600,
                                 check=False).returncode
         wall = time.perf_counter() - started
         machine_cpu = machine_cpu_seconds() - cpu_before
+        # This process is the loopback MAST (threads); its waited-for child is
+        # Snakemake with its job processes.  The warm-worker server is started detached
+        # by a job, so its CPU is in neither.
+        mast_cpu = process_cpu_seconds(resource.RUSAGE_SELF) - self_before
+        snakemake_cpu = process_cpu_seconds(resource.RUSAGE_CHILDREN)
 
     rows = rule_times(results)
     n_jobs = sum(len(jobs) for jobs in rows.values())
@@ -140,8 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.exposures} exposures, --cores {args.cores}: wall {wall:.1f} s end to end "
           f"(fetch included), {wall / args.exposures:.2f} s per exposure, {n_jobs} jobs, "
           f"exit status {status}; warm_workers: {args.warm_workers}; machine CPU over the "
-          f"run {machine_cpu:.0f} s (everything on the machine, the loopback MAST "
-          "included)\n")
+          f"run {machine_cpu:.0f} s (everything on the machine), of which Snakemake with "
+          f"its job processes {snakemake_cpu:.0f} s and the loopback MAST "
+          f"{mast_cpu:.0f} s\n")
     print(table(rows, args.exposures, worker_cpu(results)))
     return status
 

@@ -1,21 +1,23 @@
-"""The per-exposure steps of the workflow (mask, clean, QA) as plain functions.
+"""The per-file steps of the workflow (download, mask, clean, QA) as plain functions.
 
-Each step takes the job's files and settings as plain dictionaries (what a rule script
-reads from Snakemake's ``snakemake`` object), writes every declared output and returns
+Each step takes the job's files and settings as plain dictionaries (the JSON the
+workflow passes to the rule's script), writes every declared output and returns
 nothing; :mod:`nsclean.pipeline` describes the status records and how an exposure's
-failure is recorded.  The rule scripts call them through :func:`nsclean.warm.run_step`,
-which runs a step in a pre-imported worker process when one is available and in the
-calling process otherwise: the same function either way.
+failure is recorded.  The rule scripts call them through
+:func:`nsclean.warm.run_command_step`, which runs a step in a pre-imported worker
+process when one is available and in the calling process otherwise: the same function
+either way.
 
-All heavy imports (numpy, astropy, matplotlib) happen inside the steps, so that
-importing this module is cheap.
+All heavy imports (numpy, astropy, matplotlib, requests) happen inside the steps, so
+that importing this module is cheap.
 
 Arguments common to every step
 ------------------------------
 input, output : dict
     The rule's named input and output files.
 params : dict
-    The rule's params (``options``: the config section of the step).
+    The rule's params (``options``: the config section of the step; ``archive`` for
+    the download).
 log : str
     The rule's log file.
 wildcards : dict
@@ -29,6 +31,7 @@ from pathlib import Path
 
 from .pipeline import (
     CLEANED,
+    FAILED,
     OK,
     checksum_cards,
     file_checksum,
@@ -36,18 +39,63 @@ from .pipeline import (
     require_ok,
     script_logging,
     step,
+    write_placeholders,
     write_status,
 )
 
-__all__ = ["STEPS", "clean", "mask", "qa"]
+__all__ = ["STEPS", "clean", "fetch_file", "mask", "qa"]
+
+
+def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
+    """Rule ``fetch_file``: download (local source: link or copy) one file of a manifest.
+
+    input: ``manifest``; output: ``file`` (its base name must be a rate or cal file of
+    the manifest) and ``status`` (JSON record: ok, or failed with the archive's reason
+    when it refuses the file or never delivers it whole; the file is then an empty
+    placeholder and the exposure fails alone).  ``params["archive"]`` is the
+    ``archive`` section of the config: ``url`` (MAST base URL), ``retries``,
+    ``timeout`` and ``backoff`` (:func:`nsclean.archive.download_file`).  An existing
+    file of the manifest's size is not fetched again; the file appears only when
+    complete.  ``MAST_API_TOKEN`` in the environment is used for exclusive-access files.
+    """
+    from . import archive
+
+    logger = script_logging(log)
+    settings = params.get("archive") or {}
+    target = Path(output["file"])
+    rows = archive.read_manifest(input["manifest"])
+    files = {r.rate_file: (r.rate_uri, r.rate_size) for r in rows if r.rate_file}
+    files.update({r.cal_file: (r.cal_uri, r.cal_size) for r in rows if r.cal_file})
+    if target.name not in files:
+        raise archive.ArchiveError(f"{target.name} is not listed in {input['manifest']}")
+    uri, size = files[target.name]
+    try:
+        result = archive.download_file(
+            uri, target, expected_size=size,
+            archive_url=settings.get("url") or archive.DEFAULT_ARCHIVE_URL,
+            retries=int(settings.get("retries", 4)),
+            backoff=float(settings.get("backoff", 1.0)),
+            timeout=(10.0, float(settings.get("timeout", 60.0))))
+    except archive.DownloadError as error:
+        # Refused, or not delivered whole after the retries: this exposure fails (rule
+        # mask reads the record), the others go on.  No partial data is left in place.
+        logger.error("%s", error)
+        write_placeholders([target])
+        write_status(output["status"], FAILED, str(error), file=target.name)
+    else:
+        logger.info("%s: %s, %d bytes, %d attempts, %.2f s", target.name,
+                    "fetched" if result.fetched else "cached", result.nbytes,
+                    result.attempts, result.seconds)
+        write_status(output["status"], OK, file=target.name, bytes=result.nbytes)
 
 
 def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
     """Rule ``mask``: the background mask of one exposure.
 
     input: ``rate``, ``cal`` and optionally the download status records
-    (``*_status``); output: ``mask`` (FITS, 1 = background; empty if the exposure
-    failed) and ``status`` (JSON record with the mask summary and input checksums).
+    (``rate_status``, ``cal_status``); output: ``mask`` (FITS, 1 = background; empty if
+    the exposure failed) and ``status`` (JSON record with the mask summary and input
+    checksums).
     """
     logger = script_logging(log)
     options = dict(params["options"])
@@ -142,4 +190,4 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
 
 
 #: The steps by name (what :func:`nsclean.warm.run_step` accepts).
-STEPS = {"mask": mask, "clean": clean, "qa": qa}
+STEPS = {"fetch_file": fetch_file, "mask": mask, "clean": clean, "qa": qa}

@@ -1,8 +1,9 @@
-"""Warm workers: run the workflow's per-exposure steps in a pre-imported process.
+"""Warm workers: run the workflow's per-file steps in a pre-imported process.
 
-A rule script of the workflow spends most of its time importing numpy, astropy and
+A rule script of the workflow would spend most of its time importing numpy, astropy and
 matplotlib (about 0.9 CPU-s for a mask job, 1.2 for a clean and 1.6 for a QA job, more
-than the work on one exposure).  A warm worker imports them once:
+than the work on one exposure; 0.3 CPU-s for requests in a download).  A warm worker
+imports them once:
 
 * A **server** (``python -m nsclean.warm serve``) listens on a Unix socket in a private
   directory (``$XDG_RUNTIME_DIR`` or the temporary directory, ``nsclean-warm-<uid>``,
@@ -11,9 +12,10 @@ than the work on one exposure).  A warm worker imports them once:
   Python, ``sys.path``, the nsclean source files, thread and matplotlib environment
   variables), so that code or environment changes start a new server.  It exits after
   ``idle`` seconds without work (default 30).
-* The **client** (:func:`run_step`, called by a rule script) starts the server if none
-  is running, sends the step's name and arguments with its working directory,
-  environment, umask, resource limits and standard streams, and waits. The forked
+* The **client** (:func:`run_step`; a rule script calls it through
+  :func:`run_command_step`) starts the server if none is running, sends the step's name
+  and arguments with its working directory, environment, umask, resource limits and
+  standard streams, and waits. The forked
   child adopts all of them, runs the step (:mod:`nsclean.steps`, the same function the
   client would run) and reports its exit status, CPU time and peak memory, which the
   client writes to the rule's log. The client passes on the signals it gets (Ctrl-C,
@@ -49,7 +51,7 @@ import threading
 import time
 import traceback
 
-__all__ = ["default_socket_dir", "run_rule_step", "run_step", "server_key",
+__all__ = ["default_socket_dir", "run_command_step", "run_step", "server_key",
            "use_warm_workers"]
 
 #: Seconds a server stays up without requests.
@@ -103,21 +105,40 @@ def use_warm_workers(setting="auto", environ=None) -> bool:
     return "SLURM_JOB_ID" not in environ
 
 
-def run_rule_step(name: str, smk) -> None:
-    """Run a step with the files and settings of a Snakemake rule script's job.
+def run_command_step(name: str, argv: list[str] | None = None) -> None:
+    """Run a step as a rule's shell command: ``<rule script> JOB --log LOG``.
+
+    The per-exposure rules of the workflow call their scripts with ``shell:`` rather
+    than ``script:``: a script run by Snakemake first unpickles its ``snakemake``
+    object, which imports much of Snakemake (~0.2 CPU-s per job, as much as a warm
+    step's own start).  The job's files and settings come instead as one JSON
+    argument, built by the workflow (``step_command`` in ``workflow/rules/common.smk``).
 
     Parameters
     ----------
     name : str
-        The step (``"mask"``, ``"clean"``, ``"qa"``).
-    smk
-        The ``snakemake`` object of the rule script: its named input, output, params
-        and wildcards, its first log file, and the ``warm_workers`` config value.
+        The step (a key of :data:`nsclean.steps.STEPS`).
+    argv : list of str, optional
+        The command's arguments (default ``sys.argv[1:]``): ``JOB`` -- a JSON object
+        with the job's named ``input`` and ``output`` files, ``params``,
+        ``wildcards`` and the ``warm_workers`` setting -- and ``--log LOG``, the
+        rule's log file.
     """
-    kwargs = {"input": dict(smk.input.items()), "output": dict(smk.output.items()),
-              "params": dict(smk.params.items()), "log": smk.log[0],
-              "wildcards": dict(smk.wildcards.items())}
-    run_step(name, kwargs, warm=use_warm_workers(smk.config.get("warm_workers", "auto")))
+    parser = argparse.ArgumentParser(
+        prog=f"{os.path.basename(sys.argv[0])}",
+        description=f"Run the workflow step {name!r} of one job (see nsclean.steps).")
+    parser.add_argument("job", help="the job's input, output, params and wildcards "
+                        "as a JSON object")
+    parser.add_argument("--log", required=True, help="the rule's log file")
+    args = parser.parse_args(argv)
+    try:
+        job = json.loads(args.job)
+        kwargs = {key: job[key] for key in ("input", "output", "params", "wildcards")}
+    except (ValueError, KeyError, TypeError) as error:
+        parser.error(f"JOB is not a JSON object with input, output, params and "
+                     f"wildcards: {error!r}")
+    kwargs["log"] = args.log
+    run_step(name, kwargs, warm=use_warm_workers(job.get("warm_workers", "auto")))
 
 
 def run_step(name: str, kwargs: dict, *, warm=True, log: str | None = None,
@@ -435,6 +456,7 @@ def _preload():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    import nsclean.archive  # requests, for the downloads
     import nsclean.core
     import nsclean.exposure
     import nsclean.figures

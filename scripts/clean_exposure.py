@@ -6,10 +6,18 @@ input:  rate        -- the exposure's ``_rate.fits``
 output: cleaned     -- cleaned rate file (empty placeholder if the exposure failed)
         status      -- JSON status record: ok/failed, reason, fit summary, provenance
 params: options     -- the ``clean`` section of the config (options of nsclean.fit)
+Run by the rule's shell command as ``python clean_exposure.py JOB --log LOG``: JOB is the
+job's files and settings as JSON (``step_command`` in workflow/rules/common.smk).
 The step (``nsclean.steps.clean``) runs in a warm worker when one can be used
 (``nsclean.warm``).
 """
 
-from nsclean.warm import run_rule_step
+import os
+import sys
 
-run_rule_step("clean", snakemake)  # noqa: F821 (injected by Snakemake)
+# As for a Snakemake script: the workflow's own nsclean is importable when none is
+# installed (an installed one comes first).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nsclean.warm import run_command_step  # noqa: E402
+
+run_command_step("clean")

@@ -5,9 +5,18 @@ input:  rate, cal -- the exposure's ``_rate.fits`` and ``_cal.fits``
 output: mask      -- FITS mask, 1 = background (empty placeholder if the exposure failed)
         status    -- JSON status record: ok/failed, reason, mask summary, input checksums
 params: options   -- the ``mask`` section of the config (nsclean.masks.MaskOptions)
-The step runs in a warm worker when one can be used (``nsclean.warm``).
+Run by the rule's shell command as ``python make_mask.py JOB --log LOG``: JOB is the
+job's files and settings as JSON (``step_command`` in workflow/rules/common.smk).
+The step (``nsclean.steps.mask``) runs in a warm worker when one can be used
+(``nsclean.warm``).
 """
 
-from nsclean.warm import run_rule_step
+import os
+import sys
 
-run_rule_step("mask", snakemake)  # noqa: F821 (injected by Snakemake)
+# As for a Snakemake script: the workflow's own nsclean is importable when none is
+# installed (an installed one comes first).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nsclean.warm import run_command_step  # noqa: E402
+
+run_command_step("mask")

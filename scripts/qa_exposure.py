@@ -9,10 +9,18 @@ output: metrics -- the exposure's final record, in the layout of
                    the provenance (software version, options, input checksums)
         figures -- directory of the PNG figures (``nsclean.figures``; empty if failed)
 params: options -- the ``qa`` section of the config
+Run by the rule's shell command as ``python qa_exposure.py JOB --log LOG``: JOB is the
+job's files and settings as JSON (``step_command`` in workflow/rules/common.smk).
 The step (``nsclean.steps.qa``) runs in a warm worker when one can be used
 (``nsclean.warm``).
 """
 
-from nsclean.warm import run_rule_step
+import os
+import sys
 
-run_rule_step("qa", snakemake)  # noqa: F821 (injected by Snakemake)
+# As for a Snakemake script: the workflow's own nsclean is importable when none is
+# installed (an installed one comes first).
+sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nsclean.warm import run_command_step  # noqa: E402
+
+run_command_step("qa")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import logging
 import runpy
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -408,13 +410,25 @@ def test_rule_scripts_with_local_source(program_dir, tmp_path):
 
     target = tmp_path / "01345" / "archive" / rows[0].cal_file
     status = tmp_path / "01345" / "downloads" / f"{rows[0].cal_file}.json"
-    smk = SimpleNamespace(params=_Named(), config=config, log=_Named([str(tmp_path / "f.log")]),
-                          input=_Named(manifest=str(manifest)),
-                          output=_Named(path=str(target), status=str(status)))
-    runpy.run_path(str(SCRIPTS / "fetch_file.py"), init_globals={"snakemake": smk})
+    # As the rule's shell command runs it (here without a warm worker).
+    done = run_fetch_file_script(str(manifest), target, status, tmp_path / "f.log",
+                                 config["archive"])
+    assert done.returncode == 0, done.stderr
     assert target.read_bytes() == (program_dir / rows[0].cal_file).read_bytes()
     assert "fetched" in (tmp_path / "f.log").read_text()
     assert json.loads(status.read_text())["status"] == "ok"
+
+
+def run_fetch_file_script(manifest, target, status, log, archive_settings):
+    """``scripts/fetch_file.py JOB --log LOG`` in a child process, as rule fetch_file
+    runs it (without a warm worker)."""
+    job = {"input": {"manifest": str(manifest)},
+           "output": {"file": str(target), "status": str(status)},
+           "params": {"archive": archive_settings}, "wildcards": {},
+           "warm_workers": False}
+    return subprocess.run([sys.executable, str(SCRIPTS / "fetch_file.py"), json.dumps(job),
+                           "--log", str(log)], capture_output=True, text=True,
+                          timeout=120, check=False)
 
 
 def test_fetch_file_script_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
@@ -427,19 +441,19 @@ def test_fetch_file_script_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
     log = tmp_path / "fetch_file.log"
     with MastServer(program_dir, exclusive=[RATE]) as server:
         status = tmp_path / "downloads" / f"{RATE}.json"
-        smk = SimpleNamespace(params=_Named(), config={"archive": {"url": server.url}},
-                              log=_Named([str(log)]), input=_Named(manifest=str(manifest)),
-                              output=_Named(path=str(tmp_path / "archive" / RATE),
-                                            status=str(status)))
+        settings = {"url": server.url}
         # A refusal fails this exposure only: a status record says why, the file is an
-        # empty placeholder (never partial data).
-        runpy.run_path(str(SCRIPTS / "fetch_file.py"), init_globals={"snakemake": smk})
+        # empty placeholder (never partial data), and the job succeeds.
+        done = run_fetch_file_script(manifest, tmp_path / "archive" / RATE, status, log,
+                                     settings)
+        assert done.returncode == 0, done.stderr
         record = json.loads(status.read_text())
         assert record["status"] == "failed"
         assert "a MAST API token is needed" in record["reason"]
-        smk.output = _Named(path=str(tmp_path / "archive" / "unknown_rate.fits"),
-                            status=str(status))
-        with pytest.raises(archive.ArchiveError, match="not listed"):
-            runpy.run_path(str(SCRIPTS / "fetch_file.py"), init_globals={"snakemake": smk})
+        # A file the manifest does not list is a bug of the workflow: the job fails.
+        done = run_fetch_file_script(manifest, tmp_path / "archive" / "unknown_rate.fits",
+                                     status, log, settings)
+        assert done.returncode == 1
+        assert "unknown_rate.fits is not listed in" in log.read_text()
     assert "a MAST API token is needed" in log.read_text()
     assert (tmp_path / "archive" / RATE).stat().st_size == 0

@@ -37,7 +37,11 @@ PROGRAM = "04244"
 N_EXPOSURES = 3
 RUN_TIMEOUT = 600  # one workflow run (a 2-core machine shared with other jobs)
 WAIT_TIMEOUT = 300  # waiting for a run to reach the point where it is interrupted
-RULE_SCRIPTS = ("make_mask.py", "clean_exposure.py", "qa_exposure.py")
+# The per-exposure rule scripts, as their shell commands name them (the Python process
+# running one has the script's path among its arguments; its bash parent has the whole
+# command line in one argument instead).
+RULE_SCRIPTS = tuple(f"/scripts/{name}" for name in ("make_mask.py", "clean_exposure.py",
+                                                    "qa_exposure.py"))
 
 
 # ------------------------------------------------------------------------------------
@@ -292,7 +296,7 @@ def running_rule_script(workdir):
             continue
         for arg in args:
             name = arg.decode(errors="replace")
-            if ".snakemake/scripts/" in name and name.endswith(RULE_SCRIPTS):
+            if name.endswith(RULE_SCRIPTS):
                 return int(entry.name), name
     return None
 

@@ -387,3 +387,49 @@ def test_the_server_imports_the_same_nsclean_as_its_client(exposures, tmp_path, 
     log = Path(arguments["log"]).read_text()
     assert "ran in warm worker" in log, log
     assert not list(Path(sockets).glob("*.failed"))
+
+
+# ------------------------------------------------------------------------------------
+# the rule scripts' command line
+# ------------------------------------------------------------------------------------
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.mark.parametrize("job", ["{not json", json.dumps({"input": {}, "output": {}}),
+                                 json.dumps(["input", "output"])])
+def test_a_rule_script_rejects_a_malformed_job_with_a_usage_error(job, tmp_path):
+    log = tmp_path / "mask.log"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "make_mask.py"), job, "--log",
+                           str(log)], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 2, done.stderr
+    assert "JOB is not a JSON object with input, output, params and wildcards" in done.stderr
+    assert "make_mask.py" in done.stderr  # the usage line names the script
+    assert not log.exists()
+
+
+def test_a_rule_script_runs_its_step_from_the_job_json(exposures, tmp_path, sockets):
+    """The command rule ``mask`` runs: the mask and its record, the same as in process;
+    with warm_workers true, the log says the step ran in a warm worker."""
+    rate, cal = exposures["fs"]
+    products = {}
+    for warm_workers in (False, True):
+        out = tmp_path / str(warm_workers)
+        job = {"input": {"rate": str(rate), "cal": str(cal)},
+               "output": {"mask": str(out / "m.fits"), "status": str(out / "m.json")},
+               "params": {"options": {}, "software": "test"}, "wildcards": {},
+               "warm_workers": warm_workers}
+        done = subprocess.run(
+            [sys.executable, str(SCRIPTS / "make_mask.py"), json.dumps(job), "--log",
+             str(out / "mask.log")], capture_output=True, text=True, timeout=300,
+            check=False, env={**os.environ, "XDG_RUNTIME_DIR": sockets})
+        assert done.returncode == 0, done.stderr + (out / "mask.log").read_text()
+        log = (out / "mask.log").read_text()
+        assert ("ran in warm worker" in log) is warm_workers, log
+        products[warm_workers] = out
+    cold, hot = products[False], products[True]
+    assert_same_fits(hot / "m.fits", cold / "m.fits")
+    # The record names its files: the same but for the run's directory.
+    assert (hot / "m.json").read_bytes().replace(bytes(hot), bytes(cold)) == \
+        (cold / "m.json").read_bytes()
+    assert read_status(hot / "m.json")["status"] == "ok"

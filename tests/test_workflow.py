@@ -182,15 +182,16 @@ def test_report_gives_the_time_taken_per_exposure(demo_run):
 
 @pytest.mark.slow
 def test_per_exposure_steps_ran_in_warm_workers(demo_run):
-    """On one machine (warm_workers: auto, outside Slurm) every mask, clean and QA job
-    handed its step to a warm worker: its log says so, with the step's CPU time."""
+    """On one machine (warm_workers: auto, outside Slurm) every download, mask, clean and
+    QA job handed its step to a warm worker: its log says so, with the step's CPU time."""
     from nsclean.warm import use_warm_workers
 
     if not use_warm_workers("auto"):
         pytest.skip("inside a Slurm job: warm workers are off by design")
-    for rule in ("mask", "clean", "qa"):
+    for rule, jobs in (("fetch_file", 2 * DEMO_EXPOSURES), ("mask", DEMO_EXPOSURES),
+                       ("clean", DEMO_EXPOSURES), ("qa", DEMO_EXPOSURES)):
         logs = list((demo_run["results"] / "logs" / rule).rglob("*.log"))
-        assert len(logs) == DEMO_EXPOSURES, rule
+        assert len(logs) == jobs, rule
         for log in logs:
             assert re.search(rf"step {rule} ran in warm worker \d+: [0-9.]+ CPU-s",
                              log.read_text()), log

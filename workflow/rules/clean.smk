@@ -24,5 +24,9 @@ rule clean:
     params:
         options=CLEAN_OPTIONS,
         software=NSCLEAN_VERSION,
-    script:
-        "../../scripts/clean_exposure.py"
+        # The job for the script (the same options; not itself a rerun trigger).
+        command=step_command(
+            "clean_exposure.py", options=CLEAN_OPTIONS, software=NSCLEAN_VERSION
+        ),
+    shell:
+        "{params.command} --log {log:q}"

@@ -34,7 +34,7 @@ rule fetch_file:
         # last rewritten: refreshing the manifest must not fetch everything again.
         manifest=ancient(results_path("{program}", "manifest.csv")),
     output:
-        results_path("{program}", "archive", "{filename}"),
+        file=results_path("{program}", "archive", "{filename}"),
         # ok, or failed with the archive's reason when it refuses the file or never
         # delivers it whole (an empty placeholder is then left above): rule mask
         # fails that exposure alone, and the reports list it.
@@ -49,5 +49,10 @@ rule fetch_file:
         mem_mb=500,
         runtime=60,
         mast_connections=1,
-    script:
-        "../../scripts/fetch_file.py"
+    params:
+        # archive.url, retries, timeout and backoff are read from here: a derived
+        # param, so that a mirror or a loopback server on another port does not
+        # trigger a rerun.
+        command=step_command("fetch_file.py", archive=ARCHIVE),
+    shell:
+        "{params.command} --log {log:q}"

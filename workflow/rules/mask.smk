@@ -23,5 +23,9 @@ rule mask:
     params:
         options=MASK_OPTIONS,
         software=NSCLEAN_VERSION,
-    script:
-        "../../scripts/make_mask.py"
+        # The job for the script (the same options; not itself a rerun trigger).
+        command=step_command(
+            "make_mask.py", options=MASK_OPTIONS, software=NSCLEAN_VERSION
+        ),
+    shell:
+        "{params.command} --log {log:q}"

@@ -30,5 +30,9 @@ rule qa:
     params:
         options=QA_OPTIONS,
         software=NSCLEAN_VERSION,
-    script:
-        "../../scripts/qa_exposure.py"
+        # The job for the script (the same options; not itself a rerun trigger).
+        command=step_command(
+            "qa_exposure.py", options=QA_OPTIONS, software=NSCLEAN_VERSION
+        ),
+    shell:
+        "{params.command} --log {log:q}"
