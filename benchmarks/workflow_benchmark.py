@@ -8,7 +8,7 @@ files (Markdown, ready for docs/benchmarks.md).
 Usage::
 
     .venv/bin/python benchmarks/workflow_benchmark.py [--exposures 24] [--cores 2]
-        [--workdir DIR] [--warm-workers auto|true|false]
+        [--workdir DIR] [--warm-workers auto|true|false] [--fsync true|false]
 
 Every run starts without a warm-worker server (a fresh socket directory), so the
 server's start-up is counted.  Steps run by a warm worker appear in the ``benchmark:``
@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--workdir", default="benchmark-work",
                         help="simulated data are kept here between runs")
+    parser.add_argument("--fsync", choices=("true", "false"), default="false",
+                        help="the workflow's fsync setting")
     parser.add_argument("--warm-workers", choices=("auto", "true", "false"), default="auto",
                         help="the workflow's warm_workers setting")
     args = parser.parse_args(argv)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     with MastServer(archive) as server:
         config = write_config(workdir / "benchmark.yaml", url=server.url, results=results)
         with open(config, "a", encoding="utf-8") as handle:
-            handle.write(f"warm_workers: {args.warm_workers}\n")
+            handle.write(f"warm_workers: {args.warm_workers}\nfsync: {args.fsync}\n")
         # A socket directory of its own: no server from an earlier run is reused.
         sockets = tempfile.mkdtemp(prefix="nsc-bench-")
         environment = {**os.environ, "XDG_RUNTIME_DIR": sockets}
@@ -153,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
           f"load average before/after {os.getloadavg()[0]:.1f}; Python {platform.python_version()}")
     print(f"{args.exposures} exposures, --cores {args.cores}: wall {wall:.1f} s end to end "
           f"(fetch included), {wall / args.exposures:.2f} s per exposure, {n_jobs} jobs, "
-          f"exit status {status}; warm_workers: {args.warm_workers}; machine CPU over the "
+          f"exit status {status}; warm_workers: {args.warm_workers}; fsync: {args.fsync}; "
+          f"machine CPU over the "
           f"run {machine_cpu:.0f} s (everything on the machine), of which Snakemake with "
           f"its job processes {snakemake_cpu:.0f} s and the loopback MAST "
           f"{mast_cpu:.0f} s\n")

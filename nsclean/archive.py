@@ -942,7 +942,7 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
                   timeout: tuple[float, float] | float = (10.0, 60.0), retries: int = 4,
                   backoff: float = 1.0, max_backoff: float = 60.0,
                   session: requests.Session | None = None,
-                  chunk_size: int = 1 << 20) -> DownloadResult:
+                  chunk_size: int = 1 << 20, fsync: bool = False) -> DownloadResult:
     """Download one archive file into place, with a cache, atomic rename and retries.
 
     Parameters
@@ -972,6 +972,10 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
         Session to reuse (connection pooling across files).
     chunk_size : int
         Bytes per read.
+    fsync : bool
+        Flush the file to disk before it is renamed into place, so that a crash of the
+        machine cannot leave a complete-looking but empty or short file.  Off by
+        default: the download would wait for the disk (the workflow's ``fsync`` key).
 
     Returns
     -------
@@ -1021,7 +1025,7 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
             server_delay = None
             try:
                 nbytes = _fetch_once(session, url, cookies, timeout, destination,
-                                     expected_size, chunk_size, token)
+                                     expected_size, chunk_size, token, fsync)
                 seconds = time.monotonic() - started
                 log.info("%s: downloaded %d bytes in %.2f s (attempt %d)", name, nbytes,
                          seconds, attempt)
@@ -1085,7 +1089,7 @@ def _retrying_head(session, url, cookies, timeout, name, token) -> int | None:
 
 
 def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size, chunk_size,
-                token) -> int:
+                token, fsync) -> int:
     name = destination.name
     with session.get(url, cookies=cookies, timeout=timeout, stream=True) as response:
         _check_status(response, name, token)
@@ -1104,8 +1108,9 @@ def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size
                 for block in response.iter_content(chunk_size):
                     handle.write(block)
                     received += len(block)
-                handle.flush()
-                os.fsync(handle.fileno())
+                if fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
             if received != length:
                 raise _Retryable(f"received {received} of {length} bytes")
             os.replace(handle.name, destination)

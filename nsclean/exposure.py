@@ -716,6 +716,7 @@ def write_mask(
     *,
     reference_header: Mapping | None = None,
     overwrite: bool = False,
+    fsync: bool = False,
 ) -> Path:
     """Write a background mask as FITS: uint8 primary image, 1 = background.
 
@@ -723,7 +724,8 @@ def write_mask(
     (from ``reference_header``), the ``NSCM*`` keywords of every mask option,
     and HISTORY lines describing each step. A ``GUARD`` table lists, per
     column, the number of background pixels, the longest masked run and
-    whether the guard flagged the column.
+    whether the guard flagged the column.  ``fsync`` flushes the file to disk before
+    it is renamed into place (see :func:`write_cleaned_rate`).
 
     Returns
     -------
@@ -761,7 +763,7 @@ def write_mask(
         )
     buffer = io.BytesIO()
     fits.HDUList(hdus).writeto(buffer, output_verify="exception")
-    _atomic_write(path, [buffer.getvalue()], overwrite=overwrite)
+    _atomic_write(path, [buffer.getvalue()], overwrite=overwrite, fsync=fsync)
     return path
 
 
@@ -809,6 +811,7 @@ def write_cleaned_rate(
     cards: Iterable[tuple] = (),
     history: Iterable[str] = (),
     overwrite: bool = False,
+    fsync: bool = False,
 ) -> Path:
     """Copy a rate file with new SCI data and extra primary-header cards.
 
@@ -830,6 +833,10 @@ def write_cleaned_rate(
         HISTORY lines appended to the primary header.
     overwrite : bool
         Replace an existing output.
+    fsync : bool
+        Flush each file to disk before it is renamed into place, so that a crash of
+        the machine cannot leave a complete-looking but empty or short file.  Off by
+        default: the caller would wait for the disk (the workflow's ``fsync`` key).
 
     Returns
     -------
@@ -875,7 +882,7 @@ def write_cleaned_rate(
         sci_bytes,
         raw[sci_end:],
     ]
-    _atomic_write(output_path, chunks, overwrite=overwrite)
+    _atomic_write(output_path, chunks, overwrite=overwrite, fsync=fsync)
     return output_path
 
 
@@ -908,7 +915,8 @@ def _encode_image(path: Path, header: fits.Header, data: np.ndarray) -> bytes:
     return encoded + b"\0" * padding
 
 
-def _atomic_write(path: Path, chunks: Iterable[bytes], *, overwrite: bool) -> None:
+def _atomic_write(path: Path, chunks: Iterable[bytes], *, overwrite: bool,
+                  fsync: bool = False) -> None:
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path}: {_EXISTS}")
@@ -919,8 +927,9 @@ def _atomic_write(path: Path, chunks: Iterable[bytes], *, overwrite: bool) -> No
         with os.fdopen(handle, "wb") as out:
             for chunk in chunks:
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
+            if fsync:
+                out.flush()
+                os.fsync(out.fileno())
         os.chmod(temporary, 0o666 & ~_umask())
         if overwrite:
             os.replace(temporary, path)
@@ -958,6 +967,7 @@ def make_mask(
     png_path: str | os.PathLike | None = None,
     options: masklib.MaskOptions | Mapping | None = None,
     overwrite: bool = False,
+    fsync: bool = False,
 ) -> dict:
     """Build the background mask of one exposure and write it (FITS, optional PNG).
 
@@ -980,6 +990,10 @@ def make_mask(
         Automatic-mask options.
     overwrite : bool
         Replace existing outputs.
+    fsync : bool
+        Flush each file to disk before it is renamed into place, so that a crash of
+        the machine cannot leave a complete-looking but empty or short file.  Off by
+        default: the caller would wait for the disk (the workflow's ``fsync`` key).
 
     Returns
     -------
@@ -1001,7 +1015,8 @@ def make_mask(
     if user_mask_path:
         info["user_mask"] = Path(user_mask_path).name
     _refuse_existing([output_path] + ([png_path] if png_path else []), overwrite)
-    write_mask(output_path, mask, info, reference_header=rate.header, overwrite=overwrite)
+    write_mask(output_path, mask, info, reference_header=rate.header, overwrite=overwrite,
+               fsync=fsync)
     if png_path:
         write_mask_png(png_path, mask, rate.sci, overwrite=overwrite)
     return {
@@ -1031,6 +1046,7 @@ def clean_exposure(
     save_mask: bool = False,
     product_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
+    fsync: bool = False,
     extra_cards: Sequence[tuple] = (),
 ) -> dict:
     """Clean one rate file and write the cleaned product (and optional extras).
@@ -1065,6 +1081,10 @@ def clean_exposure(
         Folder for the extra products (default: that of ``output_path``).
     overwrite : bool
         Replace existing outputs.
+    fsync : bool
+        Flush each file to disk before it is renamed into place, so that a crash of
+        the machine cannot leave a complete-looking but empty or short file.  Off by
+        default: the caller would wait for the disk (the workflow's ``fsync`` key).
     extra_cards : sequence of (keyword, value, comment)
         More primary-header cards for the cleaned file (the workflow records the
         input checksums this way).
@@ -1139,7 +1159,8 @@ def clean_exposure(
     cards, history = _provenance(rate, cal, mask_path, info, result)
     cards = [*cards, *extra_cards]
     write_cleaned_rate(
-        rate.path, output_path, cleaned, cards=cards, history=history, overwrite=overwrite
+        rate.path, output_path, cleaned, cards=cards, history=history, overwrite=overwrite,
+        fsync=fsync,
     )
     written = [str(output_path)]
     if model_path is not None:
@@ -1152,10 +1173,12 @@ def clean_exposure(
             cards=model_cards,
             history=history,
             overwrite=overwrite,
+            fsync=fsync,
         )
         written.append(str(model_path))
     if saved_mask_path is not None:
-        write_mask(saved_mask_path, mask, info, reference_header=rate.header, overwrite=overwrite)
+        write_mask(saved_mask_path, mask, info, reference_header=rate.header, overwrite=overwrite,
+                   fsync=fsync)
         written.append(str(saved_mask_path))
 
     fit_info = result.info

@@ -44,6 +44,7 @@ __all__ = [
     "read_status",
     "step",
     "step_timings",
+    "require_size",
     "write_placeholders",
     "write_status",
 ]
@@ -218,6 +219,32 @@ def require_ok(status_paths: Iterable[str | os.PathLike]) -> list[dict]:
         if record.get("status") == FAILED:
             raise StepFailed(record.get("reason") or "an earlier step failed")
     return records
+
+
+def require_size(path: str | os.PathLike, expected: int | None, producer: str) -> None:
+    """Raise :class:`StepFailed` if a file is not the size its producing step recorded.
+
+    Files are renamed into place complete, but without ``fsync`` a crash of the machine
+    soon after a step can leave a file empty or short on disk under its final name,
+    and Snakemake would take it as done.  The next step checks the size in the
+    producer's status record before it reads the file.
+
+    Parameters
+    ----------
+    path : path
+        The file.
+    expected : int or None
+        Its size in bytes as recorded (None: nothing recorded, nothing checked).
+    producer : str
+        The recording step, for the message (``"its download"``).
+    """
+    if expected is None:
+        return
+    actual = os.path.getsize(path)
+    if actual != int(expected):
+        raise StepFailed(f"{path}: {actual} bytes on disk, but {producer} recorded "
+                         f"{int(expected)}; it was cut short or changed after it was written "
+                         "(a crash of the machine?): delete it and run again")
 
 
 def read_benchmark_seconds(path: str | os.PathLike) -> float | None:

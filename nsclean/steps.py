@@ -17,7 +17,8 @@ input, output : dict
     The rule's named input and output files.
 params : dict
     The rule's params (``options``: the config section of the step; ``archive`` for
-    the download).
+    the download) and ``fsync`` (flush written files to disk before renaming them
+    into place).
 log : str
     The rule's log file.
 wildcards : dict
@@ -37,6 +38,7 @@ from .pipeline import (
     file_checksum,
     input_checksums,
     require_ok,
+    require_size,
     script_logging,
     step,
     write_placeholders,
@@ -75,7 +77,8 @@ def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dic
             archive_url=settings.get("url") or archive.DEFAULT_ARCHIVE_URL,
             retries=int(settings.get("retries", 4)),
             backoff=float(settings.get("backoff", 1.0)),
-            timeout=(10.0, float(settings.get("timeout", 60.0))))
+            timeout=(10.0, float(settings.get("timeout", 60.0))),
+            fsync=bool(params.get("fsync")))
     except archive.DownloadError as error:
         # Refused, or not delivered whole after the retries: this exposure fails (rule
         # mask reads the record), the others go on.  No partial data is left in place.
@@ -94,24 +97,28 @@ def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> 
 
     input: ``rate``, ``cal`` and optionally the download status records
     (``rate_status``, ``cal_status``); output: ``mask`` (FITS, 1 = background; empty if
-    the exposure failed) and ``status`` (JSON record with the mask summary and input
-    checksums).
+    the exposure failed) and ``status`` (JSON record with the mask summary, input
+    checksums and the mask file's size).
     """
     logger = script_logging(log)
     options = dict(params["options"])
     with step(output["status"], [output["mask"]], logger) as record:
         # Status records of the downloads (an archive refusal fails this exposure with
-        # the archive's reason).
-        require_ok([path for key, path in input.items() if key.endswith("_status")])
+        # the archive's reason), and the files the size they were downloaded with.
+        for key in ("rate", "cal"):
+            if f"{key}_status" in input:
+                (download,) = require_ok([input[f"{key}_status"]])
+                require_size(input[key], download.get("bytes"), "its download")
         record["inputs"] = input_checksums([input["rate"], input["cal"]])
         from .exposure import make_mask
 
         summary = make_mask(input["cal"], input["rate"], output["mask"], options=options,
-                            overwrite=True)
+                            overwrite=True, fsync=bool(params.get("fsync")))
         logger.info("mask of %s: %d background pixels (%.1f %%), %d weak columns",
                     summary["stem"], summary["n_background"],
                     100 * summary["background_fraction"], summary["n_weak_columns"])
-        write_status(output["status"], OK, mask=summary, mask_options=options, **record)
+        write_status(output["status"], OK, mask=summary, mask_options=options,
+                     bytes=os.path.getsize(output["mask"]), **record)
 
 
 def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
@@ -119,12 +126,13 @@ def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) ->
 
     input: ``rate``, ``mask``, ``mask_status``; output: ``cleaned`` (the cleaned rate
     file; empty if the exposure failed) and ``status`` (JSON record with the fit
-    summary and provenance).  ``params["options"]`` are options of
-    :func:`nsclean.fit`.
+    summary, provenance and the cleaned file's size).  ``params["options"]`` are
+    options of :func:`nsclean.fit`.
     """
     logger = script_logging(log)
     with step(output["status"], [output["cleaned"]], logger) as record:
         (mask_record,) = require_ok([input["mask_status"]])
+        require_size(input["mask"], mask_record.get("bytes"), "the mask step")
         record["inputs"] = {**mask_record.get("inputs", {}),
                             "mask": file_checksum(input["mask"])}
         record["mask_options"] = mask_record.get("mask_options", {})
@@ -132,9 +140,11 @@ def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) ->
 
         summary = clean_exposure(input["rate"], output["cleaned"], mask_path=input["mask"],
                                  fit_options=dict(params["options"]), overwrite=True,
+                                 fsync=bool(params.get("fsync")),
                                  extra_cards=checksum_cards(record["inputs"]))
         logger.info("cleaned %s: %s", summary["stem"], summary["fit"])
-        write_status(output["status"], OK, clean=summary, **record)
+        write_status(output["status"], OK, clean=summary,
+                     bytes=os.path.getsize(output["cleaned"]), **record)
 
 
 def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
@@ -155,6 +165,7 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
         record.update(program=wildcards["program"], stem=wildcards["stem"],
                       cleaned_file=None)
         (clean_record,) = require_ok([input["clean_status"]])
+        require_size(input["cleaned"], clean_record.get("bytes"), "the clean step")
         record.update(inputs=clean_record["inputs"],
                       mask_options=clean_record["mask_options"], clean=clean_record["clean"])
         import numpy as np

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import runpy
 import subprocess
 import sys
@@ -145,6 +146,28 @@ def test_download_then_cache_hit_makes_no_request(program_dir, tmp_path):
                                      archive_url=server.url, token="", **FAST).fetched
         assert (tmp_path / RATE).stat().st_size == size
         assert not killed.exists() and other.exists()
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_a_download_is_flushed_to_disk_only_with_fsync(fsync, program_dir, tmp_path,
+                                                       monkeypatch):
+    flushed = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    size = (program_dir / RATE).stat().st_size
+    with MastServer(program_dir) as server:
+        archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
+                              archive_url=server.url, token="", fsync=fsync, **FAST)
+    assert (tmp_path / RATE).read_bytes() == (program_dir / RATE).read_bytes()
+    if fsync:  # the temporary file, before its rename to the final name
+        assert len(flushed) == 1 and flushed[0].startswith(f".{RATE}."), flushed
+    else:
+        assert flushed == []
 
 
 @pytest.mark.parametrize("fault", ["500", "503", "cut", "wrong_size", "slow"])

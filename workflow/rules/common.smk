@@ -89,7 +89,8 @@ def step_command(script, **params):
     as much as the step's own start in a warm worker).  JOB is the job's named files,
     params, wildcards and the warm_workers setting as JSON.  The param is a function of
     the job's files, so Snakemake does not count it as a rerun trigger: the rule's other
-    params (the options a step uses) are.
+    params (the options a step uses) are.  The steps get the rule's params and the
+    fsync setting.
     """
     path = os.path.join(workflow.basedir, "scripts", script)
 
@@ -97,7 +98,8 @@ def step_command(script, **params):
         job = {
             "input": dict(input.items()),
             "output": dict(output.items()),
-            "params": params,
+            # fsync changes how files are written, not what is in them: no rerun.
+            "params": {**params, "fsync": config["fsync"]},
             "wildcards": dict(wildcards.items()),
             "warm_workers": config["warm_workers"],
         }
