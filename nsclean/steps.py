@@ -1,4 +1,4 @@
-"""The per-file steps of the workflow (download, mask, clean, QA) as plain functions.
+"""The steps of the workflow (manifest, download, mask, clean, QA) as plain functions.
 
 Each step takes the job's files and settings as plain dictionaries (the JSON the
 workflow passes to the rule's script), writes every declared output and returns
@@ -45,7 +45,45 @@ from .pipeline import (
     write_status,
 )
 
-__all__ = ["STEPS", "clean", "fetch_file", "mask", "qa"]
+__all__ = ["STEPS", "clean", "fetch_file", "fetch_manifest", "mask", "qa"]
+
+
+def fetch_manifest(input: dict, output: dict, params: dict, log: str,
+                   wildcards: dict) -> None:
+    """Checkpoint ``fetch_manifest``: list a program's exposures (MAST or a directory).
+
+    output: ``manifest`` (CSV, one row per exposure; skipped exposures have status
+    ``skipped`` and a reason).  ``params["archive"]`` is the ``archive`` section of the
+    config: ``source`` (``mast`` or ``local``), ``url``, ``local_dir``, the selections
+    ``observations``, ``modes``, ``detectors``, ``gratings``, ``filters``,
+    ``missing_cal``, and ``retries``, ``timeout`` of the queries; ``params["programs"]``
+    (default: the ``program`` wildcard).  The token for exclusive-access data comes from
+    ``MAST_API_TOKEN`` only.  Runs in its own process: astroquery's URLs are fixed when
+    it is imported, after :func:`nsclean.archive.configure_mast_server`.
+    """
+    from . import archive
+
+    logger = script_logging(log)
+    settings = params.get("archive") or {}
+    source = settings.get("source") or "mast"
+    url = settings.get("url") or archive.DEFAULT_ARCHIVE_URL
+    if source == "mast":  # before anything imports astroquery.mast
+        archive.configure_mast_server(url)
+    selections = {key: settings.get(key) for key in ("observations", "modes", "detectors",
+                                                     "gratings", "filters")}
+    try:
+        manifest = archive.fetch_manifest(
+            params.get("programs") or [wildcards["program"]], source=source,
+            local_dir=settings.get("local_dir") or None, archive_url=url,
+            missing_cal=settings.get("missing_cal") or "skip",
+            retries=int(settings.get("retries", 3)),
+            timeout=float(settings.get("timeout", 120.0)), **selections)
+    except (archive.ArchiveError, ValueError) as error:  # the reason belongs in the log
+        logger.error("%s", error)
+        raise
+    archive.write_manifest(manifest, output["manifest"])
+    logger.info("%d exposures to process; without cal: %s", len(manifest.to_process),
+                ", ".join(manifest.without_cal) or "none")
 
 
 def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
@@ -201,4 +239,5 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
 
 
 #: The steps by name (what :func:`nsclean.warm.run_step` accepts).
-STEPS = {"fetch_file": fetch_file, "mask": mask, "clean": clean, "qa": qa}
+STEPS = {"fetch_manifest": fetch_manifest, "fetch_file": fetch_file, "mask": mask,
+         "clean": clean, "qa": qa}

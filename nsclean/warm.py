@@ -21,6 +21,8 @@ imports them once:
   client writes to the rule's log. The client passes on the signals it gets (Ctrl-C,
   ``kill``), and a child whose client has died stops at once, so that Snakemake's view
   of a job stays the truth.
+* A job that runs before the steps (the workflow's manifest) can start the server in
+  the background (:func:`start_server`), so that its imports overlap with that job.
 * Whenever a worker cannot be used (no ``fork``, no Unix sockets, a server that
   cannot start or does not answer), the step runs in the calling process, with a note
   in the log.  Results do not depend on where a step ran.
@@ -44,15 +46,11 @@ import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
-import threading
 import time
-import traceback
 
 __all__ = ["default_socket_dir", "run_command_step", "run_step", "server_key",
-           "use_warm_workers"]
+           "start_server", "use_warm_workers"]
 
 #: Seconds a server stays up without requests.
 IDLE_SECONDS = 30.0
@@ -105,14 +103,16 @@ def use_warm_workers(setting="auto", environ=None) -> bool:
     return "SLURM_JOB_ID" not in environ
 
 
-def run_command_step(name: str, argv: list[str] | None = None) -> None:
+def run_command_step(name: str, argv: list[str] | None = None, *,
+                     in_process: bool = False) -> None:
     """Run a step as a rule's shell command: ``<rule script> JOB --log LOG``.
 
-    The per-exposure rules of the workflow call their scripts with ``shell:`` rather
-    than ``script:``: a script run by Snakemake first unpickles its ``snakemake``
-    object, which imports much of Snakemake (~0.2 CPU-s per job, as much as a warm
-    step's own start).  The job's files and settings come instead as one JSON
-    argument, built by the workflow (``step_command`` in ``workflow/rules/common.smk``).
+    The manifest, download, mask, clean and QA rules of the workflow call their
+    scripts with ``shell:`` rather than ``script:``: a script run by Snakemake first
+    unpickles its ``snakemake`` object, which imports much of Snakemake (~0.2 CPU-s per
+    job, as much as a warm step's own start).  The job's files and settings come
+    instead as one JSON argument, built by the workflow (``step_command`` in
+    ``workflow/rules/common.smk``).
 
     Parameters
     ----------
@@ -123,6 +123,10 @@ def run_command_step(name: str, argv: list[str] | None = None) -> None:
         with the job's named ``input`` and ``output`` files, ``params``,
         ``wildcards`` and the ``warm_workers`` setting -- and ``--log LOG``, the
         rule's log file.
+    in_process : bool
+        Run the step in this process even when warm workers are on, after starting a
+        server in the background for the steps to come (:func:`start_server`): for the
+        workflow's manifest, which runs first and alone.
     """
     parser = argparse.ArgumentParser(
         prog=f"{os.path.basename(sys.argv[0])}",
@@ -138,7 +142,19 @@ def run_command_step(name: str, argv: list[str] | None = None) -> None:
         parser.error(f"JOB is not a JSON object with input, output, params and "
                      f"wildcards: {error!r}")
     kwargs["log"] = args.log
-    run_step(name, kwargs, warm=use_warm_workers(job.get("warm_workers", "auto")))
+    warm = use_warm_workers(job.get("warm_workers", "auto"))
+    if in_process:
+        if warm:
+            try:
+                pid = start_server()
+            except WarmUnavailable as why:
+                _note(args.log, f"no warm-worker server started ({why})")
+            else:
+                if pid is not None:
+                    _note(args.log, f"started warm-worker server {pid} for the steps to "
+                                    "come")
+        warm = False
+    run_step(name, kwargs, warm=warm)
 
 
 def run_step(name: str, kwargs: dict, *, warm=True, log: str | None = None,
@@ -167,10 +183,8 @@ def run_step(name: str, kwargs: dict, *, warm=True, log: str | None = None,
         the rule's log, where the step sends its standard error, as in process).  A
         step run in this process raises as usual.
     """
-    from .steps import STEPS
-
-    if name not in STEPS:
-        raise ValueError(f"unknown step {name!r}; known: {', '.join(STEPS)}")
+    # nsclean.steps is imported only where the step runs (here, or in the worker, which
+    # reports an unknown name the same way): a warm job's client stays small.
     log = log or kwargs.get("log")
     if warm:
         try:
@@ -188,12 +202,24 @@ def run_step(name: str, kwargs: dict, *, warm=True, log: str | None = None,
             if status:
                 raise SystemExit(status)
             return
-    STEPS[name](**kwargs)
+    _step_function(name)(**kwargs)
+
+
+def _step_function(name):
+    from .steps import STEPS
+
+    if name not in STEPS:
+        raise ValueError(f"unknown step {name!r}; known: {', '.join(STEPS)}")
+    return STEPS[name]
 
 
 def default_socket_dir() -> str:
     """Private directory of the warm-worker sockets of this user."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not base:
+        import tempfile
+
+        base = tempfile.gettempdir()
     return os.path.join(base, f"nsclean-warm-{os.getuid()}")
 
 
@@ -295,12 +321,7 @@ def _run_in_worker(name, kwargs, directory, idle, log) -> int:
 def _connect(directory, key, idle) -> socket.socket:
     """Connected socket of the server with this key; starts one if there is none."""
     path = os.path.join(directory, f"{key}.sock")
-    failed = os.path.join(directory, f"{key}.failed")
-    with contextlib.suppress(OSError):
-        # A server that failed to start is not tried again for a while (a fix of the
-        # environment that does not change the key is picked up after that).
-        if time.time() - os.stat(failed).st_mtime < RETRY_FAILED_SECONDS:
-            raise WarmUnavailable(f"a server failed to start recently, see {failed}")
+    _refuse_if_failed_recently(directory, key)
     with contextlib.suppress(OSError):
         return _try_connect(path)
     import fcntl
@@ -310,18 +331,7 @@ def _connect(directory, key, idle) -> socket.socket:
         fcntl.flock(lock, fcntl.LOCK_EX)
         with contextlib.suppress(OSError):
             return _try_connect(path)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)  # left by a server that was killed
-        server_log = os.path.join(directory, f"{key}.log")
-        with open(server_log, "ab") as output:
-            # The client's module path is set before nsclean is imported, so that the
-            # server imports the same nsclean (e.g. a workflow checkout's, ahead of an
-            # installed one).
-            process = subprocess.Popen(
-                [sys.executable, "-c", _BOOTSTRAP, json.dumps(sys.path), "serve",
-                 "--socket", path, "--idle", str(idle)],
-                stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
-                start_new_session=True, close_fds=True, cwd=directory)
+        process, server_log = _spawn_server(directory, key, idle)
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError):
@@ -330,6 +340,94 @@ def _connect(directory, key, idle) -> socket.socket:
                 raise WarmUnavailable(f"the server exited at once, see {server_log}")
             time.sleep(0.02)
         raise WarmUnavailable(f"the server made no socket in {START_SECONDS:.0f} s")
+
+
+def start_server(socket_dir: str | None = None, idle: float = IDLE_SECONDS) -> int | None:
+    """Start this process's server in the background, unless its socket exists.
+
+    For a job that runs before the steps (the workflow's manifest): the server imports
+    its libraries while the job works, on a core that would otherwise be idle, so that
+    the first steps find it ready.  Returns once the server's socket is bound, without
+    waiting for its imports.  The server is the one the steps' clients will use only if
+    it has their key (:func:`server_key`): the same Python, module path and environment.
+
+    Parameters
+    ----------
+    socket_dir : str, optional
+        Directory of the servers' sockets (default :func:`default_socket_dir`).
+    idle : float
+        Idle time after which the server exits.
+
+    Returns
+    -------
+    int or None
+        The server's process ID, or None if a socket was already there (a server is
+        running, or a killed server's socket that the first client replaces).
+
+    Raises
+    ------
+    WarmUnavailable
+        If no server can be started here (see :func:`run_step` for the reasons).
+    """
+    directory = socket_dir or default_socket_dir()
+    key = server_key()
+    path = os.path.join(directory, f"{key}.sock")
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise WarmUnavailable(f"the socket path under {directory} would be too long")
+    try:
+        _private_directory(directory)
+        _refuse_if_failed_recently(directory, key)
+        if os.path.exists(path):
+            return None
+        import fcntl
+
+        with open(os.path.join(directory, f"{key}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if os.path.exists(path):
+                return None
+            process, server_log = _spawn_server(directory, key, idle)
+            # Hold the lock until the socket exists (the server binds it before its
+            # imports), so that a client arriving now connects instead of starting
+            # a second server.
+            deadline = time.monotonic() + START_SECONDS
+            while not os.path.exists(path):
+                if process.poll() is not None:
+                    raise WarmUnavailable(f"the server exited at once, see {server_log}")
+                if time.monotonic() > deadline:
+                    raise WarmUnavailable(f"the server made no socket in {START_SECONDS:.0f} s")
+                time.sleep(0.01)
+            return process.pid
+    except OSError as error:
+        raise WarmUnavailable(str(error)) from None
+
+
+def _refuse_if_failed_recently(directory, key):
+    failed = os.path.join(directory, f"{key}.failed")
+    with contextlib.suppress(OSError):
+        # A server that failed to start is not tried again for a while (a fix of the
+        # environment that does not change the key is picked up after that).
+        if time.time() - os.stat(failed).st_mtime < RETRY_FAILED_SECONDS:
+            raise WarmUnavailable(f"a server failed to start recently, see {failed}")
+
+
+def _spawn_server(directory, key, idle):
+    """Start a detached server for ``key`` (the caller holds the key's lock)."""
+    import subprocess
+
+    path = os.path.join(directory, f"{key}.sock")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # left by a server that was killed
+    server_log = os.path.join(directory, f"{key}.log")
+    with open(server_log, "ab") as output:
+        # The client's module path is set before nsclean is imported, so that the
+        # server imports the same nsclean (e.g. a workflow checkout's, ahead of an
+        # installed one).
+        process = subprocess.Popen(
+            [sys.executable, "-c", _BOOTSTRAP, json.dumps(sys.path), "serve",
+             "--socket", path, "--idle", str(idle)],
+            stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True, close_fds=True, cwd=directory)
+    return process, server_log
 
 
 _BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
@@ -487,6 +585,8 @@ def serve(path: str, idle: float = IDLE_SECONDS):
     The socket's name must be :func:`server_key` as this process computes it (clients
     start the server with their module path and environment), else the server stops.
     """
+    import traceback  # here, not at the top: a client does not need it
+
     directory, name = os.path.split(path)
     key = name.removesuffix(".sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -560,6 +660,10 @@ class _Stopped(BaseException):
 
 def _child(connection, key):
     """Forked per request: take over the client's context, run the step, report."""
+    import tempfile
+    import threading
+    import traceback
+
     status = 1
     state = {"done": False}
 
@@ -596,10 +700,8 @@ def _child(connection, key):
         # Snakemake gave up on the job), stop too.
         threading.Thread(target=_stop_when_closed, args=(connection, state),
                          daemon=True).start()
-        from .steps import STEPS
-
         try:
-            STEPS[request["step"]](**request["kwargs"])
+            _step_function(request["step"])(**request["kwargs"])
             status = 0
         except SystemExit as exit_:
             status = exit_.code if isinstance(exit_.code, int) else 1

@@ -7,12 +7,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import runpy
 import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import network_guard
 import pytest
@@ -408,25 +406,25 @@ except archive.ArchiveError as exc:
 
 
 # ---------------------------------------------------------------------------------------
-# rule scripts, run with a stand-in for Snakemake's `snakemake` object
+# rule scripts, run as the rules' shell commands run them
 # ---------------------------------------------------------------------------------------
-class _Named(list):
-    def __init__(self, items=(), **named):
-        super().__init__(list(items) + list(named.values()))
-        self.__dict__.update(named)
-
-    def get(self, key, default=None):
-        return self.__dict__.get(key, default)
+def run_rule_script(script, job, log):
+    """``scripts/<script> JOB --log LOG`` in a child process, as the rule's shell command
+    runs it (here without warm workers)."""
+    job = {"params": {}, "wildcards": {}, "input": {}, **job, "warm_workers": False}
+    return subprocess.run([sys.executable, str(SCRIPTS / script), json.dumps(job),
+                           "--log", str(log)], capture_output=True, text=True,
+                          timeout=120, check=False)
 
 
 def test_rule_scripts_with_local_source(program_dir, tmp_path):
     log = tmp_path / "fetch_manifest.log"
     manifest = tmp_path / "01345" / "manifest.tsv"
     config = {"archive": {"source": "local", "local_dir": str(program_dir)}}
-    smk = SimpleNamespace(params=_Named(), config=config, log=_Named([str(log)]),
-                          output=_Named(manifest=str(manifest)),
-                          wildcards=SimpleNamespace(program="01345"))
-    runpy.run_path(str(SCRIPTS / "fetch_manifest.py"), init_globals={"snakemake": smk})
+    done = run_rule_script("fetch_manifest.py", {
+        "output": {"manifest": str(manifest)}, "params": {"archive": config["archive"]},
+        "wildcards": {"program": "01345"}}, log)
+    assert done.returncode == 0, done.stderr + log.read_text()
     rows = archive.read_manifest(manifest)
     assert {r.program for r in rows} == {"01345"} and len(rows) == 5
     assert "5 exposures to process" in log.read_text()
@@ -443,15 +441,10 @@ def test_rule_scripts_with_local_source(program_dir, tmp_path):
 
 
 def run_fetch_file_script(manifest, target, status, log, archive_settings):
-    """``scripts/fetch_file.py JOB --log LOG`` in a child process, as rule fetch_file
-    runs it (without a warm worker)."""
-    job = {"input": {"manifest": str(manifest)},
-           "output": {"file": str(target), "status": str(status)},
-           "params": {"archive": archive_settings}, "wildcards": {},
-           "warm_workers": False}
-    return subprocess.run([sys.executable, str(SCRIPTS / "fetch_file.py"), json.dumps(job),
-                           "--log", str(log)], capture_output=True, text=True,
-                          timeout=120, check=False)
+    return run_rule_script("fetch_file.py", {
+        "input": {"manifest": str(manifest)},
+        "output": {"file": str(target), "status": str(status)},
+        "params": {"archive": archive_settings}}, log)
 
 
 def test_fetch_file_script_logs_a_clear_401(program_dir, tmp_path, monkeypatch):

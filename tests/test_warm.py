@@ -247,6 +247,29 @@ def test_concurrent_clients_share_one_server_that_exits_when_idle(exposures, tmp
     assert not list(Path(sockets).glob("*.sock")), "the idle server left its socket"
 
 
+def test_a_server_started_ahead_is_the_one_the_steps_use(exposures, tmp_path, sockets):
+    """start_server (what the manifest job calls) returns once the socket is bound; the
+    steps after it connect to that server instead of starting their own."""
+    rate, cal = exposures["fs"]
+    pid = warm.start_server(socket_dir=sockets, idle=IDLE)
+    assert pid is not None and alive(pid)
+    assert list(Path(sockets).glob("*.sock")), "start_server returned before the bind"
+    assert warm.start_server(socket_dir=sockets, idle=IDLE) is None  # already there
+    arguments = step_arguments(rate, cal, tmp_path)["mask"]
+    warm.run_step("mask", arguments, warm=True, socket_dir=sockets, idle=IDLE)
+    assert f"(server {pid})" in Path(arguments["log"]).read_text()
+    assert server_pids(sockets) == [pid]  # no second server
+    wait_for(lambda: not alive(pid), timeout=IDLE + 30, what="idle server exit")
+
+
+def test_start_server_respects_a_recent_failure(sockets):
+    failed = Path(sockets) / f"{warm.server_key()}.failed"
+    failed.write_text("Traceback: the last start failed\n")
+    with pytest.raises(warm.WarmUnavailable, match="failed to start recently"):
+        warm.start_server(socket_dir=sockets, idle=IDLE)
+    assert not list(Path(sockets).glob("*.sock"))
+
+
 def test_a_stale_socket_file_is_replaced(exposures, tmp_path, sockets):
     rate, cal = exposures["fs"]
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -130,10 +131,15 @@ def demo_run(tmp_path_factory):
     with MastServer(workdir / "archive") as server:
         config = write_config(workdir / "demo.yaml", url=server.url,
                               results=workdir / "results")
+        # Sockets of its own: the run starts its warm-worker server (none is left from
+        # another test's run).
+        sockets = tempfile.mkdtemp(prefix="nscd-", dir="/tmp")
         first = snakemake("--cores", "2", "--configfile", str(config), cwd=workdir,
-                          timeout=RUN_TIMEOUT)
+                          timeout=RUN_TIMEOUT,
+                          env={**os.environ, "XDG_RUNTIME_DIR": sockets})
         yield {"workdir": workdir, "config": config, "first": first, "server": server,
                "results": workdir / "results"}
+    shutil.rmtree(sockets, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -183,18 +189,27 @@ def test_report_gives_the_time_taken_per_exposure(demo_run):
 @pytest.mark.slow
 def test_per_exposure_steps_ran_in_warm_workers(demo_run):
     """On one machine (warm_workers: auto, outside Slurm) every download, mask, clean and
-    QA job handed its step to a warm worker: its log says so, with the step's CPU time."""
+    QA job handed its step to a warm worker: its log says so, with the step's CPU time,
+    and the worker's server is the one the manifest job started ahead of them."""
     from nsclean.warm import use_warm_workers
 
     if not use_warm_workers("auto"):
         pytest.skip("inside a Slurm job: warm workers are off by design")
+    # The manifest job started the server, in the background, for the steps to come.
+    (manifest_log,) = (demo_run["results"] / "logs" / "fetch_manifest").rglob("*.log")
+    started = re.search(r"started warm-worker server (\d+) for the steps to come",
+                        manifest_log.read_text())
+    assert started, manifest_log.read_text()
     for rule, jobs in (("fetch_file", 2 * DEMO_EXPOSURES), ("mask", DEMO_EXPOSURES),
                        ("clean", DEMO_EXPOSURES), ("qa", DEMO_EXPOSURES)):
         logs = list((demo_run["results"] / "logs" / rule).rglob("*.log"))
         assert len(logs) == jobs, rule
         for log in logs:
-            assert re.search(rf"step {rule} ran in warm worker \d+: [0-9.]+ CPU-s",
-                             log.read_text()), log
+            note = re.search(rf"step {rule} ran in warm worker \d+: [0-9.]+ CPU-s, "
+                             r"peak \d+ MB \(server (\d+)\)", log.read_text())
+            assert note, log
+            # The same server: the manifest job's server has the steps' key.
+            assert note.group(1) == started.group(1), log
 
 
 @pytest.mark.slow

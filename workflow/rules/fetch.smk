@@ -19,13 +19,15 @@ checkpoint fetch_manifest:
         runtime=30,
         mast_connections=1,
     params:
+        # What decides the list of exposures (the rerun trigger).
         **MANIFEST_SETTINGS,
-        # What decides the list of exposures.  archive.url (and retries, timeout)
-        # are read by the script from the config instead, so that a mirror or a
-        # loopback server on another port does not trigger a rerun.
         programs=lambda wildcards: [wildcards.program],
-    script:
-        "../../scripts/fetch_manifest.py"
+        # The job for the script: the whole archive section, archive.url (and
+        # retries, timeout) included, as a derived param, so that a mirror or a
+        # loopback server on another port does not trigger a rerun.
+        command=step_command("fetch_manifest.py", archive=ARCHIVE),
+    shell:
+        "{params.command} --log {log:q}"
 
 
 rule fetch_file:
