@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 from nsclean import simulate, steps
 from nsclean.pipeline import read_status
+
+# Steps run in this process take over stdout, stderr and logging (conftest.py).
+pytestmark = pytest.mark.usefixtures("restore_streams")
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +22,6 @@ def exposure(tmp_path_factory):
     sim = simulate.simulate_exposure("fs", "NRS1", readout="NRS", subarray="SUB512", seed=3,
                                      observation=2)
     return simulate.write_exposure(sim, tmp_path_factory.mktemp("steps-sim"))
-
-
-@pytest.fixture(autouse=True)
-def _restore_streams():
-    """A step sends stdout, stderr and logging to its log file."""
-    import logging
-
-    streams, handlers = (sys.stdout, sys.stderr), logging.getLogger().handlers[:]
-    yield
-    sys.stdout, sys.stderr = streams
-    logging.getLogger().handlers[:] = handlers
 
 
 def job_arguments(exposure, out, fsync=False):

@@ -24,6 +24,9 @@ from workflow_helpers import assert_same_fits
 from nsclean import simulate, warm
 from nsclean.pipeline import read_status
 
+# Steps run in this process take over stdout, stderr and logging (conftest.py).
+pytestmark = pytest.mark.usefixtures("restore_streams")
+
 IDLE = 3.0  # seconds: the test servers go away soon after each test
 
 
@@ -37,17 +40,6 @@ def exposures(tmp_path_factory):
                                          seed=7, observation=2 if kind == "fs" else 1)
         out[name] = simulate.write_exposure(sim, directory)
     return out
-
-
-@pytest.fixture(autouse=True)
-def _restore_streams():
-    """A step run in this process sends stdout, stderr and logging to its log file."""
-    import logging
-
-    streams, handlers = (sys.stdout, sys.stderr), logging.getLogger().handlers[:]
-    yield
-    sys.stdout, sys.stderr = streams
-    logging.getLogger().handlers[:] = handlers
 
 
 @pytest.fixture
