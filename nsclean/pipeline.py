@@ -37,6 +37,7 @@ __all__ = [
     "atomic_write_text",
     "file_checksum",
     "require_ok",
+    "require_size",
     "script_logging",
     "input_checksums",
     "program_records",
@@ -44,7 +45,6 @@ __all__ = [
     "read_status",
     "step",
     "step_timings",
-    "require_size",
     "write_placeholders",
     "write_status",
 ]

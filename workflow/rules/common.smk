@@ -68,7 +68,7 @@ QA_OPTIONS = config["qa"]
 
 
 def step_python():
-    """The Python of the per-file rules' shell commands: the rule's conda environment's
+    """The Python of the rules' shell commands: the rule's conda environment's
     with --software-deployment-method conda (as Snakemake's script: would), else the
     one running Snakemake (which imports nsclean above, so it has the package)."""
     from snakemake.settings.types import DeploymentMethod
@@ -82,15 +82,15 @@ STEP_PYTHON = step_python()
 
 
 def step_command(script, **params):
-    """Param ``command`` of a per-file rule: ``python scripts/<script> JOB``.
+    """Param ``command`` of the rules that use shell (``python scripts/<script> JOB``).
 
-    The download, mask, clean and QA rules run their scripts with shell: instead of
-    script:, which would first unpickle Snakemake's job object in every job (~0.2 CPU-s,
-    as much as the step's own start in a warm worker).  JOB is the job's named files,
-    params, wildcards and the warm_workers setting as JSON.  The param is a function of
-    the job's files, so Snakemake does not count it as a rerun trigger: the rule's other
-    params (the options a step uses) are.  The steps get the rule's params and the
-    fsync setting.
+    The manifest, download, mask, clean and QA rules run their scripts with shell:
+    instead of script:, which would first unpickle Snakemake's job object in every job
+    (~0.2 CPU-s, as much as the step's own start in a warm worker).  JOB is the job's
+    named files, params, wildcards and the warm_workers setting as JSON.  The param is
+    a function of the job's files, so Snakemake does not count it as a rerun trigger:
+    the rule's other params (the options a step uses) are.  The steps get the rule's
+    params and the fsync setting.
     """
     path = os.path.join(workflow.basedir, "scripts", script)
 
