@@ -264,6 +264,37 @@ def test_changing_a_cleaner_option_reruns_only_what_depends_on_it(demo_run):
                       "run_report": 1, "verify_run": 1, "all": 1}
 
 
+@pytest.mark.slow
+def test_execution_settings_reach_the_steps_without_a_rerun(demo_run):
+    """fsync, warm_workers and archive.url change how the steps run, not what they
+    make: no rerun, and the jobs' commands (the JSON the rule scripts get) carry the new
+    values."""
+    import shlex
+
+    assert demo_run["first"].returncode == 0
+    config = yaml.safe_load(demo_run["config"].read_text())
+    config.update(fsync=True, warm_workers=False)
+    config["archive"]["url"] = "http://127.0.0.1:9"  # a mirror on another port
+    changed = write_yaml(demo_run["workdir"] / "execution.yaml", config)
+    plan = snakemake("-n", "--configfile", str(changed), cwd=demo_run["workdir"])
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    assert "Nothing to be done" in plan.stdout + plan.stderr
+    forced = snakemake("-n", "-p", "--forcerun", "clean", "--configfile", str(changed),
+                       cwd=demo_run["workdir"])
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    jobs = []
+    for line in (forced.stdout + forced.stderr).splitlines():  # "Shell command: ..."
+        words = shlex.split(line) if "clean_exposure.py" in line else []
+        scripts = [i for i, word in enumerate(words)
+                   if word.endswith("scripts/clean_exposure.py")]
+        if scripts:
+            jobs.append(json.loads(words[scripts[0] + 1]))
+    assert len(jobs) == DEMO_EXPOSURES
+    for job in jobs:
+        assert job["params"]["fsync"] is True and job["warm_workers"] is False
+        assert job["output"]["cleaned"].endswith("_nsclean_rate.fits")
+
+
 # ------------------------------------------------------------------------------------
 # one bad exposure fails alone (local source)
 # ------------------------------------------------------------------------------------
