@@ -875,12 +875,14 @@ def write_cleaned_rate(
     primary_data_start = layout[0]["datLoc"]
     sci_start = layout[sci_index]["hdrLoc"]
     sci_end = layout[sci_index]["datLoc"] + layout[sci_index]["datSpan"]
+    # Views, not copies, of the unchanged stretches (most of the file).
+    unchanged = memoryview(raw)
     chunks = [
         new_primary,
-        raw[primary_data_start:sci_start],
+        unchanged[primary_data_start:sci_start],
         sci_header_bytes,
         sci_bytes,
-        raw[sci_end:],
+        unchanged[sci_end:],
     ]
     _atomic_write(output_path, chunks, overwrite=overwrite, fsync=fsync)
     return output_path
