@@ -164,7 +164,8 @@ def run_step(name: str, kwargs: dict, *, warm=True, log: str | None = None,
     Parameters
     ----------
     name : str
-        The step (``"mask"``, ``"clean"``, ``"qa"``).
+        The step (``"fetch_manifest"``, ``"fetch_file"``, ``"mask"``, ``"clean"``,
+        ``"qa"``).
     kwargs : dict
         Its keyword arguments; must be JSON-serialisable (plain dicts, strings).
     warm : bool
@@ -256,14 +257,22 @@ def server_key(path: list[str] | None = None, environ=None) -> str:
 # ------------------------------------------------------------------------------------
 # client
 # ------------------------------------------------------------------------------------
+def _server_socket(directory) -> tuple[str, str]:
+    """This process's server key and its socket path in ``directory`` (made private)."""
+    key = server_key()
+    path = os.path.join(directory, f"{key}.sock")
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise WarmUnavailable(f"the socket path under {directory} would be too long")
+    _private_directory(directory)
+    _refuse_if_failed_recently(directory, key)
+    return key, path
+
+
 def _run_in_worker(name, kwargs, directory, idle, log) -> int:
     """Run a step in a warm worker; returns its exit status (0 = success)."""
-    key = server_key()
-    if len(os.fsencode(os.path.join(directory, f"{key}.sock"))) > _MAX_SOCKET_PATH:
-        raise WarmUnavailable(f"the socket path under {directory} would be too long")
     try:
-        _private_directory(directory)
-        connection = _connect(directory, key, idle)
+        key, path = _server_socket(directory)
+        connection = _connect(directory, key, path, idle)
     except OSError as error:  # e.g. a directory that cannot be created
         raise WarmUnavailable(str(error)) from None
     with connection:
@@ -318,10 +327,8 @@ def _run_in_worker(name, kwargs, directory, idle, log) -> int:
     return int(result["status"])
 
 
-def _connect(directory, key, idle) -> socket.socket:
+def _connect(directory, key, path, idle) -> socket.socket:
     """Connected socket of the server with this key; starts one if there is none."""
-    path = os.path.join(directory, f"{key}.sock")
-    _refuse_if_failed_recently(directory, key)
     with contextlib.suppress(OSError):
         return _try_connect(path)
     import fcntl
@@ -331,15 +338,8 @@ def _connect(directory, key, idle) -> socket.socket:
         fcntl.flock(lock, fcntl.LOCK_EX)
         with contextlib.suppress(OSError):
             return _try_connect(path)
-        process, server_log = _spawn_server(directory, key, idle)
-        deadline = time.monotonic() + START_SECONDS
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError):
-                return _try_connect(path)
-            if process.poll() is not None:
-                raise WarmUnavailable(f"the server exited at once, see {server_log}")
-            time.sleep(0.02)
-        raise WarmUnavailable(f"the server made no socket in {START_SECONDS:.0f} s")
+        _process, connection = _start_locked(directory, key, idle, lambda: _try_connect(path))
+        return connection
 
 
 def start_server(socket_dir: str | None = None, idle: float = IDLE_SECONDS) -> int | None:
@@ -370,13 +370,8 @@ def start_server(socket_dir: str | None = None, idle: float = IDLE_SECONDS) -> i
         If no server can be started here (see :func:`run_step` for the reasons).
     """
     directory = socket_dir or default_socket_dir()
-    key = server_key()
-    path = os.path.join(directory, f"{key}.sock")
-    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
-        raise WarmUnavailable(f"the socket path under {directory} would be too long")
     try:
-        _private_directory(directory)
-        _refuse_if_failed_recently(directory, key)
+        key, path = _server_socket(directory)
         if os.path.exists(path):
             return None
         import fcntl
@@ -385,17 +380,10 @@ def start_server(socket_dir: str | None = None, idle: float = IDLE_SECONDS) -> i
             fcntl.flock(lock, fcntl.LOCK_EX)
             if os.path.exists(path):
                 return None
-            process, server_log = _spawn_server(directory, key, idle)
             # Hold the lock until the socket exists (the server binds it before its
             # imports), so that a client arriving now connects instead of starting
             # a second server.
-            deadline = time.monotonic() + START_SECONDS
-            while not os.path.exists(path):
-                if process.poll() is not None:
-                    raise WarmUnavailable(f"the server exited at once, see {server_log}")
-                if time.monotonic() > deadline:
-                    raise WarmUnavailable(f"the server made no socket in {START_SECONDS:.0f} s")
-                time.sleep(0.01)
+            process, _ = _start_locked(directory, key, idle, lambda: os.path.exists(path))
             return process.pid
     except OSError as error:
         raise WarmUnavailable(str(error)) from None
@@ -410,8 +398,15 @@ def _refuse_if_failed_recently(directory, key):
             raise WarmUnavailable(f"a server failed to start recently, see {failed}")
 
 
-def _spawn_server(directory, key, idle):
-    """Start a detached server for ``key`` (the caller holds the key's lock)."""
+def _start_locked(directory, key, idle, ready):
+    """Start a detached server for ``key`` (the caller holds the key's lock) and wait
+    until ``ready()`` gives a true value (an OSError counts as not yet).
+
+    Returns
+    -------
+    (subprocess.Popen, object)
+        The server process and what ``ready()`` gave.
+    """
     import subprocess
 
     path = os.path.join(directory, f"{key}.sock")
@@ -427,7 +422,16 @@ def _spawn_server(directory, key, idle):
              "--socket", path, "--idle", str(idle)],
             stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT,
             start_new_session=True, close_fds=True, cwd=directory)
-    return process, server_log
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            value = ready()
+            if value:
+                return process, value
+        if process.poll() is not None:
+            raise WarmUnavailable(f"the server exited at once, see {server_log}")
+        time.sleep(0.01)
+    raise WarmUnavailable(f"the server made no socket in {START_SECONDS:.0f} s")
 
 
 _BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
