@@ -37,7 +37,7 @@ __all__ = [
     "atomic_write_text",
     "file_checksum",
     "require_ok",
-    "require_size",
+    "require_product",
     "script_logging",
     "input_checksums",
     "program_records",
@@ -221,30 +221,38 @@ def require_ok(status_paths: Iterable[str | os.PathLike]) -> list[dict]:
     return records
 
 
-def require_size(path: str | os.PathLike, expected: int | None, producer: str) -> None:
-    """Raise :class:`StepFailed` if a file is not the size its producing step recorded.
+def require_product(status_path: str | os.PathLike, path: str | os.PathLike,
+                    producer: str) -> dict:
+    """Read the status record of the step that made a file this step reads.
 
-    Files are renamed into place complete, but without ``fsync`` a crash of the machine
-    soon after a step can leave a file empty or short on disk under its final name,
-    and Snakemake would take it as done.  The next step checks the size in the
-    producer's status record before it reads the file.
+    Raises :class:`StepFailed` if that step failed, or if the file is not the size the
+    record gives (``bytes``).  Files are renamed into place complete, but without
+    ``fsync`` a crash of the machine soon after a step can leave a file empty or short
+    on disk under its final name, and Snakemake would take it as done.
 
     Parameters
     ----------
+    status_path : path
+        The producing step's status record.
     path : path
-        The file.
-    expected : int or None
-        Its size in bytes as recorded (None: nothing recorded, nothing checked).
+        The file it made.
     producer : str
-        The recording step, for the message (``"its download"``).
+        The producing step, for the message (``"its download"``).
+
+    Returns
+    -------
+    dict
+        The record.
     """
-    if expected is None:
-        return
-    actual = os.path.getsize(path)
-    if actual != int(expected):
-        raise StepFailed(f"{path}: {actual} bytes on disk, but {producer} recorded "
-                         f"{int(expected)}; it was cut short or changed after it was written "
-                         "(a crash of the machine?): delete it and run again")
+    (record,) = require_ok([status_path])
+    expected = record.get("bytes")  # absent in records of older versions
+    if expected is not None:
+        actual = os.path.getsize(path)
+        if actual != int(expected):
+            raise StepFailed(f"{path}: {actual} bytes on disk, but {producer} recorded "
+                             f"{int(expected)}; it was cut short or changed after it was "
+                             "written (a crash of the machine?): delete it and run again")
+    return record
 
 
 def read_benchmark_seconds(path: str | os.PathLike) -> float | None:

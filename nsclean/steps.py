@@ -37,8 +37,7 @@ from .pipeline import (
     checksum_cards,
     file_checksum,
     input_checksums,
-    require_ok,
-    require_size,
+    require_product,
     script_logging,
     step,
     write_placeholders,
@@ -145,8 +144,7 @@ def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> 
         # the archive's reason), and the files the size they were downloaded with.
         for key in ("rate", "cal"):
             if f"{key}_status" in input:
-                (download,) = require_ok([input[f"{key}_status"]])
-                require_size(input[key], download.get("bytes"), "its download")
+                require_product(input[f"{key}_status"], input[key], "its download")
         record["inputs"] = input_checksums([input["rate"], input["cal"]])
         from .exposure import make_mask
 
@@ -169,8 +167,7 @@ def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) ->
     """
     logger = script_logging(log)
     with step(output["status"], [output["cleaned"]], logger) as record:
-        (mask_record,) = require_ok([input["mask_status"]])
-        require_size(input["mask"], mask_record.get("bytes"), "the mask step")
+        mask_record = require_product(input["mask_status"], input["mask"], "the mask step")
         record["inputs"] = {**mask_record.get("inputs", {}),
                             "mask": file_checksum(input["mask"])}
         record["mask_options"] = mask_record.get("mask_options", {})
@@ -202,8 +199,8 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
     with step(metrics_path, [], logger) as record:
         record.update(program=wildcards["program"], stem=wildcards["stem"],
                       cleaned_file=None)
-        (clean_record,) = require_ok([input["clean_status"]])
-        require_size(input["cleaned"], clean_record.get("bytes"), "the clean step")
+        clean_record = require_product(input["clean_status"], input["cleaned"],
+                                       "the clean step")
         record.update(inputs=clean_record["inputs"],
                       mask_options=clean_record["mask_options"], clean=clean_record["clean"])
         import numpy as np
