@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         # by a job, so its CPU is in neither.
         mast_cpu = process_cpu_seconds(resource.RUSAGE_SELF) - self_before
         snakemake_cpu = process_cpu_seconds(resource.RUSAGE_CHILDREN)
+    # The server, if still idling, exits on its own; its socket directory goes now.
+    shutil.rmtree(sockets, ignore_errors=True)
 
     rows = rule_times(results)
     n_jobs = sum(len(jobs) for jobs in rows.values())
@@ -156,10 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.exposures} exposures, --cores {args.cores}: wall {wall:.1f} s end to end "
           f"(fetch included), {wall / args.exposures:.2f} s per exposure, {n_jobs} jobs, "
           f"exit status {status}; warm_workers: {args.warm_workers}; fsync: {args.fsync}; "
-          f"machine CPU over the "
-          f"run {machine_cpu:.0f} s (everything on the machine), of which Snakemake with "
-          f"its job processes {snakemake_cpu:.0f} s and the loopback MAST "
-          f"{mast_cpu:.0f} s\n")
+          f"machine CPU over the run {machine_cpu:.0f} s (everything on the machine), of "
+          f"which Snakemake with its job processes {snakemake_cpu:.0f} s and the loopback "
+          f"MAST {mast_cpu:.0f} s\n")
     print(table(rows, args.exposures, worker_cpu(results)))
     return status
 
