@@ -37,10 +37,12 @@ import time
 
 import numpy as np
 
-from nsclean import __version__, core, masks, simulate
-from nsclean import dq as dqflags
-from nsclean import exposure as ex
-from nsclean.errors import NSCleanInputError
+from nsclean import __version__
+from nsclean.algorithm import core, masks
+from nsclean.algorithm import nirspec as dqflags
+from nsclean.io import exposure as ex
+from nsclean.io.errors import NSCleanInputError
+from nsclean.testing import simulate
 
 
 def machine_line() -> str:

@@ -1,8 +1,8 @@
 """Quality benchmark: how much correlated noise each cleaner removes, measured against truth.
 
-Every case is a simulated exposure (``nsclean.simulate``) whose injected noise is known
+Every case is a simulated exposure (``nsclean.testing.simulate``) whose injected noise is known
 exactly.  Each cleaner gets the same image and the same automatic background mask
-(``nsclean.masks.build_background_mask`` with its defaults, from the simulated DQ and
+(``nsclean.algorithm.masks.build_background_mask`` with its defaults, from the simulated DQ and
 science footprint) and the table reports, per case and method:
 
 - ``trace_excess``: mean squared residual correlated noise on the science footprint,
@@ -31,7 +31,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 import nsclean
-from nsclean import masks, simulate
+from nsclean.algorithm import masks
+from nsclean.testing import simulate
 
 
 def rolling_median_model(image, mask, half_window=32):

@@ -26,7 +26,8 @@ from datetime import datetime, timezone
 import numpy as np
 
 import nsclean
-from nsclean import masks, simulate
+from nsclean.algorithm import masks
+from nsclean.testing import simulate
 
 
 def _case(kind, detector="NRS1"):

@@ -13,7 +13,7 @@ Usage::
 Every run starts without a warm-worker server (a fresh socket directory), so the
 server's start-up is counted.  Steps run by a warm worker appear in the ``benchmark:``
 files with the small client's CPU only; the table adds the workers' CPU time, read from
-the rule logs (``nsclean.warm``), and the machine's CPU time over the run.
+the rule logs (``nsclean.workflow.warm``), and the machine's CPU time over the run.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from nsclean.demo import simulate_program, workflow_snakefile, write_config
-from nsclean.mastserver import MastServer
+from nsclean.testing.demo import simulate_program, workflow_snakefile, write_config
+from nsclean.testing.mastserver import MastServer
 
 # Rules in pipeline order (the table follows it).
 RULES = ("fetch_manifest", "fetch_file", "mask", "clean", "qa", "program_report",

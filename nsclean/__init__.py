@@ -5,7 +5,7 @@ Correlated Noise from JWST NIRSpec Images": for every detector fast-scan line a
 few low Fourier frequencies are fitted to the background pixels by weighted
 least squares, apodized, transformed back and subtracted.
 
-``nsclean.clean``, ``nsclean.fit`` and the rest of :mod:`nsclean.core` are loaded on
+``nsclean.clean``, ``nsclean.fit`` and the rest of :mod:`nsclean.algorithm.core` are loaded on
 first use, so that importing a submodule (the archive client, the report) does not pay
 for scipy.
 """
@@ -20,7 +20,7 @@ __all__ = [*_CORE_NAMES, "__version__"]
 def __getattr__(name):
     # PEP 562: resolve the core names lazily.
     if name in _CORE_NAMES:
-        from . import core
+        from .algorithm import core
 
         return getattr(core, name)
     raise AttributeError(f"module 'nsclean' has no attribute {name!r}")

@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import NSCleanInputError
-from .masks import FIXED_SLIT_ROWS, MaskOptions
+from .algorithm.masks import MaskOptions
+from .algorithm.nirspec import FIXED_SLIT_ROWS
+from .io.errors import NSCleanInputError
 
 EXIT_OK = 0
 EXIT_INPUT = 1
@@ -357,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_mask(args) -> dict:
-    from .exposure import make_mask
+    from .io.exposure import make_mask
 
     return make_mask(
         args.cal,
@@ -372,7 +373,7 @@ def _run_mask(args) -> dict:
 
 
 def _run_clean(args) -> dict:
-    from .exposure import clean_exposure
+    from .io.exposure import clean_exposure
 
     if args.mask is None and args.cal is None:
         raise NSCleanInputError(
@@ -399,8 +400,8 @@ def _run_clean(args) -> dict:
 
 
 def _run_png2mask(args) -> dict:
-    from .exposure import read_png_mask, read_rate, write_mask
-    from .masks import guard_report
+    from .algorithm.masks import guard_report
+    from .io.exposure import read_png_mask, read_rate, write_mask
 
     mask = read_png_mask(
         args.png, min_red_excess=args.min_red_excess, flip_vertical=not args.no_flip

@@ -8,8 +8,8 @@ output: cleaned     -- cleaned rate file (empty placeholder if the exposure fail
 params: options     -- the ``clean`` section of the config (options of nsclean.fit)
 Run by the rule's shell command as ``python clean_exposure.py JOB --log LOG``: JOB is the
 job's files and settings as JSON (``step_command`` in workflow/rules/common.smk).
-The step (``nsclean.steps.clean``) runs in a warm worker when one can be used
-(``nsclean.warm``).
+The step (``nsclean.workflow.steps.clean``) runs in a warm worker when one can be used
+(``nsclean.workflow.warm``).
 """
 
 import os
@@ -18,6 +18,6 @@ import sys
 # As for a Snakemake script: the workflow's own nsclean is importable when none is
 # installed (an installed one comes first).
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nsclean.warm import run_command_step  # noqa: E402
+from nsclean.workflow.warm import run_command_step  # noqa: E402
 
 run_command_step("clean")

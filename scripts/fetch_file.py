@@ -14,8 +14,8 @@ An existing file of the manifest size is not fetched again; the file appears onl
 complete. MAST_API_TOKEN in the environment is used for exclusive-access files.
 Run by the rule's shell command as ``python fetch_file.py JOB --log LOG``: JOB is the
 job's files and settings as JSON (``step_command`` in workflow/rules/common.smk).
-The step (``nsclean.steps.fetch_file``) runs in a warm worker when one can be used
-(``nsclean.warm``).
+The step (``nsclean.workflow.steps.fetch_file``) runs in a warm worker when one can be used
+(``nsclean.workflow.warm``).
 """
 
 import os
@@ -24,6 +24,6 @@ import sys
 # As for a Snakemake script: the workflow's own nsclean is importable when none is
 # installed (an installed one comes first).
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nsclean.warm import run_command_step  # noqa: E402
+from nsclean.workflow.warm import run_command_step  # noqa: E402
 
 run_command_step("fetch_file")

@@ -1,6 +1,6 @@
 """Checkpoint ``fetch_manifest``: list a program's exposures, from MAST or a directory.
 
-output:  manifest -- CSV, one row per exposure, columns nsclean.archive.MANIFEST_COLUMNS;
+output:  manifest -- CSV, one row per exposure, columns nsclean.archive.archive.MANIFEST_COLUMNS;
                     skipped exposures have status "skipped" and a reason
 params:  archive  -- the ``archive`` section of the config; used here:
   source       "mast" (default) or "local"
@@ -13,7 +13,7 @@ The program is the {program} wildcard.  The token for exclusive-access data come
 MAST_API_TOKEN in the environment only.
 Run by the rule's shell command as ``python fetch_manifest.py JOB --log LOG``: JOB is
 the job's files and settings as JSON (``step_command`` in workflow/rules/common.smk).
-The step (``nsclean.steps.fetch_manifest``) runs in this process (astroquery is
+The step (``nsclean.workflow.steps.fetch_manifest``) runs in this process (astroquery is
 imported once per run); with warm workers on, it first starts the warm-worker server in
 the background, so that the downloads and the steps after them find it ready.
 """
@@ -24,6 +24,6 @@ import sys
 # As for a Snakemake script: the workflow's own nsclean is importable when none is
 # installed (an installed one comes first).
 sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nsclean.warm import run_command_step  # noqa: E402
+from nsclean.workflow.warm import run_command_step  # noqa: E402
 
 run_command_step("fetch_manifest", in_process=True)

@@ -1,7 +1,7 @@
 """Rule ``program_report``: the HTML report and CSV table of one program.
 
 input:  manifest -- the program's manifest (every exposure, skipped ones included)
-        qa       -- the per-exposure records of rule ``qa`` (nsclean.report layout)
+        qa       -- the per-exposure records of rule ``qa`` (nsclean.report.report layout)
         figures  -- the per-exposure figure directories (linked from the report)
         benchmarks -- the mask, clean and QA benchmark files (the time taken per exposure)
 output: html, csv -- ``<results>/<program>/report.html`` and ``report.csv``
@@ -9,12 +9,12 @@ output: html, csv -- ``<results>/<program>/report.html`` and ``report.csv``
 
 from pathlib import Path
 
-from nsclean.pipeline import program_records, script_logging
+from nsclean.workflow.pipeline import program_records, script_logging
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 log = script_logging(smk.log[0])
 
-from nsclean import report  # noqa: E402
+from nsclean.report import report  # noqa: E402
 
 program = smk.wildcards.program
 records = program_records(program, smk.input.manifest, smk.input.qa, smk.input.benchmarks)

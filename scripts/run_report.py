@@ -9,12 +9,12 @@ output: html, csv -- ``<results>/report.html`` and ``<results>/report.csv``
 
 from pathlib import Path
 
-from nsclean.pipeline import program_records, script_logging
+from nsclean.workflow.pipeline import program_records, script_logging
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 log = script_logging(smk.log[0])
 
-from nsclean import report  # noqa: E402
+from nsclean.report import report  # noqa: E402
 
 records = []
 for manifest in smk.input.manifests:

@@ -9,7 +9,7 @@ output: status -- ``<results>/run_status.json``, written only when no exposure f
 import csv
 from collections import Counter
 
-from nsclean.pipeline import FAILED, OK, script_logging, write_status
+from nsclean.workflow.pipeline import FAILED, OK, script_logging, write_status
 
 smk = snakemake  # noqa: F821 (injected by Snakemake)
 log = script_logging(smk.log[0])

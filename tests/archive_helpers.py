@@ -2,7 +2,7 @@
 
 The astroquery client reads its server URL at import time, so every test that runs the
 real client does so in a child Python process (``run_child``) that redirects it with
-``nsclean.archive.configure_mast_server`` and installs the loopback-only network guard
+``nsclean.archive.archive.configure_mast_server`` and installs the loopback-only network guard
 before anything else.
 """
 

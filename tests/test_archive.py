@@ -1,4 +1,4 @@
-"""nsclean.archive: the manifest, the local source, downloads, and the real astroquery
+"""nsclean.archive.archive: the manifest, the local source, downloads, and the real astroquery
 client against the loopback MAST server (in child processes, because astroquery fixes
 its URLs at import)."""
 
@@ -16,8 +16,8 @@ import network_guard
 import pytest
 from archive_helpers import EXPOSURES, make_program, run_child
 
-from nsclean import archive
-from nsclean.mastserver import MastServer
+from nsclean.archive import archive
+from nsclean.testing.mastserver import MastServer
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TOKEN = "tok-3f9c1d7e-SECRET-do-not-log"
@@ -249,7 +249,8 @@ def test_download_job_imports_neither_numpy_nor_astropy(program_dir, tmp_path):
     with MastServer(program_dir) as server:
         child = run_child(f"""
 import sys
-from nsclean import archive, pipeline
+from nsclean.archive import archive
+from nsclean.workflow import pipeline
 size = {(program_dir / RATE).stat().st_size}
 archive.download_file({uri(RATE)!r}, {str(tmp_path / RATE)!r}, expected_size=size,
                       archive_url={server.url!r}, token="", retries=0)
@@ -267,7 +268,7 @@ QUERY = """
 import logging, sys
 logging.basicConfig(stream=sys.stderr, level=logging.DEBUG)
 import nsclean
-from nsclean import archive
+from nsclean.archive import archive
 assert "astroquery.mast" not in sys.modules  # or configure_mast_server could not work
 archive.configure_mast_server({url!r})
 result = []

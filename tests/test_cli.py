@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from nsclean import cli, simulate
+from nsclean import cli
+from nsclean.testing import simulate
 
 
 def sha256(path):

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 import nsclean
-from nsclean import core
-from nsclean.orientation import detector_to_dms, dms_to_detector
+from nsclean.algorithm import core
+from nsclean.algorithm.orientation import detector_to_dms, dms_to_detector
 
 N = 2048
 
@@ -359,9 +359,9 @@ def test_cleaning_imports_no_scipy():
     import sys
 
     code = (
-        "import sys, numpy as np, nsclean.exposure, nsclean.core;"
+        "import sys, numpy as np, nsclean.io.exposure, nsclean.algorithm.core;"
         "img = np.random.default_rng(0).normal(size=(2048, 64)).astype(np.float32);"
-        "nsclean.core.clean(img, np.ones(img.shape, bool));"
+        "nsclean.algorithm.core.clean(img, np.ones(img.shape, bool));"
         "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -489,7 +489,8 @@ def test_background_only_at_the_line_ends_never_explodes(adaptive):
 def test_simulated_ifu_with_wide_dilation_stays_at_noise_level():
     """Regression: IFU footprint dilated by 6 px leaves columns with background only at
     both ends; the model once reached 140 DN/s there (white noise 0.007 DN/s)."""
-    from nsclean import masks, simulate
+    from nsclean.algorithm import masks
+    from nsclean.testing import simulate
 
     sim = simulate.simulate_exposure("ifu", "NRS1", seed=11, observation=11)
     mask, _ = masks.build_background_mask(

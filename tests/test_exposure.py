@@ -1,4 +1,4 @@
-"""Tests of nsclean.exposure: reading, pairing, masks for exposures, writing cleaned products."""
+"""Tests of nsclean.io.exposure: reading, pairing, masks for exposures, writing cleaned products."""
 
 import hashlib
 import json
@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from nsclean import dq as dqflags
-from nsclean import exposure as ex
-from nsclean import simulate
-from nsclean.errors import NSCleanInputError
+from nsclean.algorithm import nirspec as dqflags
+from nsclean.io import exposure as ex
+from nsclean.io.errors import NSCleanInputError
+from nsclean.testing import simulate
 
 datamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
 

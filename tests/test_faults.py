@@ -3,7 +3,7 @@
 Every test runs the real workflow (Snakemake in a subprocess, the real astroquery
 client and downloader) against the loopback MAST server, on a small program of three
 BOTS subarray exposures simulated once for the module.  Faults are injected at the
-server (``nsclean.mastserver`` fault injection) or by signalling the real processes.
+server (``nsclean.testing.mastserver`` fault injection) or by signalling the real processes.
 
 The reference is one uninterrupted run (``reference`` fixture); its downloads went
 through injected faults, which must not change a single byte of the products: the
@@ -126,7 +126,7 @@ def assert_same_products(results, reference):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """Three BOTS exposures (small subarrays: fast), as the archive serves them."""
-    from nsclean import simulate
+    from nsclean.testing import simulate
 
     directory = tmp_path_factory.mktemp("served")
     stems = []
@@ -141,7 +141,7 @@ def served(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(served):
     """A fault-free loopback MAST for the runs that are interrupted or repeated."""
-    from nsclean.mastserver import MastServer
+    from nsclean.testing.mastserver import MastServer
 
     with MastServer(served[0]) as mast:
         yield mast
@@ -151,7 +151,7 @@ def server(served):
 def reference(served, tmp_path_factory):
     """One uninterrupted run whose downloads meet a server error, a cut connection, a
     short body and a 503, each once; yields the run, the server and the paths."""
-    from nsclean.mastserver import MastServer
+    from nsclean.testing.mastserver import MastServer
 
     directory, stems = served
     faults = {f"{stems[0]}_rate.fits": ["500", "cut", "wrong_size"],
@@ -201,7 +201,7 @@ def test_refused_and_persistently_failing_downloads_fail_their_exposure_only(ser
     delivers (500 on every attempt): those two exposures are failed with the archive's
     reason, the third is cleaned, the reports are written, and the exit status says the
     run was not clean.  No partial file is left behind."""
-    from nsclean.mastserver import MastServer
+    from nsclean.testing.mastserver import MastServer
 
     directory, stems = served
     good, refused, broken = stems

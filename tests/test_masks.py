@@ -1,4 +1,4 @@
-"""Tests of nsclean.masks: pure-array background masks."""
+"""Tests of nsclean.algorithm.masks: pure-array background masks."""
 
 import hashlib
 import json
@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from nsclean import dq as dqflags
-from nsclean import masks
+from nsclean.algorithm import masks
+from nsclean.algorithm import nirspec as dqflags
 
 
 def checksum(*arrays):

@@ -15,7 +15,7 @@ import pytest
 import requests
 from archive_helpers import EXPOSURES, make_program
 
-from nsclean.mastserver import MastServer, build_catalogue
+from nsclean.testing.mastserver import MastServer, build_catalogue
 
 TIMEOUT = (2.0, 5.0)
 
@@ -169,7 +169,7 @@ def test_binds_loopback_only(program_dir):
 def test_command_line_prints_url_and_serves(program_dir, tmp_path):
     name = "jw01345062001_03101_00001_nrs1_rate.fits"
     (tmp_path / "tokens").write_text("cli-secret-token\n")
-    process = subprocess.Popen([sys.executable, "-m", "nsclean.mastserver", "--root",
+    process = subprocess.Popen([sys.executable, "-m", "nsclean.testing.mastserver", "--root",
                                 str(program_dir), "--port", "0", "--exclusive", name,
                                 "--token-file", str(tmp_path / "tokens")],
                                stdout=subprocess.PIPE, text=True)

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from nsclean import qa
-from nsclean._blocks import block_count, block_sum
+from nsclean.algorithm import qa
+from nsclean.algorithm._blocks import block_count, block_sum
 
 SHAPE = (1024, 1024)
 WHITE = 5.0
@@ -345,9 +345,9 @@ def test_flatten_metrics_order_and_values():
 @pytest.mark.parametrize("shape", [(1,), (7,), (2048,), (5, 3), (8, 512), (128, 64)])
 @pytest.mark.parametrize("mode", ["reflect", "nearest", "constant"])
 def test_numpy_gaussian_filters_equal_scipy_to_the_bit(shape, mode):
-    # nsclean._smooth replaces scipy.ndimage in the QA job (its import costs ~0.4 s).
+    # nsclean.algorithm._smooth replaces scipy.ndimage in the QA job (its import costs ~0.4 s).
     ndimage = pytest.importorskip("scipy.ndimage")
-    from nsclean import _smooth
+    from nsclean.algorithm import _smooth
 
     data = np.random.default_rng(len(shape)).normal(3.0, 10.0, shape)
     for sigma in (0.3, 0.5, 2.0, 4.0, 32.0):

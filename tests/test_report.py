@@ -13,7 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from nsclean import __version__, figures, qa, report
+from nsclean import __version__
+from nsclean.algorithm import qa
+from nsclean.report import figures, report
 
 EVIL_STEM = "jw01345<img src=x onerror=\"document.title='pwned'\">&'_nrs1"
 
@@ -148,7 +150,7 @@ def test_csv_columns_and_rows(run):
 
 
 def test_step_timings_from_benchmark_files(tmp_path):
-    from nsclean.pipeline import read_benchmark_seconds, step_timings
+    from nsclean.workflow.pipeline import read_benchmark_seconds, step_timings
 
     header = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
     paths = []

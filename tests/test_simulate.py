@@ -1,4 +1,4 @@
-"""Tests of nsclean.simulate: truth decomposition, orientation, spectra and file layout."""
+"""Tests of nsclean.testing.simulate: truth decomposition, orientation, spectra and file layout."""
 
 import dataclasses
 import re
@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from nsclean import dq as dqflags
-from nsclean import simulate
-from nsclean.simulate import (
+from nsclean.algorithm import nirspec as dqflags
+from nsclean.algorithm.nirspec import FIXED_SLIT_ROWS
+from nsclean.testing import simulate
+from nsclean.testing.simulate import (
     DEFAULT_AMPLITUDES,
     SUBARRAYS,
     SimulatedExposure,
@@ -227,7 +228,7 @@ def test_failed_open_shutters_are_flagged_and_outside_the_slit_boxes(name, reque
 
 def _fixed_slit_rows(sim):
     rows = np.zeros(sim.signal.shape, bool)
-    rows[simulate.FS_BAND[0] : simulate.FS_BAND[1] + 1] = True
+    rows[FIXED_SLIT_ROWS[0] : FIXED_SLIT_ROWS[1] + 1] = True
     return rows
 
 

@@ -1,6 +1,6 @@
 """The demo program through a real Slurm with ``--profile profiles/slurm``.
 
-`python -m nsclean.demo` (the offline demo: a simulated program served by the loopback
+`python -m nsclean.testing.demo` (the offline demo: a simulated program served by the loopback
 MAST and fetched through astroquery) runs twice on the same two exposures: once on
 this machine, once submitting its jobs to the single-node test Slurm
 (tests/system/slurm.sh, fixture ``slurm_cluster``) through
@@ -41,13 +41,13 @@ GROUPED_RULES = ("fetch_file", "mask", "clean", "qa")
 
 
 def demo_command(workdir, cores, *snakemake_args):
-    return [sys.executable, "-m", "nsclean.demo", "--workdir", str(workdir), "--exposures",
+    return [sys.executable, "-m", "nsclean.testing.demo", "--workdir", str(workdir), "--exposures",
             str(EXPOSURES), "--cores", str(cores), "--timeout", str(SLURM_TIMEOUT - 30),
             "--", *snakemake_args]
 
 
 def test_demo_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):  # noqa: F811
-    from nsclean.demo import simulate_program
+    from nsclean.testing.demo import simulate_program
 
     local, remote = tmp_path / "local", tmp_path / "slurm"
     # One simulated program for both runs (the demo reuses what is in its archive/).

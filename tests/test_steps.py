@@ -1,4 +1,4 @@
-"""The workflow's per-file steps (nsclean.steps) run in this process: what they check
+"""The workflow's per-file steps (nsclean.workflow.steps) run in this process: what they check
 before reading a file, and the ``fsync`` setting."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from nsclean import simulate, steps
-from nsclean.pipeline import read_status
+from nsclean.testing import simulate
+from nsclean.workflow import steps
+from nsclean.workflow.pipeline import read_status
 
 # Steps run in this process take over stdout, stderr and logging (conftest.py).
 pytestmark = pytest.mark.usefixtures("restore_streams")

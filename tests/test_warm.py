@@ -1,4 +1,4 @@
-"""Warm workers (nsclean.warm): the same products as in-process steps, and no surprises.
+"""Warm workers (nsclean.workflow.warm): the same products as in-process steps, and no surprises.
 
 The steps run for real (mask, clean, QA of simulated exposures) through a real server
 process on a Unix socket in a private temporary directory; each test's servers exit
@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from workflow_helpers import assert_same_fits
 
-from nsclean import simulate, warm
-from nsclean.pipeline import read_status
+from nsclean.testing import simulate
+from nsclean.workflow import warm
+from nsclean.workflow.pipeline import read_status
 
 # Steps run in this process take over stdout, stderr and logging (conftest.py).
 pytestmark = pytest.mark.usefixtures("restore_streams")
@@ -208,7 +209,7 @@ def test_a_bug_in_a_step_fails_the_job_with_its_traceback_in_the_log(exposures, 
 # ------------------------------------------------------------------------------------
 CLIENT = """
 import json, sys
-from nsclean import warm
+from nsclean.workflow import warm
 warm.run_step(sys.argv[1], json.loads(sys.argv[2]), warm=True, socket_dir=sys.argv[3],
               idle=float(sys.argv[4]))
 """
@@ -348,7 +349,7 @@ def test_an_unusable_socket_directory_means_the_step_runs_here(exposures, tmp_pa
 
 LIMITED_CLIENT = """
 import json, resource, sys
-from nsclean import warm
+from nsclean.workflow import warm
 # A file size limit below the size of a cleaned full frame (~84 MB): as with ulimit -f.
 resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, resource.getrlimit(
     resource.RLIMIT_FSIZE)[1]))
@@ -380,7 +381,7 @@ def test_the_worker_takes_over_the_clients_limits(exposures, tmp_path, sockets):
 COPY_CLIENT = """
 import json, sys
 sys.path.insert(0, sys.argv[1])  # as a workflow checkout ahead of an installed nsclean
-from nsclean import warm
+from nsclean.workflow import warm
 assert warm.__file__.startswith(sys.argv[1]), warm.__file__
 warm.run_step("mask", json.loads(sys.argv[2]), warm=True, socket_dir=sys.argv[3],
               idle=float(sys.argv[4]))
@@ -392,7 +393,7 @@ def test_the_server_imports_the_same_nsclean_as_its_client(exposures, tmp_path, 
     installed package) gets a server with that same code, not a fallback."""
     rate, cal = exposures["fs"]
     copy = tmp_path / "checkout"
-    shutil.copytree(Path(warm.__file__).parent, copy / "nsclean",
+    shutil.copytree(Path(warm.__file__).parents[1], copy / "nsclean",
                     ignore=shutil.ignore_patterns("__pycache__"))
     arguments = step_arguments(rate, cal, tmp_path / "run")["mask"]
     client = subprocess.run(

@@ -75,8 +75,8 @@ def test_snakefmt_is_clean():
 
 def test_schema_defaults_match_the_library():
     """The defaults the config schema fills in are the library's own defaults."""
-    from nsclean import core
-    from nsclean.masks import MaskOptions
+    from nsclean.algorithm import core
+    from nsclean.algorithm.masks import MaskOptions
 
     schema = yaml.safe_load(SCHEMA.read_text())["properties"]
     clean_defaults = {k: v["default"] for k, v in schema["clean"]["properties"].items()}
@@ -123,8 +123,8 @@ def test_minimal_config_gets_the_defaults(tmp_path):
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """Simulate the demo program, serve it, run the workflow once; yield the run."""
-    from nsclean.demo import simulate_program, write_config
-    from nsclean.mastserver import MastServer
+    from nsclean.testing.demo import simulate_program, write_config
+    from nsclean.testing.mastserver import MastServer
 
     workdir = tmp_path_factory.mktemp("demo")
     simulate_program(workdir / "archive", DEMO_EXPOSURES)
@@ -191,7 +191,7 @@ def test_per_exposure_steps_ran_in_warm_workers(demo_run):
     """On one machine (warm_workers: auto, outside Slurm) every download, mask, clean and
     QA job handed its step to a warm worker: its log says so, with the step's CPU time,
     and the worker's server is the one the manifest job started ahead of them."""
-    from nsclean.warm import use_warm_workers
+    from nsclean.workflow.warm import use_warm_workers
 
     if not use_warm_workers("auto"):
         pytest.skip("inside a Slurm job: warm workers are off by design")
@@ -301,7 +301,7 @@ def test_execution_settings_reach_the_steps_without_a_rerun(demo_run):
 @pytest.mark.slow
 def test_bad_exposures_fail_alone_and_the_run_says_so(tmp_path):
     """A corrupt rate and a mismatched cal fail alone; an exposure without cal is skipped."""
-    from nsclean import simulate
+    from nsclean.testing import simulate
 
     local = tmp_path / "local"
     stems = []
@@ -372,7 +372,7 @@ def test_conda_environment_lists_the_package_dependencies():
 
 
 def test_demo_module_help():
-    result = subprocess.run([sys.executable, "-m", "nsclean.demo", "--help"],
+    result = subprocess.run([sys.executable, "-m", "nsclean.testing.demo", "--help"],
                             capture_output=True, text=True, timeout=60, check=False,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0

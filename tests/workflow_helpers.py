@@ -13,7 +13,7 @@ def read_report(results, timing=False, table="report.csv"):
     Without ``timing``, the time column is left out: it is the one column that differs
     between identical runs.
     """
-    from nsclean.report import TIMING_COLUMNS
+    from nsclean.report.report import TIMING_COLUMNS
 
     with open(results / table, newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))

@@ -132,7 +132,7 @@ def processed_stems(program):
 
     Evaluated after the fetch_manifest checkpoint has run.
     """
-    from nsclean.archive import read_manifest
+    from nsclean.archive.archive import read_manifest
 
     manifest = checkpoints.fetch_manifest.get(program=program).output.manifest
     return [row.stem for row in read_manifest(manifest) if row.status == "ok"]

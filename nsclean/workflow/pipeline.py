@@ -3,7 +3,7 @@
 Every per-exposure rule of the workflow (mask, clean, QA) always produces all of its
 declared outputs, so that the job graph stays the same whatever happens to one
 exposure and the reports are always made.  A step that meets an input problem it can
-name (``nsclean.errors.NSCleanInputError``: a corrupt rate, a cal that does not match
+name (``nsclean.io.errors.NSCleanInputError``: a corrupt rate, a cal that does not match
 the rate, a file the archive refused) records ``status: failed`` with the reason in
 its status record and leaves *empty* placeholder files for its data products; the
 next steps see the failed status and pass it on without opening the placeholders.
@@ -24,9 +24,9 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
-from . import __version__
-from ._atomic import atomic_write_text
-from .errors import NSCleanInputError
+from .. import __version__
+from ..io.atomic import atomic_write_text
+from ..io.errors import NSCleanInputError
 
 __all__ = [
     "CLEANED",
@@ -182,7 +182,7 @@ def step(status_path: str | os.PathLike, products: Iterable[str | os.PathLike] =
 
     Notes
     -----
-    Caught: :class:`~nsclean.errors.NSCleanInputError` (the library's "this input
+    Caught: :class:`~nsclean.io.errors.NSCleanInputError` (the library's "this input
     cannot be used") and :class:`StepFailed` (an upstream step failed).  Everything
     else propagates and fails the job, because it is a bug rather than bad data.
     """
@@ -306,9 +306,9 @@ def program_records(program: str, manifest_path: str | os.PathLike,
     program : str
         Program ID as used in the results tree (five digits).
     manifest_path : str or os.PathLike
-        The program's manifest (``nsclean.archive.write_manifest``).
+        The program's manifest (``nsclean.archive.archive.write_manifest``).
     qa_paths : iterable of path
-        The QA records (``nsclean.report.write_record`` layout) of the exposures the
+        The QA records (``nsclean.report.report.write_record`` layout) of the exposures the
         manifest lists for processing.
     benchmark_paths : iterable of path, optional
         Benchmark files of their steps (see :func:`step_timings`): their wall times
@@ -327,8 +327,8 @@ def program_records(program: str, manifest_path: str | os.PathLike,
     ValueError
         If a processed exposure has no QA record.
     """
-    from .archive import read_manifest
-    from .report import load_records
+    from ..archive.archive import read_manifest
+    from ..report.report import load_records
 
     by_stem = {record["stem"]: record for record in load_records(list(qa_paths))}
     for stem, timing in step_timings(benchmark_paths).items():

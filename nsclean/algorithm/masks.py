@@ -14,7 +14,7 @@ background pixels. Every step is switchable through :class:`MaskOptions` and
 recorded in the ``info`` dictionary returned with the mask.
 
 Reading files (cal and rate products, user masks, PNG images) lives in
-:mod:`nsclean.exposure`.
+:mod:`nsclean.io.exposure`.
 """
 
 from __future__ import annotations
@@ -26,12 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import dq as dqflags
+from . import nirspec as dqflags
+from .nirspec import FIXED_SLIT_ROWS, FULL_FRAME, REFERENCE_BORDER
 
 __all__ = [
-    "DETECTOR_SIZE",
-    "FIXED_SLIT_ROWS",
-    "REFERENCE_BORDER",
     "MaskOptions",
     "SlitRegion",
     "background_mask_from_footprint",
@@ -50,12 +48,6 @@ __all__ = [
     "reference_pixel_border",
     "slit_footprint",
 ]
-
-DETECTOR_SIZE = 2048
-REFERENCE_BORDER = 4
-# DMS rows (0-indexed, inclusive) that the fixed slits illuminate on both
-# detectors; the jwst pipeline masks the same rows for IFU and MOS exposures.
-FIXED_SLIT_ROWS = (922, 1115)
 
 _FOOTPRINT_MODES = ("trace", "box")
 _BAND_MODES = ("auto", "always", "never")
@@ -365,7 +357,7 @@ def reference_pixel_border(
     *,
     origin: tuple[int, int] = (0, 0),
     border: int = REFERENCE_BORDER,
-    detector_size: int = DETECTOR_SIZE,
+    detector_size: int = FULL_FRAME,
 ) -> np.ndarray:
     """Pixels of the detector's reference border that fall inside the image.
 
@@ -557,7 +549,7 @@ def guard_report(
     # Reference columns are whole fast-scan lines of reference pixels: the fit
     # skips them, so an empty one is expected, not a weakness.
     columns = np.arange(ncols) + origin[1]
-    science_column = (columns >= REFERENCE_BORDER) & (columns < DETECTOR_SIZE - REFERENCE_BORDER)
+    science_column = (columns >= REFERENCE_BORDER) & (columns < FULL_FRAME - REFERENCE_BORDER)
     too_few = (counts < min_pixels) & science_column
     too_long = (longest_gap > options.guard_max_gap) & science_column
     weak = np.flatnonzero(too_few | too_long)
@@ -646,7 +638,7 @@ def build_background_mask(
     if footprint is not None and np.shape(footprint) != shape:
         raise ValueError(f"footprint shape {np.shape(footprint)} differs from image shape {shape}")
     if full_frame is None:
-        full_frame = shape == (DETECTOR_SIZE, DETECTOR_SIZE)
+        full_frame = shape == (FULL_FRAME, FULL_FRAME)
     exp_type = (exp_type or "").strip().upper()
 
     mask = np.ones(shape, dtype=bool)

@@ -22,8 +22,8 @@ import os
 
 import numpy as np
 
-from ._atomic import atomic_write
-from ._blocks import block_count, block_sum
+from ..algorithm._blocks import block_count, block_sum
+from ..io.atomic import atomic_write
 
 __all__ = [
     "DPI",
@@ -126,7 +126,7 @@ def _display(image, factors, smooth_sigma):
     smooth_sigma / block, and the block average itself adds the rest of the
     smoothing that shows correlated noise (Rauscher 2024, Fig. 1).
     """
-    from ._smooth import gaussian_filter
+    from ..algorithm._smooth import gaussian_filter
 
     # float32 halves the memory traffic of the full-resolution pass; the
     # block sums themselves are accumulated in float64.
@@ -466,7 +466,7 @@ def plot_column(
     str
         ``path``.
     """
-    from ._smooth import gaussian_filter1d
+    from ..algorithm._smooth import gaussian_filter1d
 
     before = np.asarray(before)
     mask = np.asarray(background_mask, dtype=bool)
@@ -563,7 +563,7 @@ def plot_power_spectrum(before, after, background_mask, path, *, title=None, spe
         Figure title.
     spectra : dict, optional
         The spectra and white level of these images as filled in by
-        :func:`nsclean.qa.exposure_metrics` (``spectra=``); measured here if not given.
+        :func:`nsclean.algorithm.qa.exposure_metrics` (``spectra=``); measured here if not given.
 
     Returns
     -------
@@ -572,13 +572,13 @@ def plot_power_spectrum(before, after, background_mask, path, *, title=None, spe
 
     Notes
     -----
-    Uses :func:`nsclean.qa.banding_power_spectrum`; the spectrum of the column
+    Uses :func:`nsclean.algorithm.qa.banding_power_spectrum`; the spectrum of the column
     means is the spectrum of the vertical banding. Thin lines: the raw
     periodogram; thick lines: its mean in 30 logarithmic frequency bins;
     dashed: what white noise alone would give after cleaning
-    (:func:`nsclean.qa.banding_white_level`).
+    (:func:`nsclean.algorithm.qa.banding_white_level`).
     """
-    from .qa import banding_power_spectrum, banding_white_level
+    from ..algorithm.qa import banding_power_spectrum, banding_white_level
 
     if spectra is None:
         spectra = {
@@ -724,7 +724,7 @@ def write_figures(
         ``before`` view.
     spectra : dict, optional
         For :func:`plot_power_spectrum`: the spectra that
-        :func:`nsclean.qa.exposure_metrics` filled in (``spectra=``).
+        :func:`nsclean.algorithm.qa.exposure_metrics` filled in (``spectra=``).
 
     Returns
     -------

@@ -51,8 +51,9 @@ import scipy.fft
 from astropy.io import fits
 
 from nsclean import __version__
-from nsclean import dq as dqflags
-from nsclean.orientation import detector_to_dms
+from nsclean.algorithm import nirspec as dqflags
+from nsclean.algorithm.nirspec import FIXED_SLIT_ROWS, FULL_FRAME, N_CHANNELS, REFERENCE_BORDER
+from nsclean.algorithm.orientation import detector_to_dms
 
 __all__ = [
     "DEFAULT_AMPLITUDES",
@@ -66,18 +67,12 @@ __all__ = [
 ]
 
 # --- detector timing (Rauscher 2015; field notes section 2) --------------------------------
-FULL_SIZE = 2048
-N_OUTPUTS = 4
-OUTPUT_WIDTH = FULL_SIZE // N_OUTPUTS
+OUTPUT_WIDTH = FULL_FRAME // N_CHANNELS
 PIXEL_TIME = 10e-6  # s per pixel tick
 ROW_OVERHEAD = 12  # pause ticks at the end of every line of every output
 IRS2_ROW_TICKS = 712  # normal pixels interleaved with reference pixels in IRS2
-REFERENCE_BORDER = 4
-FS_BAND = (922, 1115)  # 0-indexed DMS rows, inclusive, where the fixed slits land
 GAIN = {"NRS1": 0.996, "NRS2": 1.137}  # e-/DN
 
-# stdatamodels dqflags value not (yet) in nsclean.dq
-_HOT = 2048
 # light above this (DN/s; 2 % of the default white-noise rms) counts as illuminated
 _ILLUMINATION_THRESHOLD = 1e-4
 
@@ -183,7 +178,7 @@ class SimulatedExposure:
         a superset of ``footprint`` (slit-edge wings, bright-star halos, light through the
         fixed slits in IFU/MOS exposures).
     dq : ndarray of uint32
-        Data-quality flags (``nsclean.dq`` bit values).
+        Data-quality flags (``nsclean.algorithm.nirspec`` bit values).
     err : ndarray of float32
         ``sqrt(var_poisson + var_rnoise)``, NaN where DO_NOT_USE.
     var_poisson, var_rnoise : ndarray of float32
@@ -331,21 +326,21 @@ def _picture_frame_factors(rng, ny, nx, y0, x0, rms):
         # bottom and top edges vary along columns, left and right edges along rows
         row_terms = np.stack([
             np.exp(-rows / scale[0]),
-            np.exp(-(FULL_SIZE - 1 - rows) / scale[1]),
+            np.exp(-(FULL_FRAME - 1 - rows) / scale[1]),
             *_smooth_edge(coeffs[2:4], rows),
         ], axis=1)
         col_terms = np.concatenate([
             _smooth_edge(coeffs[0:2], cols),
-            np.stack([np.exp(-cols / scale[2]), np.exp(-(FULL_SIZE - 1 - cols) / scale[3])]),
+            np.stack([np.exp(-cols / scale[2]), np.exp(-(FULL_FRAME - 1 - cols) / scale[3])]),
         ])
         return row_terms, col_terms
 
     # normalise on the full frame, so a subarray keeps the full-frame amplitude
     # (exactly, through the 4 x 4 Gram matrices of the factors)
-    full = np.arange(FULL_SIZE, dtype=np.float64)
+    full = np.arange(FULL_FRAME, dtype=np.float64)
     full_rows, full_cols = factors(full, full)
     full_rms = np.sqrt(np.sum((full_rows.T @ full_rows) * (full_cols @ full_cols.T))
-                       / FULL_SIZE**2)
+                       / FULL_FRAME**2)
     row_terms, col_terms = factors(np.arange(y0, y0 + ny, dtype=np.float64),
                                    np.arange(x0, x0 + nx, dtype=np.float64))
     return (row_terms * (rms / full_rms)).astype(np.float32), col_terms.astype(np.float32)
@@ -353,7 +348,7 @@ def _picture_frame_factors(rng, ny, nx, y0, x0, rms):
 
 def _smooth_edge(coeffs, position):
     """Low-order cosine series along an edge; coeffs shape (n_edges, 3)."""
-    phase = np.pi * position / (FULL_SIZE - 1)
+    phase = np.pi * position / (FULL_FRAME - 1)
     basis = np.stack([np.ones_like(phase), np.cos(phase), np.cos(2 * phase)])
     return coeffs @ basis
 
@@ -421,7 +416,7 @@ def _ifu_traces(rng, detector):
     centre_slice = rng.uniform(10, 20)
     for index, start in enumerate(starts):
         x0 = int(rng.integers(20, 260))
-        x1 = int(rng.integers(1790, FULL_SIZE - REFERENCE_BORDER))
+        x1 = int(rng.integers(1790, FULL_FRAME - REFERENCE_BORDER))
         nx = x1 - x0
         columns = np.arange(x0, x1)
         curvature = rng.uniform(-3.0, 3.0)
@@ -438,7 +433,7 @@ def _ifu_traces(rng, detector):
             source_sigma=rng.uniform(8.0, 14.0), source_id=index + 1,
         ))
     traces.extend(_fixed_slit_sky(rng))
-    traces.extend(_failed_open_shutters(rng, np.zeros((FULL_SIZE, FULL_SIZE), dtype=bool)))
+    traces.extend(_failed_open_shutters(rng, np.zeros((FULL_FRAME, FULL_FRAME), dtype=bool)))
     return traces
 
 
@@ -453,8 +448,8 @@ def _failed_open_shutters(rng, occupied):
     for _ in range(int(rng.integers(2, 5))):
         for _attempt in range(200):
             nx = int(rng.integers(800, 1800))
-            x0 = int(rng.integers(REFERENCE_BORDER, FULL_SIZE - REFERENCE_BORDER - nx))
-            y0 = float(rng.uniform(REFERENCE_BORDER + 8, FULL_SIZE - REFERENCE_BORDER - 14))
+            x0 = int(rng.integers(REFERENCE_BORDER, FULL_FRAME - REFERENCE_BORDER - nx))
+            y0 = float(rng.uniform(REFERENCE_BORDER + 8, FULL_FRAME - REFERENCE_BORDER - 14))
             rows = slice(int(y0) - 4, int(y0) + 10)
             if not occupied[rows, x0 - 3 : x0 + nx + 3].any():
                 occupied[rows, x0 - 3 : x0 + nx + 3] = True
@@ -484,8 +479,8 @@ def _fixed_slit_sky(rng):
 
 def _mos_traces(rng, detector):
     traces = []
-    occupied = np.zeros((FULL_SIZE, FULL_SIZE), dtype=bool)
-    occupied[FS_BAND[0] - 4 : FS_BAND[1] + 5] = True
+    occupied = np.zeros((FULL_FRAME, FULL_FRAME), dtype=bool)
+    occupied[FIXED_SLIT_ROWS[0] - 4 : FIXED_SLIT_ROWS[1] + 5] = True
     n_target = int(rng.integers(30, 61))
     attempts = 0
     slit_id = int(rng.integers(2, 40))
@@ -494,12 +489,12 @@ def _mos_traces(rng, detector):
         height = float(rng.integers(6, 22))  # 1-3 shutters plus the tilt below: 6-25 rows
         nx = int(rng.integers(200, 1501))
         tilt = rng.uniform(-3.0, 3.0)  # rows of drift along the spectrum
-        x0 = int(rng.integers(REFERENCE_BORDER, FULL_SIZE - REFERENCE_BORDER - nx))
-        y_low = rng.uniform(REFERENCE_BORDER + 4, FULL_SIZE - REFERENCE_BORDER - 30)
+        x0 = int(rng.integers(REFERENCE_BORDER, FULL_FRAME - REFERENCE_BORDER - nx))
+        y_low = rng.uniform(REFERENCE_BORDER + 4, FULL_FRAME - REFERENCE_BORDER - 30)
         lower = y_low + tilt * np.linspace(0.0, 1.0, nx)
         box_lo = int(np.floor(lower.min())) - 3
         box_hi = int(np.ceil(lower.max() + height)) + 3
-        if box_lo < REFERENCE_BORDER or box_hi >= FULL_SIZE - REFERENCE_BORDER:
+        if box_lo < REFERENCE_BORDER or box_hi >= FULL_FRAME - REFERENCE_BORDER:
             continue
         if occupied[box_lo:box_hi, x0 - 3 : x0 + nx + 3].any():
             continue
@@ -527,7 +522,7 @@ def _fs_traces(rng, detector, primary="S200A1"):
     traces = []
     for index, (name, (row, height)) in enumerate(_FIXED_SLITS.items()):
         x0 = int(rng.integers(REFERENCE_BORDER, 200))
-        nx = int(rng.integers(1700, FULL_SIZE - REFERENCE_BORDER - x0))
+        nx = int(rng.integers(1700, FULL_FRAME - REFERENCE_BORDER - x0))
         is_primary = name == primary
         source = np.zeros(nx)
         if is_primary:
@@ -544,7 +539,7 @@ def _fs_traces(rng, detector, primary="S200A1"):
 def _bots_traces(rng, detector):
     row, height = _FIXED_SLITS["S1600A1"]
     x0 = REFERENCE_BORDER
-    nx = FULL_SIZE - 2 * REFERENCE_BORDER
+    nx = FULL_FRAME - 2 * REFERENCE_BORDER
     star = _continuum(rng, nx, 150.0)
     # a bright star: the 1.6" aperture is wide, so the PSF wings (here a flat 1 % halo
     # across the aperture) fill the slit
@@ -629,14 +624,14 @@ def _render(traces, region):
 # ------------------------------------------------------------------------------------------
 def _artifacts(rng, shape, dq):
     ny, nx = shape
-    area = ny * nx / FULL_SIZE**2
+    area = ny * nx / FULL_FRAME**2
     artifacts = np.zeros(shape, dtype=np.float32)
 
     n_hot = rng.poisson(300 * area)
     hot_y, hot_x = rng.integers(0, ny, n_hot), rng.integers(0, nx, n_hot)
     hot_rate = 10 ** rng.uniform(-0.5, 1.5, n_hot)
     artifacts[hot_y, hot_x] += hot_rate.astype(np.float32)
-    dq[hot_y, hot_x] |= _HOT
+    dq[hot_y, hot_x] |= dqflags.HOT
     # the hottest ones are unusable (the bad-pixel mask flags them DO_NOT_USE)
     bad = hot_rate > 10.0
     dq[hot_y[bad], hot_x[bad]] |= dqflags.DO_NOT_USE
@@ -808,7 +803,7 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     signal, footprint, illuminated, scene_flags, boxes = _render(traces, region)
 
     # --- noise, electrons of one effective frame, assembled in the detector frame
-    n_outputs = N_OUTPUTS if full_frame else 1
+    n_outputs = N_CHANNELS if full_frame else 1
     detector_noise = _correlated_noise_detector(
         noise_rng, n_lines=sub_nx, n_fast=sub_ny, n_outputs=n_outputs, irs2=irs2, amp=amp)
     frame_rms = amp["picture_frame"] * (amp["picture_frame_nrs2_factor"]
@@ -826,8 +821,8 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     # reference pixels: the 4-pixel full-frame border that falls inside the region
     rows = np.arange(region[1], region[1] + sub_ny)
     cols = np.arange(region[0], region[0] + sub_nx)
-    ref_rows = np.flatnonzero((rows < REFERENCE_BORDER) | (rows >= FULL_SIZE - REFERENCE_BORDER))
-    ref_cols = np.flatnonzero((cols < REFERENCE_BORDER) | (cols >= FULL_SIZE - REFERENCE_BORDER))
+    ref_rows = np.flatnonzero((rows < REFERENCE_BORDER) | (rows >= FULL_FRAME - REFERENCE_BORDER))
+    ref_cols = np.flatnonzero((cols < REFERENCE_BORDER) | (cols >= FULL_FRAME - REFERENCE_BORDER))
 
     def on_reference(array, value):
         array[ref_rows, :] = value
@@ -867,7 +862,7 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     wavelength = np.full((sub_ny, sub_nx), np.nan, dtype=np.float32)
     if footprint.any():
         # a nearly linear dispersion across the full detector width
-        u = cols / (FULL_SIZE - 1)
+        u = cols / (FULL_FRAME - 1)
         lam = lam0 + (lam1 - lam0) * (u + 0.05 * u * (1 - u))
         if detector == "NRS2":
             lam = lam + (lam1 - lam0) * 0.02
@@ -890,7 +885,7 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
         "fastaxis": 2 if detector == "NRS1" else -2,
         "slowaxis": 1 if detector == "NRS1" else -1,
         "readpatt": readpatt,
-        "noutputs": N_OUTPUTS + 1 if full_frame else 1,
+        "noutputs": N_CHANNELS + 1 if full_frame else 1,
         "tframe": round(tframe, 5),
         "effexptm": amp["effective_time"],
         "gain": gain,
@@ -923,7 +918,7 @@ def _primary_header(meta, filename, datamodel):
     now = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3]
     cards = [
         ("DATE", now, "UTC date file created"),
-        ("ORIGIN", "NSCLEAN", "synthetic exposure from nsclean.simulate"),
+        ("ORIGIN", "NSCLEAN", "synthetic exposure (nsclean.testing.simulate)"),
         ("FILENAME", filename, "Name of the file"),
         ("DATAMODL", datamodel, "Type of data model"),
         ("TELESCOP", "JWST", "Telescope used to acquire the data"),
@@ -961,8 +956,8 @@ def _primary_header(meta, filename, datamodel):
         ("SUBSIZE2", meta["subsize2"], "Number of pixels in axis 2 direction"),
         ("FASTAXIS", meta["fastaxis"], "Fast readout axis direction"),
         ("SLOWAXIS", meta["slowaxis"], "Slow readout axis direction"),
-        ("NSCSIMUL", True, "synthetic data (nsclean.simulate)"),
-        ("NSCSEED", meta["seed"], "nsclean.simulate seed"),
+        ("NSCSIMUL", True, "synthetic data (nsclean.testing.simulate)"),
+        ("NSCSEED", meta["seed"], "nsclean.testing.simulate seed"),
         ("NSCVERS", __version__, "nsclean version that wrote the file"),
     ]
     for key, value, comment in cards:

@@ -5,7 +5,7 @@ matplotlib (about 0.9 CPU-s for a mask job, 1.2 for a clean and 1.6 for a QA job
 than the work on one exposure; 0.3 CPU-s for requests in a download).  A warm worker
 imports them once:
 
-* A **server** (``python -m nsclean.warm serve``) listens on a Unix socket in a private
+* A **server** (``python -m nsclean.workflow.warm serve``) listens on a Unix socket in a private
   directory (``$XDG_RUNTIME_DIR`` or the temporary directory, ``nsclean-warm-<uid>``,
   mode 0700).  It imports the libraries and the steps once, then forks one child per
   request.  Its socket's name is a hash of everything the imports depend on (host,
@@ -16,7 +16,7 @@ imports them once:
   :func:`run_command_step`) starts the server if none is running, sends the step's name
   and arguments with its working directory, environment, umask, resource limits and
   standard streams, and waits. The forked
-  child adopts all of them, runs the step (:mod:`nsclean.steps`, the same function the
+  child adopts all of them, runs the step (:mod:`nsclean.workflow.steps`, the same function the
   client would run) and reports its exit status, CPU time and peak memory, which the
   client writes to the rule's log. The client passes on the signals it gets (Ctrl-C,
   ``kill``), and a child whose client has died stops at once, so that Snakemake's view
@@ -117,7 +117,7 @@ def run_command_step(name: str, argv: list[str] | None = None, *,
     Parameters
     ----------
     name : str
-        The step (a key of :data:`nsclean.steps.STEPS`).
+        The step (a key of :data:`nsclean.workflow.steps.STEPS`).
     argv : list of str, optional
         The command's arguments (default ``sys.argv[1:]``): ``JOB`` -- a JSON object
         with the job's named ``input`` and ``output`` files, ``params``,
@@ -130,7 +130,7 @@ def run_command_step(name: str, argv: list[str] | None = None, *,
     """
     parser = argparse.ArgumentParser(
         prog=f"{os.path.basename(sys.argv[0])}",
-        description=f"Run the workflow step {name!r} of one job (see nsclean.steps).")
+        description=f"Run the workflow step {name!r} of one job (see nsclean.workflow.steps).")
     parser.add_argument("job", help="the job's input, output, params and wildcards "
                         "as a JSON object")
     parser.add_argument("--log", required=True, help="the rule's log file")
@@ -159,7 +159,7 @@ def run_command_step(name: str, argv: list[str] | None = None, *,
 
 def run_step(name: str, kwargs: dict, *, warm=True, log: str | None = None,
              socket_dir: str | None = None, idle: float = IDLE_SECONDS) -> None:
-    """Run one step of :data:`nsclean.steps.STEPS`, in a warm worker when possible.
+    """Run one step of :data:`nsclean.workflow.steps.STEPS`, in a warm worker when possible.
 
     Parameters
     ----------
@@ -184,7 +184,7 @@ def run_step(name: str, kwargs: dict, *, warm=True, log: str | None = None,
         the rule's log, where the step sends its standard error, as in process).  A
         step run in this process raises as usual.
     """
-    # nsclean.steps is imported only where the step runs (here, or in the worker, which
+    # nsclean.workflow.steps is imported only where the step runs (here, or in the worker, which
     # reports an unknown name the same way): a warm job's client stays small.
     log = log or kwargs.get("log")
     if warm:
@@ -245,10 +245,13 @@ def server_key(path: list[str] | None = None, environ=None) -> str:
     package = os.path.dirname(os.path.abspath(nsclean.__file__))
     parts = [socket.gethostname(), sys.executable, sys.version, package,
              *(path if path is not None else sys.path)]
-    for entry in sorted(os.scandir(package), key=lambda e: e.name):
-        if entry.name.endswith(".py"):
-            stat = entry.stat()
-            parts.append(f"{entry.name}:{stat.st_mtime_ns}:{stat.st_size}")
+    for directory, subdirectories, names in os.walk(package):
+        subdirectories.sort()
+        for name in sorted(names):
+            if name.endswith(".py"):
+                stat = os.stat(os.path.join(directory, name))
+                relative = os.path.relpath(os.path.join(directory, name), package)
+                parts.append(f"{relative}:{stat.st_mtime_ns}:{stat.st_size}")
     parts += [f"{key}={value}" for key, value in sorted(environ.items())
               if key.startswith(_IMPORT_ENV_PREFIXES)]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
@@ -319,7 +322,7 @@ def _run_in_worker(name, kwargs, directory, idle, log) -> int:
     if result is None:
         if forwarded:
             return 128 + forwarded[-1]
-        print(f"nsclean.warm: worker {child} ended without reporting (killed? out of "
+        print(f"nsclean.workflow.warm: worker {child} ended without reporting (killed? out of "
               "memory?)", file=sys.stderr)
         return 1
     _note(log, f"step {name} ran in warm worker {child}: {result['cpu']:.2f} CPU-s, "
@@ -435,7 +438,7 @@ def _start_locked(directory, key, idle, ready):
 
 
 _BOOTSTRAP = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
-              "from nsclean.warm import main; sys.exit(main(sys.argv[2:]))")
+              "from nsclean.workflow.warm import main; sys.exit(main(sys.argv[2:]))")
 
 
 def _try_connect(path) -> socket.socket:
@@ -498,7 +501,8 @@ def _note(log, text):
     with contextlib.suppress(OSError):
         os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
         with open(log, "a", encoding="utf-8") as handle:
-            handle.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} INFO nsclean.warm: {text}\n")
+            stamp = time.strftime('%Y-%m-%d %H:%M:%S')
+            handle.write(f"{stamp} INFO nsclean.workflow.warm: {text}\n")
 
 
 # ------------------------------------------------------------------------------------
@@ -558,13 +562,13 @@ def _preload():
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    import nsclean.archive  # requests, for the downloads
-    import nsclean.core
-    import nsclean.exposure
-    import nsclean.figures
-    import nsclean.masks
-    import nsclean.qa
-    import nsclean.steps  # noqa: F401
+    import nsclean.algorithm.core
+    import nsclean.algorithm.masks
+    import nsclean.algorithm.qa
+    import nsclean.archive.archive  # requests, for the downloads
+    import nsclean.io.exposure
+    import nsclean.report.figures
+    import nsclean.workflow.steps  # noqa: F401
 
     for module in ("matplotlib.ticker", "matplotlib.image", "PIL.Image", "threadpoolctl"):
         with contextlib.suppress(ImportError):
@@ -756,8 +760,8 @@ def _stop_when_closed(connection, state):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m nsclean.warm serve --socket PATH``: run a server (started by clients)."""
-    parser = argparse.ArgumentParser(prog="python -m nsclean.warm", description=__doc__
+    """``python -m nsclean.workflow.warm serve --socket PATH``: run a server (clients start it)."""
+    parser = argparse.ArgumentParser(prog="python -m nsclean.workflow.warm", description=__doc__
                                      .split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     server = commands.add_parser("serve", help="run a server on a Unix socket")

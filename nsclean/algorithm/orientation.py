@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-DETECTORS = ("NRS1", "NRS2")
+from .nirspec import DETECTORS
 
 
 def normalize_detector(detector) -> str:

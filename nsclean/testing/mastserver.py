@@ -40,7 +40,7 @@ request.  Kinds:
 ``"wrong_size"``
     send a consistent but shorter body (``Content-Length`` = catalogue size - 100).
 
-Run ``python -m nsclean.mastserver --root DIR`` to serve a directory for the demo.
+Run ``python -m nsclean.testing.mastserver --root DIR`` to serve a directory for the demo.
 """
 
 from __future__ import annotations
@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     int
         Exit status.
     """
-    parser = argparse.ArgumentParser(prog="python -m nsclean.mastserver",
+    parser = argparse.ArgumentParser(prog="python -m nsclean.testing.mastserver",
                                      description="Serve FITS files over the MAST protocol "
                                                  "on 127.0.0.1.")
     parser.add_argument("--root", required=True, help="directory of jw*_rate/cal.fits files")

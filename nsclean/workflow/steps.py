@@ -2,9 +2,9 @@
 
 Each step takes the job's files and settings as plain dictionaries (the JSON the
 workflow passes to the rule's script), writes every declared output and returns
-nothing; :mod:`nsclean.pipeline` describes the status records and how an exposure's
+nothing; :mod:`nsclean.workflow.pipeline` describes the status records and how an exposure's
 failure is recorded.  The rule scripts call them through
-:func:`nsclean.warm.run_command_step`, which runs a step in a pre-imported worker
+:func:`nsclean.workflow.warm.run_command_step`, which runs a step in a pre-imported worker
 process when one is available and in the calling process otherwise: the same function
 either way.
 
@@ -58,9 +58,9 @@ def fetch_manifest(input: dict, output: dict, params: dict, log: str,
     ``missing_cal``, and ``retries``, ``timeout`` of the queries; ``params["programs"]``
     (default: the ``program`` wildcard).  The token for exclusive-access data comes from
     ``MAST_API_TOKEN`` only.  Runs in its own process: astroquery's URLs are fixed when
-    it is imported, after :func:`nsclean.archive.configure_mast_server`.
+    it is imported, after :func:`nsclean.archive.archive.configure_mast_server`.
     """
-    from . import archive
+    from ..archive import archive
 
     logger = script_logging(log)
     settings = params.get("archive") or {}
@@ -93,11 +93,11 @@ def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dic
     when it refuses the file or never delivers it whole; the file is then an empty
     placeholder and the exposure fails alone).  ``params["archive"]`` is the
     ``archive`` section of the config: ``url`` (MAST base URL), ``retries``,
-    ``timeout`` and ``backoff`` (:func:`nsclean.archive.download_file`).  An existing
+    ``timeout`` and ``backoff`` (:func:`nsclean.archive.archive.download_file`).  An existing
     file of the manifest's size is not fetched again; the file appears only when
     complete.  ``MAST_API_TOKEN`` in the environment is used for exclusive-access files.
     """
-    from . import archive
+    from ..archive import archive
 
     logger = script_logging(log)
     settings = params.get("archive") or {}
@@ -146,7 +146,7 @@ def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> 
             if f"{key}_status" in input:
                 require_product(input[f"{key}_status"], input[key], "its download")
         record["inputs"] = input_checksums([input["rate"], input["cal"]])
-        from .exposure import make_mask
+        from ..io.exposure import make_mask
 
         summary = make_mask(input["cal"], input["rate"], output["mask"], options=options,
                             overwrite=True, fsync=bool(params.get("fsync")))
@@ -171,7 +171,7 @@ def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) ->
         record["inputs"] = {**mask_record.get("inputs", {}),
                             "mask": file_checksum(input["mask"])}
         record["mask_options"] = mask_record.get("mask_options", {})
-        from .exposure import clean_exposure
+        from ..io.exposure import clean_exposure
 
         summary = clean_exposure(input["rate"], output["cleaned"], mask_path=input["mask"],
                                  fit_options=dict(params["options"]), overwrite=True,
@@ -186,7 +186,7 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
     """Rule ``qa``: metrics before and after cleaning, and the figures, of one exposure.
 
     input: ``rate``, ``cleaned``, ``mask``, ``clean_status``; output: ``metrics`` (the
-    exposure's final record in the layout of :func:`nsclean.report.write_record`,
+    exposure's final record in the layout of :func:`nsclean.report.report.write_record`,
     with the fit summary and provenance) and ``figures`` (a directory of PNGs, empty
     if the exposure failed).  ``params["options"]["figures"]`` turns the figures off.
     """
@@ -205,9 +205,9 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
                       mask_options=clean_record["mask_options"], clean=clean_record["clean"])
         import numpy as np
 
-        from . import figures
-        from . import qa as qa_metrics
-        from .exposure import read_mask, read_rate
+        from ..algorithm import qa as qa_metrics
+        from ..io.exposure import read_mask, read_rate
+        from ..report import figures
 
         before = read_rate(input["rate"])
         after = read_rate(input["cleaned"])
@@ -229,12 +229,12 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
                                          figure_dir, before.stem, spectra=spectra)
         logger.info("QA of %s: flags %s", before.stem, metrics["flags"] or "none")
         record["cleaned_file"] = os.path.relpath(input["cleaned"], results_dir)
-        # Figure paths relative to the record's folder, as nsclean.report expects.
+        # Figure paths relative to the record's folder, as nsclean.report.report expects.
         record["figures"] = {kind: os.path.relpath(path, metrics_path.parent)
                              for kind, path in pngs.items()}
         write_status(metrics_path, CLEANED, metrics=metrics, **record)
 
 
-#: The steps by name (what :func:`nsclean.warm.run_step` accepts).
+#: The steps by name (what :func:`nsclean.workflow.warm.run_step` accepts).
 STEPS = {"fetch_manifest": fetch_manifest, "fetch_file": fetch_file, "mask": mask,
          "clean": clean, "qa": qa}

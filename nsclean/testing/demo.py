@@ -1,12 +1,12 @@
 """The built-in demo: a synthetic program, served by a loopback MAST, reduced by the workflow.
 
-``python -m nsclean.demo`` runs the whole workflow the way an astronomer runs it on a
+``python -m nsclean.testing.demo`` runs the whole workflow the way an astronomer runs it on a
 real program, but offline:
 
-1. simulate a small NIRSpec program with :mod:`nsclean.simulate` (IFU on both detectors,
+1. simulate a small NIRSpec program with :mod:`nsclean.testing.simulate` (IFU on both detectors,
    MOS, fixed slit and a BOTS subarray) into ``<workdir>/archive`` -- once; a second run
    reuses the files;
-2. serve that directory with :class:`nsclean.mastserver.MastServer` on 127.0.0.1 (an
+2. serve that directory with :class:`nsclean.testing.mastserver.MastServer` on 127.0.0.1 (an
    ephemeral port), so that the fetch rules query and download it through astroquery
    exactly as they would from MAST;
 3. run Snakemake on the repository's workflow with a config whose ``archive.url`` points
@@ -29,7 +29,7 @@ __all__ = ["DEMO_PROGRAM", "main", "simulate_program", "workflow_snakefile", "wr
 
 #: Program number of the synthetic demo program.
 DEMO_PROGRAM = "09999"
-#: Exposures of the default demo (the full plan of ``nsclean.simulate.make_demo_program``).
+#: Exposures of the default demo (the full plan of ``nsclean.testing.simulate.make_demo_program``).
 DEFAULT_EXPOSURES = 9
 
 # Exposures beyond make_demo_program's plan repeat its modes in further visits, so
@@ -54,7 +54,7 @@ def workflow_snakefile() -> Path:
     FileNotFoundError
         When the package is not installed from a repository checkout.
     """
-    snakefile = Path(__file__).resolve().parents[1] / "Snakefile"
+    snakefile = Path(__file__).resolve().parents[2] / "Snakefile"
     if not snakefile.is_file():
         raise FileNotFoundError(
             f"{snakefile} not found: the demo runs the workflow of a repository checkout "
@@ -73,7 +73,7 @@ def simulate_program(directory, n_exposures=DEFAULT_EXPOSURES, *, program=DEMO_P
         Where the files go (the loopback MAST serves this directory).
     n_exposures : int
         Number of exposures, at least 1.  Up to the plan of
-        :func:`nsclean.simulate.make_demo_program` it is that plan's first exposures;
+        :func:`nsclean.testing.simulate.make_demo_program` it is that plan's first exposures;
         beyond, its modes are repeated in further visits.
     program : str
         Program number.
@@ -86,7 +86,7 @@ def simulate_program(directory, n_exposures=DEFAULT_EXPOSURES, *, program=DEMO_P
         The rate files, in plan order.  Exposures already on disk are not simulated
         again.
     """
-    from nsclean import simulate
+    from nsclean.testing import simulate
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -137,7 +137,7 @@ def write_config(path, *, url, results, program=DEMO_PROGRAM) -> Path:
     """
     path = Path(path)
     path.write_text(
-        "# Written by python -m nsclean.demo\n"
+        "# Written by python -m nsclean.testing.demo\n"
         f'programs: ["{program}"]\n'
         "archive:\n"
         "  source: mast\n"
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         Snakemake's exit status.
     """
     parser = argparse.ArgumentParser(
-        prog="python -m nsclean.demo",
+        prog="python -m nsclean.testing.demo",
         description="Simulate a small NIRSpec program, serve it from a loopback MAST and "
                     "reduce it with the nsclean workflow.")
     parser.add_argument("--workdir", default="demo",
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="further Snakemake arguments, after `--`")
     args = parser.parse_args(argv)
 
-    from nsclean.mastserver import MastServer
+    from nsclean.testing.mastserver import MastServer
 
     workdir = Path(args.workdir).resolve()
     archive = workdir / "archive"

@@ -28,17 +28,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .nirspec import CHANNEL_ROWS, FULL_FRAME, REFERENCE_BORDER
 from .orientation import detector_to_dms, dms_to_detector, normalize_detector
 
-#: Full-frame size of the NIRSpec detectors.
-FULL_FRAME = 2048
-#: Width of the reference-pixel border of a full frame.
-REFERENCE_BORDER = 4
 #: Pause between fast-scan lines, in pixel clock ticks (10 us each), used to place
 #: subarray pixels on the read-out time axis.
 LINE_OVERHEAD_TICKS = 12
-#: Rows of one output channel in DMS orientation (4 outputs on a full frame).
-CHANNEL_ROWS = 512
 
 _DEFAULTS = {
     "method": "fft",

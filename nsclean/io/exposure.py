@@ -1,9 +1,9 @@
 """NIRSpec exposure files: read rate and cal products, pair them, write cleaned products.
 
-This is the I/O layer around the pure-array modules :mod:`nsclean.masks` and
-:mod:`nsclean.core`. It knows about FITS files and header keywords, never
+This is the I/O layer around the pure-array modules :mod:`nsclean.algorithm.masks` and
+:mod:`nsclean.algorithm.core`. It knows about FITS files and header keywords, never
 about Snakemake. Every problem with an input file raises
-:class:`~nsclean.errors.NSCleanInputError`, whose message is one line naming
+:class:`~nsclean.io.errors.NSCleanInputError`, whose message is one line naming
 the file and the problem.
 
 Products written here:
@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from . import __version__
-from . import masks as masklib
+from .. import __version__
+from ..algorithm import masks as masklib
+from ..algorithm.nirspec import DETECTORS, FULL_FRAME
 from .errors import NSCleanInputError
 
 __all__ = [
@@ -68,7 +69,6 @@ STATUS_KEYWORD = "S_NSCLEN"
 _EXISTS = "output exists (replace it with --overwrite, or overwrite=True in Python)"
 IFU_EXP_TYPES = ("NRS_IFU",)
 SLIT_EXP_TYPES = ("NRS_MSASPEC", "NRS_FIXEDSLIT", "NRS_BRIGHTOBJ")
-DETECTORS = ("NRS1", "NRS2")
 # NIRSpec values allowed for SUBARRAY by the stdatamodels 6.0 schema.
 NIRSPEC_SUBARRAYS = frozenset(
     {
@@ -207,7 +207,7 @@ class RateExposure:
 
     @property
     def full_frame(self) -> bool:
-        return self.sci.shape == (masklib.DETECTOR_SIZE, masklib.DETECTOR_SIZE)
+        return self.sci.shape == (FULL_FRAME, FULL_FRAME)
 
 
 @dataclass
@@ -223,7 +223,7 @@ class CalExposure:
     layout : {"ifu", "slits"}
     ifu_sci : ndarray or None
         Full SCI image of an IFU product (NaN outside the slices).
-    slits : list of nsclean.masks.SlitRegion
+    slits : list of nsclean.algorithm.masks.SlitRegion
         Slit cutouts placed on the rate array (MOS, fixed slit, BOTS).
     """
 
@@ -583,7 +583,7 @@ def read_png_mask(
 ) -> np.ndarray:
     """Background mask from a PNG with the background shaded red (paper section 3.4).
 
-    See :func:`nsclean.masks.mask_from_shaded_rgb` for the parameters.
+    See :func:`nsclean.algorithm.masks.mask_from_shaded_rgb` for the parameters.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -633,7 +633,7 @@ def build_exposure_mask(
     -------
     mask : ndarray of bool
     info : dict
-        As :func:`nsclean.masks.build_background_mask`, plus ``source``
+        As :func:`nsclean.algorithm.masks.build_background_mask`, plus ``source``
         (``"auto"``, ``"user"`` or ``"auto+user"``), ``rate`` and ``cal``.
     """
     if cal is not None:
@@ -1055,7 +1055,7 @@ def clean_exposure(
 
     The background mask comes from ``mask_path`` (a FITS mask or a red-shaded
     PNG), from ``cal_path`` (automatic), or from both (``user_mask_mode``).
-    The fit is :func:`nsclean.core.fit`; ``cleaned = SCI - model``, so NaN
+    The fit is :func:`nsclean.algorithm.core.fit`; ``cleaned = SCI - model``, so NaN
     pixels stay NaN.
 
     Parameters
@@ -1075,7 +1075,7 @@ def clean_exposure(
     mask_options : MaskOptions or mapping, optional
         Automatic-mask options.
     fit_options : mapping, optional
-        Options of :func:`nsclean.core.fit` (``method``, ``cutoff`` ...).
+        Options of :func:`nsclean.algorithm.core.fit` (``method``, ``cutoff`` ...).
     save_model, save_mask : bool
         Also write ``<stem>_flicker_noise.fits`` (the fitted model, in the
         layout of the rate file) and ``<stem>_mask.fits``.
@@ -1106,7 +1106,7 @@ def clean_exposure(
     FileExistsError
         If an output exists and ``overwrite`` is false.
     """
-    from .core import fit
+    from ..algorithm.core import fit
 
     if cal_path is None and mask_path is None:
         raise NSCleanInputError(
@@ -1478,7 +1478,7 @@ def _check_subarray(path: Path, header: fits.Header, shape: tuple[int, int]) -> 
     name = str(header.get("SUBARRAY", "FULL")).strip().upper()
     if name not in NIRSPEC_SUBARRAYS:
         raise NSCleanInputError(path, f"unknown NIRSpec subarray SUBARRAY = {name}")
-    size = masklib.DETECTOR_SIZE
+    size = FULL_FRAME
     try:
         start1 = int(header.get("SUBSTRT1", 1))
         start2 = int(header.get("SUBSTRT2", 1))

@@ -19,8 +19,8 @@ import math
 import os
 import urllib.parse
 
-from ._atomic import atomic_write_text
-from .qa import FLAT_METRIC_KEYS, flatten_metrics
+from ..algorithm.qa import FLAT_METRIC_KEYS, flatten_metrics
+from ..io.atomic import atomic_write_text
 
 __all__ = [
     "BASE_COLUMNS",
@@ -92,7 +92,7 @@ def write_record(record, json_path):
         (one of "cleaned", "failed", "skipped"), ``reason`` (str, why it
         failed or was skipped; "" otherwise), ``cleaned_file`` (path of the
         cleaned product relative to the results directory, or None),
-        ``metrics`` (the dict of :func:`nsclean.qa.exposure_metrics`, or
+        ``metrics`` (the dict of :func:`nsclean.algorithm.qa.exposure_metrics`, or
         None), ``figures`` (kind -> PNG path, absolute or relative to the
         current directory; kinds "comparison", "mask", "column", "spectrum",
         "thumbnail"), ``timing`` (step -> seconds) and, optionally, the
@@ -462,7 +462,7 @@ def _exposure_row(record, base, results_dir):
 
 
 def _html(records, html_path, *, title, config, results_dir):
-    from . import __version__
+    from .. import __version__
 
     base = os.path.dirname(os.path.abspath(html_path))
     counts = _counts(records)
@@ -575,7 +575,7 @@ def write_report(records, html_path, csv_path, *, title, config=None, results_di
     -----
     The CSV has one row per exposure sorted by program and stem, columns
     :data:`CSV_COLUMNS`: ``program, stem, status, reason, cleaned_file``
-    followed by :data:`nsclean.qa.FLAT_METRIC_KEYS`, ``time_s`` (the sum of the
+    followed by :data:`nsclean.algorithm.qa.FLAT_METRIC_KEYS`, ``time_s`` (the sum of the
     record's ``timing``, empty without one) and the provenance. Every string from the
     records is HTML-escaped; URLs are percent-encoded relative paths.
     """

@@ -1,0 +1,1 @@
+"""QA figures (:mod:`.figures`) and the HTML/CSV report of a run (:mod:`.report`)."""
