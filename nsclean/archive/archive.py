@@ -48,6 +48,7 @@ from __future__ import annotations
 import atexit
 import csv
 import dataclasses
+import ipaddress
 import json
 import logging
 import os
@@ -60,9 +61,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from glob import escape as glob_escape
 from pathlib import Path
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 
 # numpy and astropy are imported where they are used (the manifest query and the
@@ -125,6 +127,14 @@ _INT_COLUMNS = {"rate_size", "cal_size"}
 _STEM_RE = re.compile(r"^jw(\d{5})(\d{3})(\d{3})_(\d{5})_(\d{5})_(nrs[12])$", re.IGNORECASE)
 _SUFFIXES = ("_rate.fits", "_cal.fits")
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
+# What the workflow's file-name wildcard accepts, and what cannot leave a directory:
+# a product name from the archive or a local directory must be a plain base name.
+_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_MAX_REDIRECTS = 10
+#: Default slowest transfer accepted (bytes/s): an attempt may take
+#: ``DEADLINE_BASE + size / MIN_RATE`` seconds in all.
+MIN_RATE = 50_000.0
+DEADLINE_BASE = 60.0
 
 
 class ArchiveError(RuntimeError):
@@ -158,8 +168,9 @@ class _Retryable(Exception):
 class ManifestRow:
     """One exposure: its identity, set-up and the rate/cal files.
 
-    ``status`` is ``"ok"`` (to be processed) or ``"skipped"``, with ``reason`` saying
-    why (no cal file under the ``skip`` policy, or no rate file).  ``cal_file`` is
+    ``status`` is ``"ok"`` (to be processed), ``"skipped"``, with ``reason`` saying
+    why (no cal file under the ``skip`` policy, or no rate file), or ``"failed"``
+    (a file that cannot be read or used, or a name that is not a plain file name).  ``cal_file`` is
     empty when the archive has no cal file for the exposure; with the ``user_mask``
     policy such a row is ``ok`` with ``mask_source="user"`` (it needs a user mask),
     otherwise ``mask_source`` is ``"cal"``.
@@ -360,6 +371,53 @@ def _backoff_delay(attempt: int, backoff: float, max_backoff: float) -> float:
     return min(max_backoff, backoff * 2 ** (attempt - 1))
 
 
+def _name_problem(name: str) -> str | None:
+    """Why a product file name from the archive (or a directory) cannot be used, or None.
+
+    The name becomes a path inside the results directory: it must be a plain base name
+    (no ``/``, no ``..``, not absolute, no spaces or shell characters such as the
+    ``(1)`` of a browser's second copy).
+    """
+    name = str(name)
+    if not name:
+        return "empty file name"
+    if "/" in name or "\\" in name or name.startswith(".") or "\0" in name:
+        return f"file name {name!r} is a path, not a plain file name"
+    if not _SAFE_NAME_RE.match(name):
+        return (f"file name {name!r} has characters other than letters, digits, '_', '-' "
+                "and '.' (a renamed copy such as '... (1)_rate.fits'?)")
+    return None
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+def _same_origin(url: str, archive_url: str) -> bool:
+    return _origin(url) == _origin(archive_url)
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_token_transport(archive_url: str, token: str) -> None:
+    """Refuse to send a token in clear text: https, or plain http to loopback only."""
+    scheme, host, _ = _origin(archive_url)
+    if token and scheme != "https" and not _is_loopback_host(host):
+        raise ArchiveConfigError(
+            f"refusing to send the {TOKEN_ENV} token to {archive_url} over plain {scheme}: "
+            "use an https:// archive URL (plain http is allowed for loopback test servers "
+            "only)")
+
+
 # --------------------------------------------------------------------------------------
 # astroquery set-up
 # --------------------------------------------------------------------------------------
@@ -437,15 +495,24 @@ def configure_mast_server(url: str = DEFAULT_ARCHIVE_URL, *,
 
 
 class _TimeoutAdapter(HTTPAdapter):
-    """requests adapter that supplies a timeout when the caller gave none."""
+    """requests adapter that supplies a timeout when the caller gave none.
 
-    def __init__(self, timeout, **kwargs):
+    With ``archive_url`` it also removes the ``Cookie`` and ``Authorization`` headers
+    from every request to another origin: astroquery's login puts the token in a
+    domain-less session cookie, which requests would otherwise send along any redirect.
+    """
+
+    def __init__(self, timeout, archive_url: str | None = None, **kwargs):
         self._default_timeout = timeout
+        self._archive_url = archive_url
         super().__init__(**kwargs)
 
     def send(self, request, **kwargs):
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self._default_timeout
+        if self._archive_url is not None and not _same_origin(request.url, self._archive_url):
+            request.headers.pop("Cookie", None)
+            request.headers.pop("Authorization", None)
         return super().send(request, **kwargs)
 
 
@@ -460,7 +527,7 @@ def _observations_client(archive_url: str, timeout: float):
         raise ArchiveConfigError(
             f"astroquery.mast talks to {_mast_base_url()} although {archive_url} was "
             "configured (another astroquery.cfg took precedence?)")
-    adapter = _TimeoutAdapter(timeout)
+    adapter = _TimeoutAdapter(timeout, archive_url)
     Observations._session.mount("http://", adapter)
     Observations._session.mount("https://", adapter)
     Observations._portal_api_connection.TIMEOUT = timeout
@@ -552,6 +619,7 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
 
     client = _observations_client(archive_url, timeout)
     token = _token_from_env(token)
+    _check_token_transport(archive_url, token)
     if token:
         from astroquery.exceptions import LoginError
 
@@ -611,7 +679,13 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
     selected: dict[str, dict] = {}
     for product in products:
         name = str(product["productFilename"])
-        if name in selected or not name.endswith(_SUFFIXES):
+        if name in selected:  # level-2 and level-3 rows list the same files
+            if not _same_product(selected[name], {**product, "size": _plain(
+                    product.get("size")), "dataURI": str(product["dataURI"])}):
+                selected[name]["problem"] = (f"the archive lists {name} twice with "
+                                             "different sizes or URIs")
+            continue
+        if not name.endswith(_SUFFIXES):
             continue
         stem = stem_of(name)
         parts = _stem_parts(stem)
@@ -625,7 +699,12 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
                or obs_by_id.get(str(product.get("parent_obsid", ""))))
         if obs is None:
             continue
+        problem = _name_problem(name)
+        if problem:
+            log.warning("%s: the archive lists a product with an unusable name: %s", stem,
+                        problem)
         selected[name] = {
+            "problem": problem or "",
             "productFilename": name, "dataURI": str(product["dataURI"]),
             "size": _plain(product.get("size")),
             "productSubGroupDescription": str(product["productSubGroupDescription"]),
@@ -639,7 +718,26 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
 
 def _size(product: dict | None) -> int | None:
     size = None if product is None else product.get("size")
-    return None if size is None else int(size)
+    if size is None or not str(size).strip().isdigit():
+        return None  # unknown: the download then trusts Content-Length
+    return int(size)
+
+
+def _same_product(one: dict, other: dict) -> bool:
+    return all(str(one.get(key)) == str(other.get(key))
+               for key in ("productFilename", "dataURI", "size"))
+
+
+def _row_problem(stem: str, files: dict[str, dict], conflicts: list[str]) -> str:
+    """Why an exposure cannot be processed though the archive lists it ("" if it can)."""
+    if conflicts:
+        return (f"the archive lists different files for one {conflicts[0]} product of "
+                f"{stem}: " + ", ".join(conflicts[1:]))
+    return "; ".join(f["problem"] for f in files.values() if f.get("problem"))
+
+
+def _row_skip(files: dict[str, dict]) -> str:
+    return "; ".join(f["skip"] for f in files.values() if f.get("skip"))
 
 
 def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Manifest:
@@ -660,7 +758,12 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
     -------
     Manifest
         Rows sorted by stem (skipped ones included), plus the stems without cal or
-        without rate.
+        without rate.  A product dict may carry a ``problem`` (an unreadable local
+        file, a file name that is a path): its exposure is listed with
+        ``status="failed"`` and that reason; or a ``skip`` reason (a local file whose
+        name the workflow cannot use, such as a ``... (1)`` copy): ``"skipped"``.  An
+        exposure for which two different rate (or cal) files are listed fails too.
+        The same product listed twice is taken once, with a warning.
 
     Raises
     ------
@@ -671,17 +774,36 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
         raise ValueError(f"missing_cal must be 'skip', 'user_mask' or 'error', "
                          f"not {missing_cal!r}")
     by_stem: dict[str, dict[str, dict]] = {}
+    conflicts: dict[str, list[str]] = {}
     for product in products:
         name = product["productFilename"]
         kind = "rate" if name.endswith("_rate.fits") else "cal"
-        by_stem.setdefault(product["stem"], {})[kind] = product
+        files = by_stem.setdefault(product["stem"], {})
+        if kind in files:  # two products for one stem: the same one twice, or a conflict
+            if _same_product(files[kind], product):
+                log.warning("%s: %s listed twice; taken once", product["stem"], name)
+            else:
+                log.warning("%s: two different %s files listed (%s, %s)", product["stem"],
+                            kind, files[kind]["productFilename"], name)
+                conflicts.setdefault(product["stem"], [kind, files[kind]["productFilename"]])
+                conflicts[product["stem"]].append(name)
+            continue
+        files[kind] = product
 
     manifest = Manifest()
     for stem in sorted(by_stem):
         files = by_stem[stem]
         rate, cal = files.get("rate"), files.get("cal")
         status, reason, mask_source = "ok", "", "cal"
-        if rate is None:
+        problem = _row_problem(stem, files, conflicts.get(stem, []))
+        skip = _row_skip(files)
+        if problem:  # unreadable, unsafe or ambiguous: this exposure fails, alone
+            status, reason = "failed", problem
+            log.warning("%s: failed: %s", stem, problem)
+        elif skip:
+            status, reason = "skipped", skip
+            log.warning("%s: skipped: %s", stem, skip)
+        elif rate is None:
             manifest.without_rate.append(stem)
             status, reason = "skipped", "no rate file"
             log.warning("%s: cal file but no rate file; skipped", stem)
@@ -735,10 +857,11 @@ def scan_local(directory: str | Path, programs=None, *, observations=None, modes
     -------
     list of dict
         Product dicts for :func:`build_manifest`; ``dataURI`` is a ``file://`` URI,
-        ``dataRights`` is ``LOCAL`` and ``subarray`` comes from the header.
+        ``dataRights`` is ``LOCAL`` and ``subarray`` comes from the header.  A file
+        that cannot be read (empty, not FITS, damaged) carries a ``problem`` and one
+        whose name the workflow cannot use (``... (1)_rate.fits``) a ``skip`` reason,
+        so that its exposure is listed as failed or skipped and the others go on.
     """
-    from astropy.io import fits
-
     directory = Path(directory)
     if not directory.is_dir():
         raise ArchiveError(f"local source directory {directory} does not exist")
@@ -750,9 +873,17 @@ def scan_local(directory: str | Path, programs=None, *, observations=None, modes
     wanted_filters = _upper_set(filters)
     products = []
     for path in sorted(p for suffix in _SUFFIXES for p in directory.glob(f"*{suffix}")):
-        header = fits.getheader(path, 0)
+        header, problem = _local_header(path)
         stem = stem_of(path.name)
-        parts = _stem_parts(stem)
+        # a copy's name ("<stem> (1)") still starts with the 30-character JWST stem
+        parts = _stem_parts(stem) or _stem_parts(stem[:30])
+        skip = _name_problem(path.name)
+        if problem or skip:
+            if not _local_wanted(parts, program_ids, wanted_obs, wanted_detectors):
+                continue
+            log.warning("%s: %s", path, skip or problem)
+            products.append(_unusable_local(path, stem, parts, problem=problem, skip=skip))
+            continue
 
         def keyword(key, fallback="", header=header):
             value = header.get(key)
@@ -785,6 +916,47 @@ def scan_local(directory: str | Path, programs=None, *, observations=None, modes
             continue
         products.append(entry)
     return products
+
+
+def _local_header(path: Path):
+    """The primary header of a local file, or why it cannot be read (not raising)."""
+    from astropy.io import fits
+
+    size = path.stat().st_size
+    if size == 0:
+        return None, f"{path.name} is empty (0 bytes: an interrupted copy?)"
+    with open(path, "rb") as handle:
+        start = handle.read(30)
+    if not start.startswith(b"SIMPLE  =") or start[29:30] != b"T":
+        what = "an HTML page" if b"<" in start.lower()[:15] else "not FITS"
+        return None, f"{path.name} is not a FITS file ({what}: it starts {start[:20]!r})"
+    try:
+        return fits.getheader(path, 0), ""
+    except Exception as exc:  # astropy raises many kinds for damaged files
+        return None, f"{path.name} is not a readable FITS file ({type(exc).__name__}: " \
+            f"{' '.join(str(exc).split())[:120]})"
+
+
+def _local_wanted(parts: dict, program_ids, wanted_obs, wanted_detectors) -> bool:
+    """Selections by what the name says, for a file whose header cannot be read."""
+    if program_ids is not None and parts.get("program") not in program_ids:
+        return False
+    if wanted_obs is not None and parts.get("observation") not in wanted_obs:
+        return False
+    return _wanted(parts.get("detector", ""), wanted_detectors)
+
+
+def _unusable_local(path: Path, stem: str, parts: dict, *, problem: str, skip: str) -> dict:
+    return {
+        "productFilename": path.name, "dataURI": path.resolve().as_uri(),
+        "size": path.stat().st_size, "dataRights": "LOCAL",
+        "productSubGroupDescription": "RATE" if path.name.endswith("_rate.fits") else "CAL",
+        "stem": stem, "program": parts.get("program", ""),
+        "observation": parts.get("observation", ""), "visit": parts.get("visit", ""),
+        "exposure": parts.get("exposure", ""), "detector": parts.get("detector", ""),
+        "exp_type": "", "subarray": "", "grating": "", "filter": "",
+        "problem": problem if not skip else "", "skip": skip,
+    }
 
 
 def fetch_manifest(programs=None, *, source: str = "mast", local_dir=None, observations=None,
@@ -882,6 +1054,7 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     Returns
     -------
     list of ManifestRow
+        One per stem: a stem listed again is taken once, with a warning.
 
     Raises
     ------
@@ -893,16 +1066,22 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         missing = set(MANIFEST_COLUMNS) - set(reader.fieldnames or ())
         if missing:
             raise ValueError(f"{path} is not a manifest: missing columns {sorted(missing)}")
-        rows = []
+        rows: dict[str, ManifestRow] = {}
         for record in reader:
             values = {}
             for key in MANIFEST_COLUMNS:
                 value = record[key]
                 if key in _INT_COLUMNS:
-                    value = int(value) if value not in ("", None) else None
+                    value = int(value) if str(value or "").strip().isdigit() else None
                 values[key] = value
-            rows.append(ManifestRow(**values))
-    return rows
+            row = ManifestRow(**values)
+            if row.stem in rows:  # one exposure, however often it is listed
+                log.warning("%s: %s is listed more than once%s; the first row is used",
+                            path, row.stem, "" if row == rows[row.stem] else
+                            " with different values")
+                continue
+            rows[row.stem] = row
+    return list(rows.values())
 
 
 # --------------------------------------------------------------------------------------
@@ -937,12 +1116,21 @@ def _copy_local(uri: str, destination: Path, expected_size: int | None, started:
     return DownloadResult(destination, True, 1, size, time.monotonic() - started)
 
 
+def _follow_umask(path) -> None:
+    """Give a file made by ``tempfile`` (always 0600) the mode the umask allows."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def download_file(uri: str, destination: str | Path, *, expected_size: int | None = None,
                   archive_url: str = DEFAULT_ARCHIVE_URL, token: str | None = None,
                   timeout: tuple[float, float] | float = (10.0, 60.0), retries: int = 4,
                   backoff: float = 1.0, max_backoff: float = 60.0,
                   session: requests.Session | None = None,
-                  chunk_size: int = 1 << 20, fsync: bool = False) -> DownloadResult:
+                  chunk_size: int = 1 << 20, fsync: bool = False,
+                  deadline: float | None = None,
+                  min_rate: float = MIN_RATE) -> DownloadResult:
     """Download one archive file into place, with a cache, atomic rename and retries.
 
     Parameters
@@ -976,10 +1164,24 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
         Flush the file to disk before it is renamed into place, so that a crash of the
         machine cannot leave a complete-looking but empty or short file.  Off by
         default: the download would wait for the disk (the workflow's ``fsync`` key).
+    deadline : float, optional
+        Seconds one attempt may take in all (the read timeout only bounds each wait,
+        so a server sending a byte now and then would otherwise hold the job forever).
+        Default ``DEADLINE_BASE + size / min_rate`` with the announced size.
+    min_rate : float
+        Slowest transfer (bytes/s) the default deadline allows.
 
     Returns
     -------
     DownloadResult
+
+    Notes
+    -----
+    The token goes only to the archive's origin (scheme, host and port of
+    ``archive_url``), and to a non-loopback host only over https.  Redirects are
+    followed (MAST sends large files to cloud storage), without the token when they
+    leave that origin.  The file is created with the permissions the umask allows, like
+    every other output.
 
     Raises
     ------
@@ -1010,14 +1212,17 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
     for stale in destination.parent.glob(f".{glob_escape(name)}.*.part"):
         stale.unlink(missing_ok=True)
     token = _token_from_env(token)
+    _check_token_transport(archive_url, token)
     own_session = session is None
     session = session or requests.Session()
     cookies = {"mast_token": token} if token else None
     url = _download_url(archive_url, uri)
+    limits = {"archive_url": archive_url, "deadline": deadline, "min_rate": min_rate}
     last_error = ""
     try:
         if destination.exists() and expected_size is None:
-            head = _retrying_head(session, url, cookies, timeout, name, token)
+            head = _retrying_head(session, url, cookies, timeout, name, token,
+                                  archive_url=archive_url)
             if head is not None and destination.stat().st_size == head:
                 log.info("%s: cached (%d bytes, size from HEAD)", name, head)
                 return DownloadResult(destination, False, 0, head, time.monotonic() - started)
@@ -1025,7 +1230,7 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
             server_delay = None
             try:
                 nbytes = _fetch_once(session, url, cookies, timeout, destination,
-                                     expected_size, chunk_size, token, fsync)
+                                     expected_size, chunk_size, token, fsync, **limits)
                 seconds = time.monotonic() - started
                 log.info("%s: downloaded %d bytes in %.2f s (attempt %d)", name, nbytes,
                          seconds, attempt)
@@ -1077,26 +1282,81 @@ def _check_status(response: requests.Response, name: str, token: str) -> None:
         raise DownloadError(f"{name}: the archive answered HTTP {status}")
 
 
-def _retrying_head(session, url, cookies, timeout, name, token) -> int | None:
+def _archive_request(session, method: str, url: str, *, archive_url: str, cookies,
+                     timeout, stream: bool = False) -> requests.Response:
+    """One request, following redirects; the cookies go to the archive's origin only."""
+    for _ in range(_MAX_REDIRECTS + 1):
+        response = session.request(
+            method, url, cookies=cookies if _same_origin(url, archive_url) else None,
+            timeout=timeout, stream=stream, allow_redirects=False)
+        if not response.is_redirect:
+            return response
+        response.close()
+        url = urljoin(url, response.headers["Location"])
+        if urlsplit(url).scheme not in ("http", "https"):
+            raise DownloadError(f"the archive redirected to {urlsplit(url).scheme}: URL, "
+                                "not http(s)")
+    raise _Retryable(f"more than {_MAX_REDIRECTS} redirects")
+
+
+def _content_length(response: requests.Response) -> int | None:
+    """The announced body size; a value that is not a byte count is an odd answer."""
+    length = response.headers.get("Content-Length")
+    if length is None:
+        return None
+    if not length.strip().isdigit():
+        raise _Retryable(f"Content-Length {length[:40]!r} is not a number of bytes")
+    return int(length)
+
+
+def _body_blocks(response: requests.Response, chunk_size: int, started: float,
+                 allowed: float):
+    """Yield the body as it arrives, and stop the transfer once ``allowed`` s are used.
+
+    ``read1`` returns what one read of the socket gives, so a server that trickles a
+    byte at a time is checked against the deadline between its bytes.
+    """
+    raw = response.raw
+    while True:
+        elapsed = time.monotonic() - started
+        if elapsed > allowed:
+            raise _Retryable(f"too slow: not complete after {elapsed:.0f} s (the deadline "
+                             f"of this attempt is {allowed:.0f} s)")
+        try:
+            block = raw.read1(chunk_size, decode_content=True)
+        except urllib3.exceptions.ReadTimeoutError as exc:
+            raise requests.exceptions.ReadTimeout(str(exc)) from None
+        except (urllib3.exceptions.ProtocolError, urllib3.exceptions.DecodeError,
+                OSError) as exc:
+            raise requests.exceptions.ChunkedEncodingError(str(exc)) from None
+        if not block:
+            return
+        yield block
+
+
+def _retrying_head(session, url, cookies, timeout, name, token, *,
+                   archive_url: str) -> int | None:
     try:
-        with session.head(url, cookies=cookies, timeout=timeout,
-                          allow_redirects=True) as response:
+        with _archive_request(session, "HEAD", url, archive_url=archive_url, cookies=cookies,
+                              timeout=timeout) as response:
             _check_status(response, name, token)
-            length = response.headers.get("Content-Length")
-            return int(length) if length is not None else None
+            return _content_length(response)
     except (_Retryable, requests.RequestException):
         return None  # the GET loop retries and reports properly
 
 
 def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size, chunk_size,
-                token, fsync) -> int:
+                token, fsync, *, archive_url: str, deadline: float | None,
+                min_rate: float) -> int:
     name = destination.name
-    with session.get(url, cookies=cookies, timeout=timeout, stream=True) as response:
+    started = time.monotonic()
+    with _archive_request(session, "GET", url, archive_url=archive_url, cookies=cookies,
+                          timeout=timeout, stream=True) as response:
         _check_status(response, name, token)
-        length = response.headers.get("Content-Length")
+        length = _content_length(response)
         if length is None:
             raise _Retryable("no Content-Length in the answer")
-        length = int(length)
+        allowed = deadline if deadline is not None else DEADLINE_BASE + length / min_rate
         if expected_size is not None and length != expected_size:
             raise _Retryable(f"the archive sends {length} bytes but the catalogue size is "
                              f"{expected_size}")
@@ -1105,7 +1365,7 @@ def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size
         try:
             received = 0
             with handle:
-                for block in response.iter_content(chunk_size):
+                for block in _body_blocks(response, chunk_size, started, allowed):
                     handle.write(block)
                     received += len(block)
                 if fsync:
@@ -1113,6 +1373,7 @@ def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size
                     os.fsync(handle.fileno())
             if received != length:
                 raise _Retryable(f"received {received} of {length} bytes")
+            _follow_umask(handle.name)
             os.replace(handle.name, destination)
         finally:
             Path(handle.name).unlink(missing_ok=True)
@@ -1134,8 +1395,20 @@ def download_exposure(row: ManifestRow, directory: str | Path, **options) -> dic
     -------
     dict
         ``{"rate": path, "cal": path}`` (no ``"cal"`` key without a cal file).
+
+    Raises
+    ------
+    DownloadError
+        As :func:`download_file`, and before any request when a file name of the row is
+        not a plain file name (``../x``, an absolute path): nothing is written outside
+        ``directory``.
     """
     directory = Path(directory)
+    for name in (row.rate_file, row.cal_file):
+        problem = _name_problem(name) if name else None
+        if problem:
+            raise DownloadError(f"{row.stem}: {problem}; refused (it would be written "
+                                f"outside {directory})")
     paths = {"rate": download_file(row.rate_uri, directory / row.rate_file,
                                    expected_size=row.rate_size, **options).path}
     if row.cal_file:

@@ -319,8 +319,8 @@ def program_records(program: str, manifest_path: str | os.PathLike,
     -------
     list of dict
         In manifest order: the QA record of each processed exposure, and a
-        ``skipped`` record (with the manifest's reason) for each exposure the manifest
-        left out.
+        ``skipped`` or ``failed`` record (with the manifest's reason) for each exposure
+        the manifest left out.
 
     Raises
     ------
@@ -340,8 +340,9 @@ def program_records(program: str, manifest_path: str | os.PathLike,
             if row.stem not in by_stem:
                 raise ValueError(f"{manifest_path}: no QA record for {row.stem}")
             records.append(by_stem[row.stem])
-        else:
-            records.append({"program": program, "stem": row.stem, "status": SKIPPED,
+        else:  # failed (an unusable file) or skipped by the archive step
+            records.append({"program": program, "stem": row.stem,
+                            "status": FAILED if row.status == FAILED else SKIPPED,
                             "reason": row.reason or "skipped by the archive step"})
     return records
 
