@@ -93,7 +93,8 @@ def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dic
     when it refuses the file or never delivers it whole; the file is then an empty
     placeholder and the exposure fails alone).  ``params["archive"]`` is the
     ``archive`` section of the config: ``url`` (MAST base URL), ``retries``,
-    ``timeout`` and ``backoff`` (:func:`nsclean.archive.archive.download_file`).  An existing
+    ``timeout``, ``backoff``, ``deadline`` and ``min_rate``
+    (:func:`nsclean.archive.archive.download_file`).  An existing
     file of the manifest's size is not fetched again; the file appears only when
     complete.  ``MAST_API_TOKEN`` in the environment is used for exclusive-access files.
     """
@@ -115,6 +116,8 @@ def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dic
             retries=int(settings.get("retries", 4)),
             backoff=float(settings.get("backoff", 1.0)),
             timeout=(10.0, float(settings.get("timeout", 60.0))),
+            deadline=settings.get("deadline"),
+            min_rate=float(settings.get("min_rate") or archive.MIN_RATE),
             fsync=bool(params.get("fsync")))
     except archive.DownloadError as error:
         # Refused, or not delivered whole after the retries: this exposure fails (rule
