@@ -118,7 +118,7 @@ def _add_mask_options(parser: argparse.ArgumentParser, note: str = "") -> None:
     group.add_argument(
         "--user-mask",
         metavar="FILE",
-        help="your own mask: FITS (non-zero = background) or PNG with the background "
+        help="your own mask: FITS (1 = background, 0 = not) or PNG with the background "
         "shaded red (e.g. from GIMP, as in Rauscher 2024 section 3.4)",
     )
     group.add_argument(
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument(
         "--mask",
         metavar="MASK",
-        help="background mask: FITS (non-zero = background) or red-shaded PNG",
+        help="background mask: FITS (1 = background, 0 = not) or red-shaded PNG",
     )
     clean.add_argument(
         "--cal",

@@ -57,6 +57,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from glob import escape as glob_escape
@@ -931,7 +932,9 @@ def _local_header(path: Path):
         what = "an HTML page" if b"<" in start.lower()[:15] else "not FITS"
         return None, f"{path.name} is not a FITS file ({what}: it starts {start[:20]!r})"
     try:
-        return fits.getheader(path, 0), ""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the reason is reported instead
+            return fits.getheader(path, 0), ""
     except Exception as exc:  # astropy raises many kinds for damaged files
         return None, f"{path.name} is not a readable FITS file ({type(exc).__name__}: " \
             f"{' '.join(str(exc).split())[:120]})"

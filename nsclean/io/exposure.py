@@ -26,6 +26,7 @@ opened for reading.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -522,10 +523,13 @@ def pair_exposures(
 def read_mask(
     path: str | os.PathLike, rate: RateExposure | None = None
 ) -> tuple[np.ndarray, fits.Header]:
-    """Read a background mask from FITS (non-zero = background).
+    """Read a background mask from FITS (1 = background, 0 = not).
 
     The mask is the first 2-D image in the file (primary HDU, or an extension
-    such as MASK, SCI or DQ), so masks from other tools work too.
+    such as MASK or SCI), so masks from other tools work too: jwst's
+    ``clean_flicker_noise`` mask (an ImageModel, SCI of 0.0/1.0), or any boolean or
+    0/1 integer image.  Anything else (NaN, infinities, other values: a rate or
+    science image given by mistake) is refused.
 
     Parameters
     ----------
@@ -540,6 +544,12 @@ def read_mask(
     mask : ndarray of bool
     header : astropy.io.fits.Header
         Header of the HDU the mask came from.
+
+    Raises
+    ------
+    NSCleanInputError
+        If the file cannot be read, has no 2-D image, holds values other than 0 and 1,
+        or does not match ``rate``.
     """
     path = Path(path)
     with _open_fits(path) as hdul:
@@ -555,12 +565,10 @@ def read_mask(
                 break
         else:
             raise NSCleanInputError(path, "no 2-D image to use as a mask")
-    if not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
-        raise NSCleanInputError(path, f"mask has data type {data.dtype}, expected numbers")
-    if data.dtype == bool or np.issubdtype(data.dtype, np.integer):
-        mask = data != 0  # the usual uint8 mask: no conversion needed
-    else:
-        mask = np.nan_to_num(data.astype(np.float64, copy=False), nan=0.0) != 0
+    problem = _mask_values_problem(data)
+    if problem:
+        raise NSCleanInputError(path, problem)
+    mask = data != 0  # only 0 and 1 are left: 1 (True) = background
     if rate is not None:
         if mask.shape != rate.sci.shape:
             raise NSCleanInputError(
@@ -576,6 +584,29 @@ def read_mask(
                     f"{rate.path.name} has {_normalise(rate.header.get(key))}",
                 )
     return mask, header
+
+
+def _mask_values_problem(data: np.ndarray) -> str | None:
+    """Why an image is not a 0/1 mask, or None."""
+    if data.dtype == bool:
+        return None
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype,
+                                                                   np.complexfloating):
+        return f"not a mask: data type {data.dtype}, expected boolean or 0/1 numbers"
+    if np.issubdtype(data.dtype, np.floating):
+        n_nan, n_inf = int(np.isnan(data).sum()), int(np.isinf(data).sum())
+        if n_nan or n_inf:
+            found = " and ".join(text for count, text in ((n_nan, f"{n_nan} NaN"),
+                                                          (n_inf, f"{n_inf} infinite"))
+                                 if count)
+            return (f"not a mask: {found} pixels (a mask holds 0 and 1 only; is this a "
+                    "rate or science image?)")
+    other = (data != 0) & (data != 1)
+    if other.any():
+        example = data[other].flat[0]
+        return (f"not a mask: {int(other.sum())} pixels are not 0 or 1 (e.g. {example:g}; "
+                "a mask holds 0 and 1 only; is this a rate or science image?)")
+    return None
 
 
 def read_png_mask(
@@ -948,6 +979,36 @@ def _atomic_write(path: Path, chunks: Iterable[bytes], *, overwrite: bool,
             os.unlink(temporary)
 
 
+@contextlib.contextmanager
+def _all_or_nothing(paths):
+    """Write the outputs of one call together: all of them, or none.
+
+    Before anything is written, each output's folder must exist or be creatable (an
+    unwritable ``--png`` or ``--product-dir`` fails first).  If writing any output
+    fails, the outputs this call had already created are removed again, so that a rerun
+    is not refused with "output exists".
+    """
+    paths = [Path(p) for p in paths if p is not None]
+    existed = {p for p in paths if p.exists()}
+    for path in paths:
+        folder = path.parent if str(path.parent) else Path(".")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied", str(folder))
+        except OSError as exc:
+            raise NSCleanInputError(
+                path, f"cannot be written: {exc.strerror or exc} ({exc.filename or folder}); "
+                "nothing was written") from None
+    try:
+        yield
+    except BaseException:
+        for path in paths:
+            if path not in existed:
+                path.unlink(missing_ok=True)
+        raise
+
+
 def _umask() -> int:
     current = os.umask(0)
     os.umask(current)
@@ -1017,10 +1078,11 @@ def make_mask(
     if user_mask_path:
         info["user_mask"] = Path(user_mask_path).name
     _refuse_existing([output_path] + ([png_path] if png_path else []), overwrite)
-    write_mask(output_path, mask, info, reference_header=rate.header, overwrite=overwrite,
-               fsync=fsync)
-    if png_path:
-        write_mask_png(png_path, mask, rate.sci, overwrite=overwrite)
+    with _all_or_nothing([output_path, png_path]):
+        write_mask(output_path, mask, info, reference_header=rate.header,
+                   overwrite=overwrite, fsync=fsync)
+        if png_path:
+            write_mask_png(png_path, mask, rate.sci, overwrite=overwrite)
     return {
         "stem": rate.stem,
         "rate": str(rate.path),
@@ -1160,28 +1222,29 @@ def clean_exposure(
     info["options"] = options_record
     cards, history = _provenance(rate, cal, mask_path, info, result)
     cards = [*cards, *extra_cards]
-    write_cleaned_rate(
-        rate.path, output_path, cleaned, cards=cards, history=history, overwrite=overwrite,
-        fsync=fsync,
-    )
     written = [str(output_path)]
-    if model_path is not None:
-        model_cards = [*cards, ("NSCPROD", "MODEL", "SCI holds the fitted noise model")]
-        model_cards = [c for c in model_cards if c[0] != STATUS_KEYWORD]
+    with _all_or_nothing([output_path, model_path, saved_mask_path]):
         write_cleaned_rate(
-            rate.path,
-            model_path,
-            model.astype(rate.sci.dtype, copy=False),
-            cards=model_cards,
-            history=history,
-            overwrite=overwrite,
-            fsync=fsync,
+            rate.path, output_path, cleaned, cards=cards, history=history,
+            overwrite=overwrite, fsync=fsync,
         )
-        written.append(str(model_path))
-    if saved_mask_path is not None:
-        write_mask(saved_mask_path, mask, info, reference_header=rate.header, overwrite=overwrite,
-                   fsync=fsync)
-        written.append(str(saved_mask_path))
+        if model_path is not None:
+            model_cards = [*cards, ("NSCPROD", "MODEL", "SCI holds the fitted noise model")]
+            model_cards = [c for c in model_cards if c[0] != STATUS_KEYWORD]
+            write_cleaned_rate(
+                rate.path,
+                model_path,
+                model.astype(rate.sci.dtype, copy=False),
+                cards=model_cards,
+                history=history,
+                overwrite=overwrite,
+                fsync=fsync,
+            )
+            written.append(str(model_path))
+        if saved_mask_path is not None:
+            write_mask(saved_mask_path, mask, info, reference_header=rate.header,
+                       overwrite=overwrite, fsync=fsync)
+            written.append(str(saved_mask_path))
 
     fit_info = result.info
     return {
@@ -1368,25 +1431,64 @@ def _open_fits(path: Path) -> fits.HDUList:
     size = path.stat().st_size
     if size == 0:
         raise NSCleanInputError(path, "empty file")
+    _refuse_compressed(path)
     try:
         with warnings.catch_warnings():
             # Truncation is checked below from the sizes; other warnings are
             # about cosmetic header issues that real archive files can have.
             warnings.simplefilter("ignore")
-            hdul = fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=False)
+            # Lazily: each HDU's declared size is checked before the next one is read.
+            hdul = fits.open(path, mode="readonly", memmap=False, lazy_load_hdus=True)
     except Exception as exc:  # astropy raises many types for damaged files
         raise NSCleanInputError(path, f"not a readable FITS file ({_reason(exc)})") from None
-    for hdu in hdul:
-        info = hdu.fileinfo()
-        needed = info["datLoc"] + _data_bytes(hdu.header)
-        if needed > size:
-            hdul.close()
-            raise NSCleanInputError(
-                path,
-                f"truncated FITS file: HDU {hdu.name or 'PRIMARY'} needs {needed} bytes, "
-                f"the file has {size}",
-            )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for hdu in hdul:
+                _check_declared_size(path, hdu, size)
+    except NSCleanInputError:
+        hdul.close()
+        raise
+    except Exception as exc:  # a damaged header further on
+        hdul.close()
+        raise NSCleanInputError(path, f"not a readable FITS file ({_reason(exc)})") from None
     return hdul
+
+
+#: Largest data part of one HDU that is read (a full-frame SCI is 16 MiB; a long BOTS
+#: time series of integrations is some hundreds of MiB).
+MAX_HDU_BYTES = 2 << 30
+
+_COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"PK\x03\x04": "zip",
+                     b"\xfd7zXZ": "xz"}
+
+
+def _refuse_compressed(path: Path) -> None:
+    """Refuse compressed files before astropy decompresses them (a gzip bomb named
+    ``.fits`` would cost seconds of CPU and gigabytes before any check)."""
+    with open(path, "rb") as handle:
+        start = handle.read(6)
+    for magic, kind in _COMPRESSED_MAGIC.items():
+        if start.startswith(magic):
+            raise NSCleanInputError(
+                path, f"{kind}-compressed file; decompress it first (JWST products are "
+                "plain FITS)")
+
+
+def _check_declared_size(path: Path, hdu, size: int) -> None:
+    declared = _data_bytes(hdu.header)
+    label = hdu.name or "PRIMARY"
+    if declared > MAX_HDU_BYTES:
+        axes = " x ".join(str(hdu.header.get(f"NAXIS{i}", "?"))
+                          for i in range(int(hdu.header.get("NAXIS", 0)), 0, -1))
+        raise NSCleanInputError(
+            path, f"HDU {label} declares {declared} bytes of data ({axes}, BITPIX "
+            f"{hdu.header.get('BITPIX')}), more than any NIRSpec product "
+            f"(limit {MAX_HDU_BYTES >> 20} MiB)")
+    needed = hdu.fileinfo()["datLoc"] + declared
+    if needed > size:
+        raise NSCleanInputError(
+            path, f"truncated FITS file: HDU {label} needs {needed} bytes, the file has {size}")
 
 
 def _data_bytes(header: fits.Header) -> int:
@@ -1395,7 +1497,7 @@ def _data_bytes(header: fits.Header) -> int:
         return 0
     count = 1
     for i in range(1, naxis + 1):
-        count *= int(header.get(f"NAXIS{i}", 0))
+        count *= max(int(header.get(f"NAXIS{i}", 0)), 0)
     count = (
         abs(int(header.get("BITPIX", 8)))
         // 8
