@@ -1,7 +1,7 @@
 """A hostile MAST for the tests: the loopback server with answers a careful attacker (or
 a broken proxy) would give.
 
-``HostileMast`` is ``nsclean.mastserver.MastServer`` with these modes, each keyed by the
+``HostileMast`` is ``nsclean.testing.mastserver.MastServer`` with these modes, each keyed by the
 product file name it applies to:
 
 ``redirect``
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from nsclean.mastserver import MastServer, RequestRecord, _Handler
+from nsclean.testing.mastserver import MastServer, RequestRecord, _Handler
 
 __all__ = ["HostileMast"]
 

@@ -20,8 +20,8 @@ import pytest
 from archive_helpers import make_program, run_child
 from hostile_server import HostileMast
 
-from nsclean import archive
-from nsclean.mastserver import MastServer
+from nsclean.archive import archive
+from nsclean.testing.mastserver import MastServer
 
 TOKEN = "tok-8d1e55aa-SECRET-hostile"
 RATE = "jw01345062001_03101_00001_nrs1_rate.fits"
@@ -106,7 +106,7 @@ def test_the_astroquery_session_keeps_the_token_to_the_archive(program_dir, tmp_
     with HostileMast(program_dir, host="127.0.0.2") as other, \
             HostileMast(program_dir, tokens={TOKEN: "Ada"}) as mast:
         child = run_child(f"""
-from nsclean import archive
+from nsclean.archive import archive
 archive.configure_mast_server({mast.url!r})
 rows = archive.query_mast("1345", archive_url={mast.url!r}, token={TOKEN!r}, retries=0)
 from astroquery.mast import Observations
@@ -128,7 +128,7 @@ result = len(rows)
 def test_product_names_that_are_paths_fail_their_exposure(program_dir, tmp_path, listed):
     with HostileMast(program_dir, rename={RATE: listed}) as mast:
         child = run_child(f"""
-from nsclean import archive
+from nsclean.archive import archive
 archive.configure_mast_server({mast.url!r})
 manifest = archive.fetch_manifest("1345", archive_url={mast.url!r}, retries=0)
 archive.write_manifest(manifest, {str(tmp_path / "manifest.csv")!r})
@@ -177,7 +177,7 @@ def test_a_file_listed_twice_is_one_exposure_and_a_conflicting_one_fails(program
                                                                          tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     query = """
-from nsclean import archive
+from nsclean.archive import archive
 archive.configure_mast_server({url!r})
 manifest = archive.fetch_manifest("1345", archive_url={url!r}, retries=0)
 result = [[r.stem, r.status, r.reason] for r in manifest.rows]

@@ -17,9 +17,10 @@ import pytest
 from archive_helpers import make_program
 from astropy.io import fits
 
-from nsclean import archive, simulate
-from nsclean.errors import NSCleanInputError
-from nsclean.exposure import read_mask, read_rate
+from nsclean.archive import archive
+from nsclean.io.errors import NSCleanInputError
+from nsclean.io.exposure import read_mask, read_rate
+from nsclean.testing import simulate
 
 STEM = "jw01345062001_03101_00001_nrs1"
 
