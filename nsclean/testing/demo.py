@@ -13,6 +13,8 @@ real program, but offline:
    at that server and whose ``results`` is ``<workdir>/results``;
 4. stop the server and print where the report is.
 
+``MAST_API_TOKEN`` is not passed to the workflow (the loopback archive needs none).
+
 The exit status is Snakemake's: 0 when every exposure was cleaned.
 """
 
@@ -148,6 +150,20 @@ def write_config(path, *, url, results, program=DEMO_PROGRAM) -> Path:
     return path
 
 
+def _demo_environment() -> dict[str, str]:
+    """The environment for the demo's Snakemake: without ``MAST_API_TOKEN``.
+
+    The demo's loopback archive is public and knows no token; a real token set for
+    other work would be refused by it ("MAST did not accept the token"), and it has no
+    business leaving this process anyway.
+    """
+    environment = dict(os.environ)
+    if environment.pop("MAST_API_TOKEN", None) is not None:
+        print("nsclean demo: MAST_API_TOKEN is set; the demo's loopback archive needs no "
+              "token, so it is not passed on", flush=True)
+    return environment
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; see the module documentation.
 
@@ -202,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nsclean demo: loopback MAST at {server.url}; running Snakemake", flush=True)
         started = time.perf_counter()
         try:
-            status = subprocess.run(command, timeout=args.timeout, check=False).returncode
+            status = subprocess.run(command, timeout=args.timeout, check=False,
+                                    env=_demo_environment()).returncode
         except subprocess.TimeoutExpired:
             print(f"nsclean demo: Snakemake did not finish in {args.timeout:.0f} s",
                   file=sys.stderr)
