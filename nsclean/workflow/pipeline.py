@@ -16,6 +16,7 @@ stamps, so that results are bit-identical from one run to the next.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -72,13 +73,50 @@ def script_logging(log_path: str | os.PathLike, name: str = "nsclean") -> loggin
         Logger writing to the log file.
     """
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-    stream = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    stream = _LogStream(log_path)
     # Library warnings (astropy, numpy) and prints belong in the log, not the console.
     sys.stdout = sys.stderr = stream
     logging.basicConfig(stream=stream, level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
     return logging.getLogger(name)
+
+
+class _LogStream:
+    """The rule's log file, falling back to the job's own stderr when it cannot be
+    written (a full disk): the reason for a failure must reach someone."""
+
+    def __init__(self, path):
+        self._fallback = sys.__stderr__
+        try:
+            self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        except OSError as error:
+            self._file = None
+            self._fallback.write(f"nsclean: cannot write the log {path}: {error}\n")
+
+    def write(self, text: str) -> int:
+        if self._file is not None:
+            try:
+                return self._file.write(text)
+            except OSError:
+                pass
+        return self._fallback.write(text)
+
+    def flush(self) -> None:
+        for stream in (self._file, self._fallback):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except OSError:
+                pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+#: errno values of a file system that cannot take more data (disk full, quota,
+#: file-size limit): the exposure fails with that reason; it is not a bug.
+_STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 class StepFailed(Exception):
@@ -183,8 +221,10 @@ def step(status_path: str | os.PathLike, products: Iterable[str | os.PathLike] =
     Notes
     -----
     Caught: :class:`~nsclean.io.errors.NSCleanInputError` (the library's "this input
-    cannot be used") and :class:`StepFailed` (an upstream step failed).  Everything
-    else propagates and fails the job, because it is a bug rather than bad data.
+    cannot be used"), :class:`StepFailed` (an upstream step failed) and a full disk
+    (``ENOSPC``, ``EDQUOT``, ``EFBIG``: the reason is recorded, and also written to the
+    job's stderr in case the log cannot be).  Everything else propagates and fails the
+    job, because it is a bug rather than bad data.
     """
     products = list(products)
     extra: dict = {}
@@ -196,6 +236,21 @@ def step(status_path: str | os.PathLike, products: Iterable[str | os.PathLike] =
             logger.warning("exposure failed: %s", reason)
         write_placeholders(products)
         write_status(status_path, FAILED, reason, **extra)
+        return
+    except OSError as error:
+        if error.errno not in _STORAGE_FULL:
+            raise
+        reason = (f"the disk is full ({error.strerror}) writing "
+                  f"{error.filename or 'an output'}; free space, delete this exposure's "
+                  "folder and run again")
+        sys.__stderr__.write(f"nsclean: exposure failed: {reason}\n")
+        if logger is not None:
+            logger.warning("exposure failed: %s", reason)
+        try:  # the failed write's temporary file is gone: a small record may fit
+            write_placeholders(products)
+            write_status(status_path, FAILED, reason, **extra)
+        except OSError:
+            raise error from None  # nothing fits: the job fails, the reason is on stderr
         return
     if not Path(status_path).exists():
         write_status(status_path, OK, **extra)

@@ -29,6 +29,29 @@ try:
 except WorkflowError as error:
     raise WorkflowError(config_error(error)) from None
 
+from nsclean.workflow import rundir
+
+# One line naming the key, instead of a traceback from deep in Snakemake.
+if rundir.check_results_dir(config["results"]):
+    raise WorkflowError(rundir.check_results_dir(config["results"]))
+
+
+# Runs started in different directories with the same results are not locked against
+# each other by Snakemake: this lock is (nsclean.workflow.rundir).
+onstart:
+    try:
+        rundir.acquire_results_lock(config["results"])
+    except rundir.ResultsLocked as error:
+        raise WorkflowError(str(error)) from None
+
+
+onsuccess:
+    rundir.release_results_lock(config["results"])
+
+
+onerror:
+    rundir.release_results_lock(config["results"])
+
 
 def package_version():
     """The installed nsclean's version, read without importing the package."""
