@@ -102,13 +102,14 @@ def test_hostile_archive_fails_its_exposures_alone_and_never_leaks_the_token(ser
                         drip={f"{dripping}_cal.fits": 0.3},
                         bad_length={f"{odd}_cal.fits": "12abc"}) as mast:
         config = write_config(workdir, archive={"url": mast.url, "retries": 1,
-                                                "backoff": 0.1, "deadline": 2})
+                                                "deadline": 2})
         env = {**os.environ, "MAST_API_TOKEN": TOKEN, "TMPDIR": str(temporary)}
         result = run_workflow(workdir, config, env=env)
 
     output = result.stdout
     assert result.returncode != 0, "a run with failed exposures must not exit 0"
     results = workdir / "results"
+    assert (results / "report.csv").is_file(), output[-5000:]
     rows = {row["stem"]: row for row in read_report(results)}
     assert set(rows) == set(stems), output[-5000:]
     assert rows[exclusive]["status"] == "cleaned"
@@ -265,3 +266,24 @@ def shlex_quote(text):
     import shlex
 
     return shlex.quote(text)
+
+
+# ------------------------------------------------------------------------------------
+# the demo with a token in the environment
+# ------------------------------------------------------------------------------------
+def test_the_demo_runs_with_a_token_set_and_passes_it_nowhere(tmp_path):
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    env = {**os.environ, "MAST_API_TOKEN": TOKEN, "TMPDIR": str(temporary)}
+    command = ["timeout", "-s", "KILL", str(RUN_TIMEOUT), sys.executable, "-m",
+               "nsclean.testing.demo", "--workdir", str(tmp_path / "demo"), "--exposures",
+               "1", "--cores", "2"]
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, timeout=RUN_TIMEOUT + 30, check=False)
+    assert result.returncode == 0, result.stdout[-5000:]
+    assert "MAST_API_TOKEN is set; the demo's loopback archive needs no token" \
+        in result.stdout
+    rows = read_report(tmp_path / "demo" / "results")
+    assert [row["status"] for row in rows] == ["cleaned"]
+    assert files_containing(tmp_path, TOKEN) == []
+    assert TOKEN not in result.stdout
