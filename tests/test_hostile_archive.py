@@ -255,3 +255,25 @@ def test_downloaded_files_follow_the_umask(program_dir, tmp_path, umask):
     for path in copied.values():
         assert stat.S_IMODE(path.stat().st_mode) & ~(0o666 & ~umask) == 0 or \
             path.stat().st_ino == (program_dir / path.name).stat().st_ino
+
+
+# ---------------------------------------------------------------------------------------
+# two downloads of one file at once
+# ---------------------------------------------------------------------------------------
+def test_a_download_in_progress_elsewhere_is_not_removed_as_stale(program_dir, tmp_path):
+    """The stale-temporary cleanup removed another process's download in progress; a
+    transfer in progress holds a lock on its temporary file, a killed one does not."""
+    import fcntl
+
+    in_progress = tmp_path / f".{RATE}.other.part"
+    killed = tmp_path / f".{RATE}.killed.part"
+    killed.write_bytes(b"left by a killed attempt")
+    with open(in_progress, "wb") as other:
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)  # as the other process's download does
+        other.write(b"half of it")
+        with MastServer(program_dir) as mast:
+            archive.download_file(uri(RATE), tmp_path / RATE,
+                                  expected_size=size_of(program_dir), archive_url=mast.url,
+                                  token="", **FAST)
+        assert in_progress.exists() and not killed.exists()
+    assert (tmp_path / RATE).read_bytes() == (program_dir / RATE).read_bytes()

@@ -48,6 +48,7 @@ from __future__ import annotations
 import atexit
 import csv
 import dataclasses
+import fcntl
 import ipaddress
 import json
 import logging
@@ -1210,10 +1211,7 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
         log.info("%s: cached (%d bytes)", name, expected_size)
         return DownloadResult(destination, False, 0, expected_size, time.monotonic() - started)
 
-    # Temporary files of an earlier attempt that was killed (SIGKILL, a batch time
-    # limit) are never complete; this download replaces them.
-    for stale in destination.parent.glob(f".{glob_escape(name)}.*.part"):
-        stale.unlink(missing_ok=True)
+    _remove_stale_parts(destination)
     token = _token_from_env(token)
     _check_token_transport(archive_url, token)
     own_session = session is None
@@ -1258,6 +1256,20 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
             session.close()
     raise DownloadError(f"{name}: download failed after {retries + 1} attempts from "
                         f"{archive_url}; last error: {last_error}")
+
+
+def _remove_stale_parts(destination: Path) -> None:
+    """Remove the temporary files of earlier attempts that were killed (SIGKILL, a batch
+    time limit): they are never complete, and this download replaces them.  A download
+    in progress holds an exclusive ``flock`` on its file (released by the kernel when its
+    process dies), so another process's transfer of the same file is left alone."""
+    for stale in destination.parent.glob(f".{glob_escape(destination.name)}.*.part"):
+        try:
+            with open(stale, "rb") as handle:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                stale.unlink(missing_ok=True)
+        except (BlockingIOError, FileNotFoundError):
+            continue
 
 
 def _auth_error(name: str, status: int, token: str) -> AuthenticationRequired:
@@ -1365,6 +1377,7 @@ def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size
                              f"{expected_size}")
         handle = tempfile.NamedTemporaryFile(dir=destination.parent, delete=False,
                                              prefix=f".{name}.", suffix=".part")
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # in progress: see _remove_stale_parts
         try:
             received = 0
             with handle:
