@@ -401,6 +401,7 @@ def _run_clean(args) -> dict:
 
 def _run_png2mask(args) -> dict:
     from .algorithm.masks import guard_report
+    from .io.exposure import _refuse_inputs_as_outputs as refuse_inputs_as_outputs
     from .io.exposure import read_png_mask, read_rate, write_mask
 
     mask = read_png_mask(
@@ -436,6 +437,7 @@ def _run_png2mask(args) -> dict:
             }
         ],
     }
+    refuse_inputs_as_outputs([args.png, args.rate], [args.output])
     write_mask(args.output, mask, info, reference_header=header, overwrite=args.overwrite)
     return {
         "mask": str(args.output),

@@ -18,6 +18,11 @@ product file name it applies to:
 ``duplicate``
     ``{name: size}``: the catalogue lists the file a second time with the given size
     (``None``: an identical second listing).
+``data_uri``
+    ``{name: uri}``: the catalogue gives the file this data URI (``file:///etc/...``).
+``gzip``
+    names whose body is sent gzip-compressed (``Content-Encoding: gzip``) whatever the
+    client accepts, with ``Content-Length`` the compressed size: a decompression bomb.
 
 Every request's headers are kept in ``headers_seen`` (path, headers) so that a test can
 check which host received which cookie.
@@ -25,6 +30,7 @@ check which host received which cookie.
 
 from __future__ import annotations
 
+import gzip
 import http.server
 import threading
 import time
@@ -59,7 +65,8 @@ class _HostileHandler(_Handler):
                        head=head)
             return
         path = mast.catalogue.files.get(name)
-        if path is not None and (name in mast.drip or name in mast.bad_length) and not head:
+        if path is not None and not head and (name in mast.drip or name in mast.bad_length
+                                              or name in mast.gzip):
             self._hostile_body(method, parts.path, name, path)
             return
         if listed != name:  # a renamed listing: serve the real file under that name
@@ -69,17 +76,22 @@ class _HostileHandler(_Handler):
     def _hostile_body(self, method, url_path, name, path: Path):
         record = RequestRecord(method, url_path, name, status=200,
                                authenticated=self._authenticated() is not None)
-        record.fault = "drip" if name in self.mast.drip else "bad_length"
+        record.fault = ("drip" if name in self.mast.drip else
+                        "gzip" if name in self.mast.gzip else "bad_length")
         self.mast._record(record)
         body = path.read_bytes()
+        if name in self.mast.gzip:  # the file, then 64 MiB of zeros, compressed
+            body = gzip.compress(body + bytes(64 << 20), compresslevel=1)
         self.send_response(200)
         self.send_header("Content-Type", "application/octet-stream")
+        if name in self.mast.gzip:
+            self.send_header("Content-Encoding", "gzip")
         self.send_header("Content-Length", self.mast.bad_length.get(name, str(len(body))))
         if name in self.mast.bad_length:
             self.send_header("Connection", "close")
         self.end_headers()
         try:
-            if name in self.mast.bad_length:
+            if name in self.mast.bad_length or name in self.mast.gzip:
                 self.wfile.write(body)
                 self.close_connection = True
                 return
@@ -98,11 +110,12 @@ class HostileMast(MastServer):
     """``MastServer`` with hostile answers (see the module documentation)."""
 
     def __init__(self, root, *, redirect=None, drip=None, bad_length=None, rename=None,
-                 duplicate=None, **kwargs):
+                 duplicate=None, data_uri=None, gzip=(), **kwargs):
         super().__init__(root, **kwargs)
         self.redirect = dict(redirect or {})
         self.drip = dict(drip or {})
         self.bad_length = dict(bad_length or {})
+        self.gzip = set(gzip)
         self.headers_seen: list[tuple[str, dict]] = []
         self.listed_to_file: dict[str, str] = {}
         self.stopping = False
@@ -113,6 +126,11 @@ class HostileMast(MastServer):
                     if product["productFilename"] == name:
                         product["productFilename"] = listed
                         product["dataURI"] = f"mast:JWST/product/{listed}"
+        for name, uri in (data_uri or {}).items():
+            for products in self.catalogue.products_by_obsid.values():
+                for product in products:
+                    if product["productFilename"] == name:
+                        product["dataURI"] = uri
         for name, size in (duplicate or {}).items():
             for products in self.catalogue.products_by_obsid.values():
                 for product in list(products):

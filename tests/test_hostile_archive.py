@@ -277,3 +277,32 @@ def test_a_download_in_progress_elsewhere_is_not_removed_as_stale(program_dir, t
                                   token="", **FAST)
         assert in_progress.exists() and not killed.exists()
     assert (tmp_path / RATE).read_bytes() == (program_dir / RATE).read_bytes()
+
+
+def test_a_file_uri_from_the_archive_fails_its_exposure(program_dir, tmp_path):
+    """A file: data URI would make the downloader copy one of our own files."""
+    secret = tmp_path / "private" / RATE
+    secret.parent.mkdir()
+    secret.write_bytes(b"not for the archive to choose")
+    with HostileMast(program_dir, data_uri={RATE: secret.as_uri()}) as mast:
+        child = run_child(f"""
+from nsclean.archive import archive
+archive.configure_mast_server({mast.url!r})
+manifest = archive.fetch_manifest("1345", archive_url={mast.url!r}, retries=0)
+result = {{r.stem: [r.status, r.reason] for r in manifest.rows}}
+""", timeout=60)
+    assert child["rc"] == 0, child["stderr"][-3000:]
+    status, reason = child["result"][STEM]
+    assert status == "failed" and "not a mast: URI" in reason
+
+
+def test_a_compressed_body_never_puts_more_than_announced_on_disk(program_dir, tmp_path):
+    """A server that gzips the answer anyway (Content-Length = compressed size): the
+    decompressed stream is cut at the announced size, not written out whole."""
+    with HostileMast(program_dir, gzip=[RATE]) as mast:
+        with pytest.raises(archive.DownloadError, match="more than the announced"):
+            archive.download_file(uri(RATE), tmp_path / RATE, archive_url=mast.url,
+                                  token="", retries=0, **FAST)
+        (request,) = [headers for path, headers in mast.headers_seen if "Download" in path]
+    assert request.get("Accept-Encoding") == "identity"
+    assert files_under(tmp_path) == []

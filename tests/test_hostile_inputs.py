@@ -11,10 +11,12 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from archive_helpers import make_program
+from archive_helpers import make_program, run_child
 from astropy.io import fits
 
 from nsclean.archive import archive
@@ -260,3 +262,73 @@ def test_an_existing_second_output_refuses_before_anything_is_written(bots, tmp_
 def test_inputs_are_untouched(bots):
     # every test above read these files; none may have changed them
     assert DIGESTS and all(path.read_bytes() == content for path, content in DIGESTS.items())
+
+
+# ---------------------------------------------------------------------------------------
+# inputs are never outputs, whatever --overwrite says
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["mask-onto-rate", "png-onto-cal", "clean-onto-hardlink",
+                                  "model-onto-rate", "png2mask-onto-png"])
+def test_an_output_that_is_an_input_is_refused_even_with_overwrite(bots, tmp_path, case):
+    rate, cal = (Path(shutil.copy(path, tmp_path)) for path in bots)
+    before = {path: path.read_bytes() for path in tmp_path.iterdir()}
+    if case == "mask-onto-rate":
+        done = run_cli("mask", cal, rate, "-o", rate, "--overwrite")
+    elif case == "png-onto-cal":
+        done = run_cli("mask", cal, rate, "-o", tmp_path / "m.fits", "--png", cal,
+                       "--overwrite")
+    elif case == "clean-onto-hardlink":
+        os.link(rate, tmp_path / "link_rate.fits")
+        before[tmp_path / "link_rate.fits"] = rate.read_bytes()
+        done = run_cli("clean", rate, "--cal", cal, "-o", tmp_path / "link_rate.fits",
+                       "--overwrite")
+    elif case == "model-onto-rate":
+        stem = rate.name.removesuffix("_rate.fits")
+        model = tmp_path / f"{stem}_flicker_noise.fits"
+        os.symlink(rate, model)
+        done = run_cli("clean", rate, "--cal", cal, "-o", tmp_path / "out.fits",
+                       "--save-model", "--overwrite")
+    else:
+        from PIL import Image
+
+        png = tmp_path / "shaded.png"
+        Image.new("RGB", (8, 8), (255, 0, 0)).save(png)
+        before[png] = png.read_bytes()
+        done = run_cli("png2mask", png, "-o", png, "--overwrite")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "would overwrite the input" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    for path, content in before.items():
+        assert path.read_bytes() == content, path
+    assert not (tmp_path / "out.fits").exists() and not (tmp_path / "m.fits").exists()
+
+
+# ---------------------------------------------------------------------------------------
+# more hostile local directories
+# ---------------------------------------------------------------------------------------
+def test_a_local_directory_with_a_fifo_a_folder_and_links_does_not_hang(tmp_path):
+    directory = tmp_path / "local"
+    make_program(directory)
+    for name in ("jw01345062001_03101_00002_nrs1_cal.fits",
+                 "jw01345063001_03101_00001_nrs2_cal.fits",
+                 "jw02222001001_04102_00001_nrs1_cal.fits"):
+        (directory / name).unlink()
+    os.mkfifo(directory / "jw01345062001_03101_00002_nrs1_cal.fits")  # would block a reader
+    (directory / "jw01345063001_03101_00001_nrs2_cal.fits").mkdir()
+    os.symlink("/dev/zero", directory / "jw02222001001_04102_00001_nrs1_cal.fits")
+    os.symlink("/etc/hostname", directory / "jw02222001001_04102_00002_nrs1_rate.fits")
+    # in a child, bounded: a reader that opens the FIFO blocks for ever
+    child = run_child(f"""
+from nsclean.archive import archive
+rows = archive.fetch_manifest(source="local", local_dir={str(directory)!r}).rows
+result = {{row.stem: [row.status, row.reason] for row in rows}}
+""", timeout=30)
+    assert child["rc"] == 0, child["stderr"][-3000:]
+    rows = {stem: SimpleNamespace(status=status, reason=reason)
+            for stem, (status, reason) in child["result"].items()}
+    for stem in ("jw01345062001_03101_00002_nrs1", "jw01345063001_03101_00001_nrs2",
+                 "jw02222001001_04102_00001_nrs1"):
+        assert rows[stem].status == "failed" and "not a regular file" in rows[stem].reason
+    assert rows["jw02222001001_04102_00002_nrs1"].status == "failed"
+    assert "not a FITS file" in rows["jw02222001001_04102_00002_nrs1"].reason
+    assert rows[STEM].status == "ok"

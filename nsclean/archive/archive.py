@@ -702,6 +702,10 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
         if obs is None:
             continue
         problem = _name_problem(name)
+        uri = str(product["dataURI"])
+        if not problem and not uri.startswith("mast:"):
+            # a file: URI would make the download copy a local file of ours instead
+            problem = f"the archive gives {name} the data URI {uri[:60]!r}, not a mast: URI"
         if problem:
             log.warning("%s: the archive lists a product with an unusable name: %s", stem,
                         problem)
@@ -924,11 +928,16 @@ def _local_header(path: Path):
     """The primary header of a local file, or why it cannot be read (not raising)."""
     from astropy.io import fits
 
+    if not path.is_file():  # a directory, a FIFO, a device (never opened: it could block)
+        return None, f"{path.name} is not a regular file"
     size = path.stat().st_size
     if size == 0:
         return None, f"{path.name} is empty (0 bytes: an interrupted copy?)"
-    with open(path, "rb") as handle:
-        start = handle.read(30)
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(30)
+    except OSError as exc:
+        return None, f"{path.name} cannot be read ({exc.strerror or exc})"
     if not start.startswith(b"SIMPLE  =") or start[29:30] != b"T":
         what = "an HTML page" if b"<" in start.lower()[:15] else "not FITS"
         return None, f"{path.name} is not a FITS file ({what}: it starts {start[:20]!r})"
@@ -1298,12 +1307,12 @@ def _check_status(response: requests.Response, name: str, token: str) -> None:
 
 
 def _archive_request(session, method: str, url: str, *, archive_url: str, cookies,
-                     timeout, stream: bool = False) -> requests.Response:
+                     timeout, stream: bool = False, headers=None) -> requests.Response:
     """One request, following redirects; the cookies go to the archive's origin only."""
     for _ in range(_MAX_REDIRECTS + 1):
         response = session.request(
             method, url, cookies=cookies if _same_origin(url, archive_url) else None,
-            timeout=timeout, stream=stream, allow_redirects=False)
+            timeout=timeout, stream=stream, allow_redirects=False, headers=headers)
         if not response.is_redirect:
             return response
         response.close()
@@ -1366,7 +1375,8 @@ def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size
     name = destination.name
     started = time.monotonic()
     with _archive_request(session, "GET", url, archive_url=archive_url, cookies=cookies,
-                          timeout=timeout, stream=True) as response:
+                          timeout=timeout, stream=True,
+                          headers={"Accept-Encoding": "identity"}) as response:
         _check_status(response, name, token)
         length = _content_length(response)
         if length is None:
@@ -1382,8 +1392,10 @@ def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size
             received = 0
             with handle:
                 for block in _body_blocks(response, chunk_size, started, allowed):
-                    handle.write(block)
                     received += len(block)
+                    if received > length:  # never more on disk than was announced
+                        raise _Retryable(f"more than the announced {length} bytes")
+                    handle.write(block)
                 if fsync:
                     handle.flush()
                     os.fsync(handle.fileno())

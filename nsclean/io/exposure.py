@@ -1077,6 +1077,8 @@ def make_mask(
         raise NSCleanInputError(rate.path, str(exc)) from None
     if user_mask_path:
         info["user_mask"] = Path(user_mask_path).name
+    _refuse_inputs_as_outputs([rate_path, cal_path, user_mask_path],
+                              [output_path, png_path])
     _refuse_existing([output_path] + ([png_path] if png_path else []), overwrite)
     with _all_or_nothing([output_path, png_path]):
         write_mask(output_path, mask, info, reference_header=rate.header,
@@ -1187,6 +1189,8 @@ def clean_exposure(
     directory = Path(product_dir) if product_dir is not None else output_path.parent
     model_path = product_path(directory, rate.stem, MODEL_SUFFIX) if save_model else None
     saved_mask_path = product_path(directory, rate.stem, MASK_SUFFIX) if save_mask else None
+    _refuse_inputs_as_outputs([rate_path, cal_path, mask_path],
+                              [output_path, model_path, saved_mask_path])
     _refuse_existing([output_path, model_path, saved_mask_path], overwrite)
 
     try:
@@ -1613,6 +1617,22 @@ def _stem_or_error(path: Path, header: Mapping) -> str:
         return exposure_stem(path, header)
     except ValueError as exc:
         raise NSCleanInputError(path, str(exc)) from None
+
+
+def _refuse_inputs_as_outputs(inputs, outputs) -> None:
+    """Inputs are never written: refuse an output that is one of them (by any name: the
+    same path, a symbolic or a hard link), whatever ``overwrite`` says."""
+    inputs = [Path(p) for p in inputs if p is not None and Path(p).exists()]
+    for output in (Path(p) for p in outputs if p is not None):
+        if not output.exists():
+            continue
+        for source in inputs:
+            if os.path.samefile(output, source):
+                raise NSCleanInputError(output, f"output would overwrite the input {source}")
+    names = [Path(p) for p in outputs if p is not None]
+    for index, output in enumerate(names):
+        if output.resolve() in {other.resolve() for other in names[index + 1:]}:
+            raise NSCleanInputError(output, "is given for two outputs")
 
 
 def _refuse_existing(paths, overwrite: bool) -> None:
