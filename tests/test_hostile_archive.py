@@ -103,6 +103,8 @@ def test_the_token_is_never_sent_in_clear_text_to_a_remote_archive(tmp_path):
 def test_the_astroquery_session_keeps_the_token_to_the_archive(program_dir, tmp_path):
     """astroquery's login puts the token in a domain-less session cookie; a redirect or
     any request of that session to another host must not carry it."""
+    home = tmp_path / "home"
+    (home / "tmp").mkdir(parents=True)
     with HostileMast(program_dir, host="127.0.0.2") as other, \
             HostileMast(program_dir, tokens={TOKEN: "Ada"}) as mast:
         child = run_child(f"""
@@ -112,12 +114,16 @@ rows = archive.query_mast("1345", archive_url={mast.url!r}, token={TOKEN!r}, ret
 from astroquery.mast import Observations
 Observations._session.get({other.url!r} + "/whoami", timeout=5)
 result = len(rows)
-""", timeout=60)
+""", timeout=60, env_extra={"HOME": str(home), "XDG_CACHE_HOME": str(home / "cache"),
+                                  "TMPDIR": str(home / "tmp")})
     assert child["rc"] == 0, child["stderr"][-3000:]
     assert child["result"] == 10
     assert any(TOKEN in c for c in mast.cookies_seen())  # the archive did get it
     assert other.headers_seen and not any(TOKEN in c for c in other.cookies_seen())
     assert TOKEN not in child["stdout"] + child["stderr"]
+    # nor in astropy's and astroquery's caches and configuration, nor the temporary files
+    written = [p for p in home.rglob("*") if p.is_file()]
+    assert not [p for p in written if TOKEN.encode() in p.read_bytes()]
 
 
 # ---------------------------------------------------------------------------------------
