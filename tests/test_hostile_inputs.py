@@ -317,6 +317,9 @@ def test_a_local_directory_with_a_fifo_a_folder_and_links_does_not_hang(tmp_path
     (directory / "jw01345063001_03101_00001_nrs2_cal.fits").mkdir()
     os.symlink("/dev/zero", directory / "jw02222001001_04102_00001_nrs1_cal.fits")
     os.symlink("/etc/hostname", directory / "jw02222001001_04102_00002_nrs1_rate.fits")
+    os.symlink("nowhere", directory / "jw01345064001_03101_00001_nrs1_rate.fits")
+    os.symlink("jw01345064001_03101_00002_nrs1_rate.fits",
+               directory / "jw01345064001_03101_00002_nrs1_rate.fits")  # a loop
     # in a child, bounded: a reader that opens the FIFO blocks for ever
     child = run_child(f"""
 from nsclean.archive import archive
@@ -329,6 +332,25 @@ result = {{row.stem: [row.status, row.reason] for row in rows}}
     for stem in ("jw01345062001_03101_00002_nrs1", "jw01345063001_03101_00001_nrs2",
                  "jw02222001001_04102_00001_nrs1"):
         assert rows[stem].status == "failed" and "not a regular file" in rows[stem].reason
+    for stem in ("jw01345064001_03101_00001_nrs1", "jw01345064001_03101_00002_nrs1"):
+        assert rows[stem].status == "failed" and "dangling or looping" in rows[stem].reason
     assert rows["jw02222001001_04102_00002_nrs1"].status == "failed"
     assert "not a FITS file" in rows["jw02222001001_04102_00002_nrs1"].reason
     assert rows[STEM].status == "ok"
+
+
+def test_a_png_bomb_is_refused_from_its_header(tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "shaded.png"
+    Image.new("1", (12000, 12000)).save(png)  # 144 Mpixel, a few kB on disk
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = run_cli("png2mask", png, "-o", tmp_path / "mask.fits")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert done.returncode == 1, done.stderr
+    assert "larger than a NIRSpec frame" in done.stderr and str(png) in done.stderr
+    assert not (tmp_path / "mask.fits").exists()
+    # the command's CPU (start-up included), far from decoding 144 Mpixel
+    assert after.ru_utime - before.ru_utime < 5.0

@@ -929,7 +929,9 @@ def _local_header(path: Path):
     from astropy.io import fits
 
     if not path.is_file():  # a directory, a FIFO, a device (never opened: it could block)
-        return None, f"{path.name} is not a regular file"
+        what = "a dangling or looping link" if path.is_symlink() and not path.exists() \
+            else "not a regular file"
+        return None, f"{path.name} is {what}"
     size = path.stat().st_size
     if size == 0:
         return None, f"{path.name} is empty (0 bytes: an interrupted copy?)"
@@ -960,9 +962,13 @@ def _local_wanted(parts: dict, program_ids, wanted_obs, wanted_detectors) -> boo
 
 
 def _unusable_local(path: Path, stem: str, parts: dict, *, problem: str, skip: str) -> dict:
+    try:  # a dangling link or a link loop has no size
+        size = path.stat().st_size
+    except OSError:
+        size = 0
     return {
-        "productFilename": path.name, "dataURI": path.resolve().as_uri(),
-        "size": path.stat().st_size, "dataRights": "LOCAL",
+        "productFilename": path.name, "dataURI": path.absolute().as_uri(),
+        "size": size, "dataRights": "LOCAL",
         "productSubGroupDescription": "RATE" if path.name.endswith("_rate.fits") else "CAL",
         "stem": stem, "program": parts.get("program", ""),
         "observation": parts.get("observation", ""), "visit": parts.get("visit", ""),

@@ -621,10 +621,20 @@ def read_png_mask(
     path = Path(path)
     if not path.is_file():
         raise NSCleanInputError(path, "file not found")
+    from ..algorithm.nirspec import FULL_FRAME
+
     try:
         with Image.open(path) as image:
+            # The size is in the header: refuse a decompression bomb before decoding it.
+            width, height = image.size
+            if width > FULL_FRAME or height > FULL_FRAME:
+                raise NSCleanInputError(
+                    path, f"PNG is {width} x {height} pixels, larger than a NIRSpec frame "
+                    f"({FULL_FRAME} x {FULL_FRAME})")
             rgb = np.asarray(image.convert("RGBA"))
     except (UnidentifiedImageError, OSError, ValueError) as exc:
+        if isinstance(exc, NSCleanInputError):
+            raise
         raise NSCleanInputError(path, f"not a readable PNG image ({exc})") from None
     return masklib.mask_from_shaded_rgb(
         rgb, min_red_excess=min_red_excess, flip_vertical=flip_vertical
