@@ -222,9 +222,9 @@ def _can_mount_tmpfs():
                            "user namespaces)")
 def test_a_full_disk_is_the_recorded_reason_even_when_the_log_cannot_be_written(served,
                                                                                 tmp_path):
-    """The mask step on a nearly full file system (a private tmpfs): the mask file does
-    not fit, the log cannot be written (it is /dev/full); the status record still says
-    the disk was full, and the job's stderr says it too."""
+    """The mask and download steps on a nearly full file system (a private tmpfs): the
+    mask file and the downloaded file do not fit, the log cannot be written (it is
+    /dev/full); the status records still say the disk was full, and so does stderr."""
     directory, stems = served
     stem = stems[0]
     mount = tmp_path / "disk"
@@ -250,15 +250,27 @@ def test_a_full_disk_is_the_recorded_reason_even_when_the_log_cannot_be_written(
                    {{"options": {{}}}}, disk + "/mask.log", {{}})
         print("STATUS=" + open(disk + "/{stem}/m.json").read().replace("\\n", " "),
               file=sys.__stdout__)
+        # the download step: a local copy that does not fit (a rate file is ~1 MB)
+        from nsclean.archive import archive
+        manifest = archive.write_manifest(archive.fetch_manifest(source="local",
+                                          local_dir=served), disk + "/manifest.csv")
+        steps.fetch_file({{"manifest": disk + "/manifest.csv"}},
+                         {{"file": disk + "/archive/{stem}_rate.fits",
+                           "status": disk + "/{stem}/download.json"}},
+                         {{"archive": {{}}}}, disk + "/mask.log", {{}})
+        print("DOWNLOAD=" + open(disk + "/{stem}/download.json").read().replace("\\n", " "),
+              file=sys.__stdout__)
     """)
     script = (f"mount -t tmpfs -o size=256k tmpfs {mount} && "
               f"{sys.executable} -c {shlex_quote(code)}")
     done = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True,
                           text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    status = yaml.safe_load(done.stdout.split("STATUS=", 1)[1])
-    assert status["status"] == "failed"
-    assert "disk is full" in status["reason"] and "No space left" in status["reason"]
+    status, download = (yaml.safe_load(done.stdout.split(key, 1)[1].splitlines()[0])
+                        for key in ("STATUS=", "DOWNLOAD="))
+    for record in (status, download):
+        assert record["status"] == "failed", record
+        assert "disk is full" in record["reason"] and "No space left" in record["reason"]
     assert "disk is full" in done.stderr  # the log could not be written; stderr could
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "read_status",
     "step",
     "step_timings",
+    "storage_full_reason",
     "write_placeholders",
     "write_status",
 ]
@@ -117,6 +118,20 @@ class _LogStream:
 #: errno values of a file system that cannot take more data (disk full, quota,
 #: file-size limit): the exposure fails with that reason; it is not a bug.
 _STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def storage_full_reason(error: OSError) -> str | None:
+    """The failure reason for a write that a full file system refused, or None.
+
+    The reason is also written to the process's original stderr (Snakemake keeps a
+    job's stderr), because the log file is on the same full disk.
+    """
+    if error.errno not in _STORAGE_FULL:
+        return None
+    reason = (f"the disk is full ({error.strerror}) writing {error.filename or 'an output'};"
+              " free space, delete this exposure's folder and run again")
+    sys.__stderr__.write(f"nsclean: exposure failed: {reason}\n")
+    return reason
 
 
 class StepFailed(Exception):
@@ -238,12 +253,9 @@ def step(status_path: str | os.PathLike, products: Iterable[str | os.PathLike] =
         write_status(status_path, FAILED, reason, **extra)
         return
     except OSError as error:
-        if error.errno not in _STORAGE_FULL:
+        reason = storage_full_reason(error)
+        if reason is None:
             raise
-        reason = (f"the disk is full ({error.strerror}) writing "
-                  f"{error.filename or 'an output'}; free space, delete this exposure's "
-                  "folder and run again")
-        sys.__stderr__.write(f"nsclean: exposure failed: {reason}\n")
         if logger is not None:
             logger.warning("exposure failed: %s", reason)
         try:  # the failed write's temporary file is gone: a small record may fit

@@ -40,6 +40,7 @@ from .pipeline import (
     require_product,
     script_logging,
     step,
+    storage_full_reason,
     write_placeholders,
     write_status,
 )
@@ -119,12 +120,17 @@ def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dic
             deadline=settings.get("deadline"),
             min_rate=float(settings.get("min_rate") or archive.MIN_RATE),
             fsync=bool(params.get("fsync")))
-    except archive.DownloadError as error:
-        # Refused, or not delivered whole after the retries: this exposure fails (rule
-        # mask reads the record), the others go on.  No partial data is left in place.
-        logger.error("%s", error)
+    except (archive.DownloadError, OSError) as error:
+        # Refused, or not delivered whole after the retries, or no room on the disk:
+        # this exposure fails (rule mask reads the record), the others go on.  No
+        # partial data is left in place.
+        reason = str(error) if isinstance(error, archive.DownloadError) \
+            else storage_full_reason(error)
+        if reason is None:
+            raise
+        logger.error("%s", reason)
         write_placeholders([target])
-        write_status(output["status"], FAILED, str(error), file=target.name)
+        write_status(output["status"], FAILED, reason, file=target.name)
     else:
         logger.info("%s: %s, %d bytes, %d attempts, %.2f s", target.name,
                     "fetched" if result.fetched else "cached", result.nbytes,
