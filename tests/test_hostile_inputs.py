@@ -354,3 +354,24 @@ def test_a_png_bomb_is_refused_from_its_header(tmp_path):
     assert not (tmp_path / "mask.fits").exists()
     # the command's CPU (start-up included), far from decoding 144 Mpixel
     assert after.ru_utime - before.ru_utime < 5.0
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o027])
+def test_every_output_follows_the_umask(bots, tmp_path, umask):
+    import stat
+
+    from nsclean.io.exposure import make_mask
+    from nsclean.workflow.pipeline import write_status
+
+    previous = os.umask(umask)
+    try:
+        manifest = archive.write_manifest(
+            archive.fetch_manifest(source="local", local_dir=Path(bots[0]).parent),
+            tmp_path / "manifest.csv")
+        make_mask(bots[1], bots[0], tmp_path / "mask.fits", png_path=tmp_path / "mask.png")
+        write_status(tmp_path / "status.json", "ok")
+    finally:
+        os.umask(previous)
+    for path in (manifest, tmp_path / "mask.fits", tmp_path / "mask.png",
+                 tmp_path / "status.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path

@@ -1055,6 +1055,7 @@ def write_manifest(manifest: Manifest | Sequence[ManifestRow], path: str | Path)
                 record = dataclasses.asdict(row)
                 writer.writerow({k: "" if record[k] is None else record[k]
                                  for k in MANIFEST_COLUMNS})
+        _follow_umask(handle.name)
         os.replace(handle.name, path)
     except BaseException:
         Path(handle.name).unlink(missing_ok=True)

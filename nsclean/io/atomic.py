@@ -36,9 +36,11 @@ def atomic_write(path, write, *, text=False):
             handle = os.fdopen(fd, "wb")
         with handle:
             write(handle)
-        # mkstemp makes the file private (0600); reports, figures and records are meant
-        # to be read by collaborators.
-        os.chmod(tmp, 0o644)
+        # mkstemp makes the file private (0600); reports, figures and records get the
+        # mode the umask allows, like any file a program creates.
+        umask = os.umask(0o022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
