@@ -115,9 +115,10 @@ class _LogStream:
         return False
 
 
-#: errno values of a file system that cannot take more data (disk full, quota,
-#: file-size limit): the exposure fails with that reason; it is not a bug.
-_STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+#: errno values of a file system that cannot take more data (disk full, quota): the
+#: exposure fails with that reason; it is not a bug.  (A file-size limit, EFBIG, is a
+#: limit someone set on the job: that fails the job.)
+_STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def storage_full_reason(error: OSError) -> str | None:
@@ -237,7 +238,7 @@ def step(status_path: str | os.PathLike, products: Iterable[str | os.PathLike] =
     -----
     Caught: :class:`~nsclean.io.errors.NSCleanInputError` (the library's "this input
     cannot be used"), :class:`StepFailed` (an upstream step failed) and a full disk
-    (``ENOSPC``, ``EDQUOT``, ``EFBIG``: the reason is recorded, and also written to the
+    (``ENOSPC``, ``EDQUOT``: the reason is recorded, and also written to the
     job's stderr in case the log cannot be).  Everything else propagates and fails the
     job, because it is a bug rather than bad data.
     """
