@@ -37,10 +37,19 @@ Downloads
     mismatches with exponential backoff and then raises :class:`DownloadError` naming
     the file.  A 401/403 is not retried: without a token it raises
     :class:`AuthenticationRequired` saying that ``MAST_API_TOKEN`` is needed.
+    Each attempt also has a total deadline (a server that trickles bytes never trips a
+    read timeout), and never more than the announced ``Content-Length`` reaches the disk.
 The token
     Read from the environment variable ``MAST_API_TOKEN`` only when a request needs
     it.  It is sent as the ``mast_token`` cookie and never logged, printed, put in an
-    exception message or written to the manifest.
+    exception message or written to the manifest.  It goes to the archive's origin
+    only (scheme, host, port), over https unless that is loopback: redirects are
+    followed by hand, without the cookie once they leave the origin, and the adapter
+    mounted on astroquery's session strips it from requests to other origins.
+What the archive lists is not trusted
+    A product name must be a plain file name (``../x`` and ``/x`` fail their exposure,
+    and :func:`download_exposure` refuses them itself), its data URI a ``mast:`` URI,
+    and one exposure may not have two different rate (or cal) files.
 """
 
 from __future__ import annotations
