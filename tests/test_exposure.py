@@ -448,9 +448,12 @@ def test_bad_input_gives_one_clear_error_and_no_output(small, tmp_path, case):
 
 def test_bots_calints_with_one_plane_per_integration(exposures, tmp_path):
     sim, rate_path, cal_path = exposures["bots_nrs2_sub2048"]
+    # the simulator writes a one-plane calints for a BOTS rate (MAST serves no _cal)
+    assert cal_path.name.endswith("_calints.fits")
     calints = tmp_path / f"{sim.stem}_calints.fits"
     with fits.open(cal_path) as hdul:
-        cube = np.stack([hdul["SCI"].data] * 3)
+        assert hdul["SCI"].data.shape[0] == 1
+        cube = np.stack([hdul["SCI"].data[0]] * 3)
         cube[1, :, :5] = np.nan  # an integration that lost some pixels
         hdul["SCI"].data = cube
         hdul.writeto(calints)

@@ -66,6 +66,8 @@ __all__ = [
 ]
 
 STATUS_KEYWORD = "S_NSCLEN"
+# Status keywords set on a cleaned product (left off the saved noise model).
+STATUS_KEYWORDS = (STATUS_KEYWORD,)
 _EXISTS = "output exists (replace it with --overwrite, or overwrite=True in Python)"
 IFU_EXP_TYPES = ("NRS_IFU",)
 SLIT_EXP_TYPES = ("NRS_MSASPEC", "NRS_FIXEDSLIT", "NRS_BRIGHTOBJ")
@@ -100,7 +102,8 @@ NIRSPEC_SUBARRAYS = frozenset(
 MODEL_SUFFIX = "flicker_noise"
 MASK_SUFFIX = "mask"
 
-_STEM_RE = re.compile(r"(jw\d{11}_\d{5}_\d{5}_nrs[12])", re.IGNORECASE)
+# A time-series segment (``_00001-seg002_nrs1``) belongs to the exposure without it.
+_STEM_RE = re.compile(r"(jw\d{11}_\d{5}_\d{5})(?:-seg\d{3})?_(nrs[12])", re.IGNORECASE)
 # Keywords that identify an exposure; a rate and its cal must agree on all.
 _EXPOSURE_KEYWORDS = ("PROGRAM", "OBSERVTN", "VISIT", "VISITGRP", "SEQ_ID", "ACT_ID", "EXPOSURE")
 _GEOMETRY_KEYWORDS = ("DETECTOR", "SUBARRAY", "SUBSTRT1", "SUBSTRT2", "SUBSIZE1", "SUBSIZE2")
@@ -287,7 +290,7 @@ def exposure_stem(name: str | os.PathLike | None = None, header: Mapping | None 
     if name is not None:
         found = _STEM_RE.search(Path(name).name)
         if found:
-            return found.group(1).lower()
+            return f"{found.group(1)}_{found.group(2)}".lower()
     if header is not None:
         try:
             return (
@@ -331,6 +334,8 @@ def read_rate(path: str | os.PathLike) -> RateExposure:
         _check_product_kind(path, header, "rate")
         sci = _image_data(path, hdul, "SCI")
         dq = _image_data(path, hdul, "DQ")
+    if sci.ndim == 3:
+        raise NSCleanInputError(path, _INTS_HINT)
     if sci.ndim != 2:
         raise NSCleanInputError(
             path, f"SCI is {sci.ndim}-D {sci.shape}; only 2-D rate images are supported"
@@ -1449,11 +1454,20 @@ _CAL_NAME_RE = re.compile(r"_(cal|s2d|x1d|photom|phot|flat)[._]", re.IGNORECASE)
 _RATE_NAME_RE = re.compile(r"_(rate|rateints|nsclean|cfn_rate)[._]", re.IGNORECASE)
 
 
+_INTS_NAME_RE = re.compile(r"_rateints[._]", re.IGNORECASE)
+_INTS_HINT = (
+    "is a per-integration rateints product (CubeModel), not a 2-D rate image: clean it with "
+    "nsclean.io.tso.clean_rateints, or give it to 'nsclean clean' with its calints file(s)"
+)
+
+
 def _check_product_kind(path: Path, header: fits.Header, expected: str) -> None:
     """Catch a cal given for a rate and vice versa (e.g. swapped arguments)."""
     model = str(header.get("DATAMODL", "")).strip().upper()
     name = path.name
     if expected == "rate":
+        if model == "CUBEMODEL" or (not model and _INTS_NAME_RE.search(name)):
+            raise NSCleanInputError(path, _INTS_HINT)
         if model and model not in _RATE_MODELS:
             raise NSCleanInputError(
                 path,
