@@ -123,7 +123,12 @@ MANIFEST_COLUMNS = (
 _INT_COLUMNS = {"rate_size", "cal_size"}
 
 _STEM_RE = re.compile(r"^jw(\d{5})(\d{3})(\d{3})_(\d{5})_(\d{5})_(nrs[12])$", re.IGNORECASE)
-_SUFFIXES = ("_rate.fits", "_cal.fits")
+# Level-2 products, by file-name suffix -> kind.  Time series (BOTS) have per-integration
+# _rateints/_calints and no _cal; large ones come in segments (``_00001-seg002_nrs1``).
+_SUFFIXES = ("_rate.fits", "_cal.fits", "_rateints.fits", "_calints.fits")
+_KIND_BY_SUFFIX = {"_rate.fits": "rate", "_cal.fits": "cal", "_rateints.fits": "rateints",
+                   "_calints.fits": "calints"}
+_SEGMENT_RE = re.compile(r"^(.*_\d{5})-seg(\d{3})(_nrs[12])$", re.IGNORECASE)
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -158,6 +163,10 @@ class _Retryable(Exception):
 class ManifestRow:
     """One exposure: its identity, set-up and the rate/cal files.
 
+    A segmented time series is one row: ``rate_file``, ``rate_uri`` and ``rate_size``
+    (and the ``cal_*`` columns) then hold one space-separated entry per segment, in
+    segment order (:meth:`files` lists them).
+
     ``status`` is ``"ok"`` (to be processed) or ``"skipped"``, with ``reason`` saying
     why (no cal file under the ``skip`` policy, or no rate file).  ``cal_file`` is
     empty when the archive has no cal file for the exposure; with the ``user_mask``
@@ -179,15 +188,41 @@ class ManifestRow:
     grating: str
     filter: str
     rate_file: str
-    rate_size: int | None
+    rate_size: int | str | None
     cal_file: str
-    cal_size: int | None
+    cal_size: int | str | None
     mask_source: str
     data_rights: str
     status: str
     reason: str
     rate_uri: str
     cal_uri: str
+
+    @property
+    def rate_files(self) -> list[str]:
+        """The rate file names (several for a segmented time series)."""
+        return self.rate_file.split()
+
+    @property
+    def cal_files(self) -> list[str]:
+        """The cal (or calints) file names."""
+        return self.cal_file.split()
+
+    @property
+    def time_series(self) -> bool:
+        """True when the exposure is processed as a time series (``_rateints``)."""
+        return any(name.endswith("_rateints.fits") for name in self.rate_files)
+
+    def files(self) -> list[tuple[str, str, int | None]]:
+        """``(file name, URI, size)`` of every rate and cal file of the exposure."""
+        listed = []
+        for names, uris, sizes in ((self.rate_file, self.rate_uri, self.rate_size),
+                                   (self.cal_file, self.cal_uri, self.cal_size)):
+            names, uris = names.split(), uris.split()
+            sizes = ([None] * len(names) if sizes in (None, "")
+                     else [int(v) for v in str(sizes).split()])
+            listed.extend(zip(names, uris, sizes, strict=True))
+        return listed
 
 
 @dataclass
@@ -244,28 +279,42 @@ class DownloadResult:
 # small helpers
 # --------------------------------------------------------------------------------------
 def stem_of(filename: str) -> str:
-    """Exposure stem of a rate or cal file name.
+    """Exposure stem of a rate, cal, rateints or calints file name.
+
+    A time-series segment belongs to the exposure without its ``-segNNN``.
 
     Parameters
     ----------
     filename : str
-        e.g. ``jw01345062001_03101_00001_nrs2_rate.fits`` (a path is accepted).
+        e.g. ``jw01345062001_03101_00001_nrs2_rate.fits`` or
+        ``jw01366004001_04101_00001-seg002_nrs1_rateints.fits`` (a path is accepted).
 
     Returns
     -------
     str
-        e.g. ``jw01345062001_03101_00001_nrs2``.
+        e.g. ``jw01345062001_03101_00001_nrs2``, ``jw01366004001_04101_00001_nrs1``.
 
     Raises
     ------
     ValueError
-        If the name does not end in ``_rate.fits`` or ``_cal.fits``.
+        If the name does not end in ``_rate.fits``, ``_cal.fits``, ``_rateints.fits`` or
+        ``_calints.fits``.
     """
+    return _split_name(filename)[0]
+
+
+def _split_name(filename: str) -> tuple[str, int | None, str]:
+    """(exposure stem, segment number or None, kind) of a product file name."""
     name = Path(filename).name
-    for suffix in _SUFFIXES:
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
-            return name[: -len(suffix)]
-    raise ValueError(f"{name!r} is not a *_rate.fits or *_cal.fits file name")
+            stem, segment = name[: -len(suffix)], None
+            found = _SEGMENT_RE.match(stem)
+            if found:
+                stem, segment = found.group(1) + found.group(3), int(found.group(2))
+            return stem, segment, _KIND_BY_SUFFIX[suffix]
+    raise ValueError(f"{name!r} is not a *_rate.fits, *_cal.fits, *_rateints.fits or "
+                     "*_calints.fits file name")
 
 
 def _stem_parts(stem: str) -> dict[str, str]:
@@ -604,8 +653,9 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
         table = _retrying(lambda chunk=chunk: client.get_product_list(chunk),
                           f"product list for {len(chunk)} observations",
                           retries=retries, backoff=backoff)
-        table = client.filter_products(table, productSubGroupDescription=["RATE", "CAL"],
-                                       calib_level=[2])
+        table = client.filter_products(
+            table, productSubGroupDescription=["RATE", "CAL", "RATEINTS", "CALINTS"],
+            calib_level=[2])
         products.extend(dict(zip(table.colnames, row, strict=True)) for row in table)
 
     selected: dict[str, dict] = {}
@@ -642,6 +692,45 @@ def _size(product: dict | None) -> int | None:
     return None if size is None else int(size)
 
 
+def _sizes(products: list[dict]) -> int | str | None:
+    """The size of one file, or the space-separated sizes of a segmented exposure's."""
+    sizes = [_size(p) for p in products]
+    if not sizes or None in sizes:
+        return None
+    return sizes[0] if len(sizes) == 1 else " ".join(map(str, sizes))
+
+
+def _exposure_files(stem: str, files: dict[str, list[dict]]):
+    """Which files of an exposure to process: (rate files, cal files, status, reason).
+
+    A time series is cleaned integration by integration: its ``_rateints`` segments with
+    the ``_calints`` ones, never its ``_rate`` files (segmented too, one plane each).
+    Other exposures pair ``_rate`` with ``_cal`` (or a ``_calints``, for a BOTS rate).
+    """
+    def in_order(kind):
+        return sorted(files.get(kind, []), key=lambda f: (f["segment"] or 0,
+                                                          f["productFilename"]))
+
+    status, reason = "ok", ""
+    if files.get("rateints"):
+        rates, cals = in_order("rateints"), in_order("calints")
+        numbers = [f["segment"] for f in rates if f["segment"] is not None]
+        missing = sorted(set(range(1, max(numbers, default=0) + 1)) - set(numbers))
+        if missing:
+            status = "skipped"
+            reason = (f"time series segment seg{missing[0]:03d} is not in the archive "
+                      f"(have {', '.join(f'seg{n:03d}' for n in numbers)})")
+            log.warning("%s: %s; skipped", stem, reason)
+        return rates, cals, status, reason
+    rates = in_order("rate")
+    cals = in_order("cal") or in_order("calints")
+    if len(rates) > 1:
+        status = "skipped"
+        reason = "segmented rate files without their rateints: not supported"
+        log.warning("%s: %s; skipped", stem, reason)
+    return rates, cals, status, reason
+
+
 def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Manifest:
     """Pair rate and cal products by exposure stem.
 
@@ -670,33 +759,34 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
     if missing_cal not in ("skip", "user_mask", "error"):
         raise ValueError(f"missing_cal must be 'skip', 'user_mask' or 'error', "
                          f"not {missing_cal!r}")
-    by_stem: dict[str, dict[str, dict]] = {}
+    by_stem: dict[str, dict[str, list[dict]]] = {}
     for product in products:
-        name = product["productFilename"]
-        kind = "rate" if name.endswith("_rate.fits") else "cal"
-        by_stem.setdefault(product["stem"], {})[kind] = product
+        _, segment, kind = _split_name(product["productFilename"])
+        by_stem.setdefault(product["stem"], {}).setdefault(kind, []).append(
+            dict(product, segment=segment))
 
     manifest = Manifest()
     for stem in sorted(by_stem):
-        files = by_stem[stem]
-        rate, cal = files.get("rate"), files.get("cal")
-        status, reason, mask_source = "ok", "", "cal"
-        if rate is None:
+        rates, cals, status, reason = _exposure_files(stem, by_stem[stem])
+        mask_source = "cal"
+        if not rates:
             manifest.without_rate.append(stem)
             status, reason = "skipped", "no rate file"
             log.warning("%s: cal file but no rate file; skipped", stem)
-        elif cal is None:
+        elif not cals:
             manifest.without_cal.append(stem)
             mask_source = "user"
-            if missing_cal == "skip":
+            if status != "ok":  # already skipped, with its reason
+                pass
+            elif missing_cal == "skip":
                 status, reason = "skipped", "no cal file, so no automatic mask"
                 log.warning("%s: no cal file, so no automatic mask; skipped (set "
                             "missing_cal to 'user_mask' to clean it with a user mask)", stem)
             else:
                 reason = "no cal file: needs a user mask"
                 log.warning("%s: no cal file; kept, it needs a user mask", stem)
-        known = rate or cal
-        rights = {f["dataRights"] for f in (rate, cal) if f is not None}
+        known = (rates or cals)[0]
+        rights = {f["dataRights"] for f in rates + cals}
         data_rights = ("EXCLUSIVE_ACCESS" if "EXCLUSIVE_ACCESS" in rights
                        else sorted(rights)[0])
         manifest.rows.append(ManifestRow(
@@ -704,12 +794,13 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
             visit=known["visit"], exposure=known["exposure"], detector=known["detector"],
             exp_type=known["exp_type"], subarray=known.get("subarray", ""),
             grating=known["grating"], filter=known["filter"],
-            rate_file=rate["productFilename"] if rate else "",
-            rate_size=_size(rate),
-            cal_file=cal["productFilename"] if cal else "",
-            cal_size=_size(cal),
+            rate_file=" ".join(f["productFilename"] for f in rates),
+            rate_size=_sizes(rates),
+            cal_file=" ".join(f["productFilename"] for f in cals),
+            cal_size=_sizes(cals),
             mask_source=mask_source, data_rights=data_rights, status=status, reason=reason,
-            rate_uri=rate["dataURI"] if rate else "", cal_uri=cal["dataURI"] if cal else ""))
+            rate_uri=" ".join(f["dataURI"] for f in rates),
+            cal_uri=" ".join(f["dataURI"] for f in cals)))
     if manifest.without_cal and missing_cal == "error":
         raise ArchiveError(f"{len(manifest.without_cal)} exposures have no cal file (so no "
                            f"automatic mask): {', '.join(manifest.without_cal)}")
@@ -749,7 +840,8 @@ def scan_local(directory: str | Path, programs=None, *, observations=None, modes
     wanted_gratings = _upper_set(gratings)
     wanted_filters = _upper_set(filters)
     products = []
-    for path in sorted(p for suffix in _SUFFIXES for p in directory.glob(f"*{suffix}")):
+    names = {p for suffix in _SUFFIXES for p in directory.glob(f"*{suffix}")}
+    for path in sorted(names):
         header = fits.getheader(path, 0)
         stem = stem_of(path.name)
         parts = _stem_parts(stem)
@@ -761,8 +853,7 @@ def scan_local(directory: str | Path, programs=None, *, observations=None, modes
         entry = {
             "productFilename": path.name, "dataURI": path.resolve().as_uri(),
             "size": path.stat().st_size, "dataRights": "LOCAL",
-            "productSubGroupDescription": "RATE" if path.name.endswith("_rate.fits")
-            else "CAL",
+            "productSubGroupDescription": _split_name(path.name)[2].upper(),
             "stem": stem,
             "program": keyword("PROGRAM", parts.get("program", "")).zfill(5),
             "observation": keyword("OBSERVTN", parts.get("observation", "")).zfill(3),
@@ -898,8 +989,9 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
             values = {}
             for key in MANIFEST_COLUMNS:
                 value = record[key]
-                if key in _INT_COLUMNS:
-                    value = int(value) if value not in ("", None) else None
+                if key in _INT_COLUMNS:  # several sizes stay a string (segments)
+                    value = (None if value in ("", None)
+                             else int(value) if value.strip().isdigit() else value)
                 values[key] = value
             rows.append(ManifestRow(**values))
     return rows
@@ -1133,12 +1225,14 @@ def download_exposure(row: ManifestRow, directory: str | Path, **options) -> dic
     Returns
     -------
     dict
-        ``{"rate": path, "cal": path}`` (no ``"cal"`` key without a cal file).
+        ``{"rate": path, "cal": path}`` (no ``"cal"`` key without a cal file); for a
+        segmented time series the values are lists of paths, in segment order.
     """
     directory = Path(directory)
-    paths = {"rate": download_file(row.rate_uri, directory / row.rate_file,
-                                   expected_size=row.rate_size, **options).path}
-    if row.cal_file:
-        paths["cal"] = download_file(row.cal_uri, directory / row.cal_file,
-                                     expected_size=row.cal_size, **options).path
+    fetched = {name: download_file(uri, directory / name, expected_size=size, **options).path
+               for name, uri, size in row.files()}
+    paths = {}
+    for key, names in (("rate", row.rate_files), ("cal", row.cal_files)):
+        if names:
+            paths[key] = fetched[names[0]] if len(names) == 1 else [fetched[n] for n in names]
     return paths

@@ -49,6 +49,7 @@ import argparse
 import http.server
 import ipaddress
 import json
+import re
 import shutil
 import socket
 import sys
@@ -160,6 +161,9 @@ def _column_config(fields: list[tuple[str, str]]) -> dict:
     return config
 
 
+_SEGMENT = re.compile(r"(_\d{5})-seg\d{3}(?=_)", re.IGNORECASE)
+
+
 def _header_value(header, key, default=""):
     value = header.get(key, default)
     return default if value is None else value
@@ -194,6 +198,9 @@ def build_catalogue(root: str | Path, *, exclusive: Iterable[str] = ()) -> Catal
         stem, _, suffix = path.stem.rpartition("_")
         if suffix not in _FILE_SUFFIXES:
             continue
+        # A segmented time series is one exposure (one level-2 observation) with a file
+        # per segment: jw..._00001-seg002_nrs1_rateints.fits belongs to jw..._00001_nrs1.
+        stem = _SEGMENT.sub(r"\1", stem)
         header = fits.getheader(path, 0)
         exposure = exposures.setdefault(stem, {"header": header, "files": []})
         exposure["files"].append((path, suffix))

@@ -103,8 +103,7 @@ def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dic
     settings = params.get("archive") or {}
     target = Path(output["file"])
     rows = archive.read_manifest(input["manifest"])
-    files = {r.rate_file: (r.rate_uri, r.rate_size) for r in rows if r.rate_file}
-    files.update({r.cal_file: (r.cal_uri, r.cal_size) for r in rows if r.cal_file})
+    files = {name: (uri, size) for r in rows for name, uri, size in r.files()}
     if target.name not in files:
         raise archive.ArchiveError(f"{target.name} is not listed in {input['manifest']}")
     uri, size = files[target.name]
