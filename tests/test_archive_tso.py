@@ -9,8 +9,9 @@ import network_guard
 import pytest
 from archive_helpers import make_program, run_child
 
-from nsclean import archive, simulate
-from nsclean.mastserver import MastServer, build_catalogue
+from nsclean.archive import archive
+from nsclean.testing import simulate
+from nsclean.testing.mastserver import MastServer, build_catalogue
 
 TSO = "jw02222004001_03101_00001_nrs1"
 BROKEN = "jw02222005001_03101_00001_nrs2"
@@ -94,7 +95,7 @@ def test_loopback_server_serves_a_segmented_exposure_as_one_observation(program_
 def test_astroquery_finds_and_downloads_every_segment(program_dir, tmp_path):
     with MastServer(program_dir) as server:
         child = run_child(f"""
-from nsclean import archive
+from nsclean.archive import archive
 archive.configure_mast_server({server.url!r})
 manifest = archive.fetch_manifest(["1345", "2222"], archive_url={server.url!r}, backoff=0.01)
 archive.write_manifest(manifest, {str(tmp_path / "manifest.csv")!r})

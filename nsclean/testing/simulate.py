@@ -1195,7 +1195,7 @@ def simulate_timeseries(detector="NRS1", n_integrations=10, *, seed=0, subarray=
         plane = base.signal + base.artifacts + correlated[index]
         plane += white_sigma * rng.standard_normal((ny, nx), dtype=np.float32)
         # a few cosmic-ray jumps in this integration only
-        n_jump = rng.poisson(2000 * ny * nx / FULL_SIZE**2)
+        n_jump = rng.poisson(2000 * ny * nx / FULL_FRAME**2)
         jy, jx = rng.integers(0, ny, n_jump), rng.integers(0, nx, n_jump)
         plane[jy, jx] += rng.exponential(0.004, n_jump).astype(np.float32)
         dq[index, jy, jx] |= dqflags.JUMP_DET
