@@ -62,6 +62,7 @@ __all__ = [
     "parse_product_name",
     "read_calints",
     "read_rateints",
+    "read_segment",
 ]
 
 _PRODUCT_RE = re.compile(
@@ -284,7 +285,7 @@ def read_rateints(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Rat
         raise NSCleanInputError(None, "no rateints file given")
     segments, stems = [], {}
     for path in paths:
-        segment = _read_segment_header(path)
+        segment = read_segment(path)
         stems.setdefault(expo._stem_or_error(path, segment.header), []).append(path)
         segments.append(segment)
     if len(stems) > 1:
@@ -298,7 +299,9 @@ def read_rateints(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> Rat
     return RateintsExposure(stem=stem, segments=segments)
 
 
-def _read_segment_header(path: Path) -> RateintsSegment:
+def read_segment(path: str | os.PathLike) -> RateintsSegment:
+    """Check and describe one rateints file on its own (see :func:`read_rateints`)."""
+    path = Path(path)
     with expo._open_fits(path) as hdul:
         header = hdul[0].header.copy()
         expo._check_nirspec(path, header)

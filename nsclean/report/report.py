@@ -542,8 +542,8 @@ def _provenance(record):
                 return str(value).partition(":")[2] or str(value)
         return ""
 
-    return [record.get("nsclean_version") or "", digest("_rate.fits"), digest("_cal.fits"),
-            digest("mask")]
+    return [record.get("nsclean_version") or "", digest("_rate.fits"),
+            digest(("_cal.fits", "_calints.fits")), digest("mask")]
 
 
 def write_report(records, html_path, csv_path, *, title, config=None, results_dir=None):

@@ -100,7 +100,8 @@ def input_checksums(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
 
 
 #: Primary-header keywords of the input checksums in a cleaned file.
-CHECKSUM_KEYWORDS = (("_rate.fits", "NSCSUMR", "rate"), ("_cal.fits", "NSCSUMC", "cal"),
+CHECKSUM_KEYWORDS = (("_rate.fits", "NSCSUMR", "rate"),
+                     (("_cal.fits", "_calints.fits"), "NSCSUMC", "cal"),
                      ("mask", "NSCSUMM", "mask"))
 
 

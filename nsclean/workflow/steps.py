@@ -34,6 +34,7 @@ from .pipeline import (
     CLEANED,
     FAILED,
     OK,
+    StepFailed,
     checksum_cards,
     file_checksum,
     input_checksums,
@@ -44,7 +45,8 @@ from .pipeline import (
     write_status,
 )
 
-__all__ = ["STEPS", "clean", "fetch_file", "fetch_manifest", "mask", "qa"]
+__all__ = ["STEPS", "clean", "clean_timeseries", "fetch_file", "fetch_manifest", "mask",
+           "qa"]
 
 
 def fetch_manifest(input: dict, output: dict, params: dict, log: str,
@@ -141,19 +143,39 @@ def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> 
     with step(output["status"], [output["mask"]], logger) as record:
         # Status records of the downloads (an archive refusal fails this exposure with
         # the archive's reason), and the files the size they were downloaded with.
-        for key in ("rate", "cal"):
-            if f"{key}_status" in input:
-                require_product(input[f"{key}_status"], input[key], "its download")
-        record["inputs"] = input_checksums([input["rate"], input["cal"]])
-        from ..io.exposure import make_mask
+        rates, cals = _paths(input["rate"]), _paths(input.get("cal"))
+        for key, files in (("rate", rates), ("cal", cals)):
+            for status_file, path in zip(_paths(input.get(f"{key}_status")), files,
+                                         strict=False):
+                require_product(status_file, path, "its download")
+        record["inputs"] = input_checksums(rates + cals)
+        if _time_series(rates):
+            from ..io.tso import make_rateints_mask
 
-        summary = make_mask(input["cal"], input["rate"], output["mask"], options=options,
-                            overwrite=True, fsync=bool(params.get("fsync")))
+            summary = make_rateints_mask(cals or None, rates, output["mask"], options=options,
+                                         overwrite=True, fsync=bool(params.get("fsync")))
+        else:
+            from ..io.exposure import make_mask
+
+            summary = make_mask(cals[0] if cals else None, rates[0], output["mask"],
+                                options=options, overwrite=True,
+                                fsync=bool(params.get("fsync")))
         logger.info("mask of %s: %d background pixels (%.1f %%), %d weak columns",
                     summary["stem"], summary["n_background"],
                     100 * summary["background_fraction"], summary["n_weak_columns"])
         write_status(output["status"], OK, mask=summary, mask_options=options,
                      bytes=os.path.getsize(output["mask"]), **record)
+
+
+def _paths(value) -> list[str]:
+    """A rule's named input as a list (one file, or a list of files, or none)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value]
+
+
+def _time_series(rates: list[str]) -> bool:
+    return any(str(path).endswith("_rateints.fits") for path in rates)
 
 
 def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
@@ -172,13 +194,74 @@ def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) ->
         record["mask_options"] = mask_record.get("mask_options", {})
         from ..io.exposure import clean_exposure
 
-        summary = clean_exposure(input["rate"], output["cleaned"], mask_path=input["mask"],
+        (rate,) = _paths(input["rate"])
+        summary = clean_exposure(rate, output["cleaned"], mask_path=input["mask"],
                                  fit_options=dict(params["options"]), overwrite=True,
                                  fsync=bool(params.get("fsync")),
                                  extra_cards=checksum_cards(record["inputs"]))
         logger.info("cleaned %s: %s", summary["stem"], summary["fit"])
         write_status(output["status"], OK, clean=summary,
                      bytes=os.path.getsize(output["cleaned"]), **record)
+
+
+def clean_timeseries(input: dict, output: dict, params: dict, log: str,
+                     wildcards: dict) -> None:
+    """Rule ``clean_timeseries``: clean every integration of one time series.
+
+    input: ``rate`` (every ``_rateints.fits`` segment), ``mask``, ``mask_status``;
+    output: ``cleaned`` (a folder of ``<file stem>_nsclean_rateints.fits``, one per
+    segment; empty if the exposure failed) and ``status`` (JSON record with the fit
+    summary, provenance and the size of every cleaned file, ``files``).
+    ``params["options"]`` are options of :func:`nsclean.fit`.  The integrations are
+    fitted in the job's process (:func:`nsclean.io.tso.clean_rateints` with one worker).
+    """
+    logger = script_logging(log)
+    folder = Path(output["cleaned"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with step(output["status"], [], logger) as record:
+        mask_record = require_product(input["mask_status"], input["mask"], "the mask step")
+        record["inputs"] = {**mask_record.get("inputs", {}),
+                            "mask": file_checksum(input["mask"])}
+        record["mask_options"] = mask_record.get("mask_options", {})
+        from ..io.tso import clean_rateints
+
+        summary = clean_rateints(_paths(input["rate"]), folder, mask_path=input["mask"],
+                                 fit_options=dict(params["options"]), overwrite=True,
+                                 fsync=bool(params.get("fsync")),
+                                 extra_cards=checksum_cards(record["inputs"]), workers=1)
+        logger.info("cleaned %s: %d integrations in %d files, %s", summary["stem"],
+                    summary["n_integrations"], summary["segments"], summary["fit"])
+        write_status(output["status"], OK, clean=summary, **record,
+                     files={Path(p).name: os.path.getsize(p) for p in summary["outputs"]})
+
+
+def _qa_planes(input: dict, clean_record: dict):
+    """The rate and cleaned images QA measures, and the rate exposure for the mask.
+
+    A rate file is measured as it is.  A time series is measured on its first
+    integration (the cleaned files' sizes are checked against the clean record first).
+    """
+    from ..io.exposure import RateExposure, read_rate
+
+    rates = _paths(input["rate"])
+    if not _time_series(rates):
+        before, after = read_rate(rates[0]), read_rate(input["cleaned"])
+        return before, before.sci, after.sci
+    from ..io.tso import cleaned_name, read_rateints, read_segment
+
+    files = clean_record.get("files") or {}
+    for name, size in files.items():
+        path = Path(input["cleaned"]) / name
+        if not path.is_file() or path.stat().st_size != int(size):
+            raise StepFailed(f"{path}: missing or not the {size} bytes the clean step "
+                             "recorded: delete it and run again")
+    exposure = read_rateints(rates)
+    first = exposure.segments[0]
+    sci, dq = first.read()
+    after, _ = read_segment(Path(input["cleaned"]) / cleaned_name(first.path)).read()
+    before = RateExposure(path=first.path, stem=exposure.stem, header=first.header,
+                          sci=sci[0], dq=dq[0])
+    return before, sci[0], after[0]
 
 
 def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
@@ -205,16 +288,15 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
         import numpy as np
 
         from ..algorithm import qa as qa_metrics
-        from ..io.exposure import read_mask, read_rate
+        from ..io.exposure import read_mask
         from ..report import figures
 
-        before = read_rate(input["rate"])
-        after = read_rate(input["cleaned"])
+        before, before_sci, after_sci = _qa_planes(input, clean_record)
         mask_array, _ = read_mask(input["mask"], before)
         # FITS data are big-endian; every numpy operation on them would convert on the
         # fly, so convert once (the same values).
-        before_sci, after_sci = (exposure.sci.astype(exposure.sci.dtype.newbyteorder("="))
-                                 for exposure in (before, after))
+        before_sci, after_sci = (sci.astype(sci.dtype.newbyteorder("="))
+                                 for sci in (before_sci, after_sci))
         # The subtracted model, where it is observable: NaN rate pixels stay NaN in the
         # cleaned file and carry no model (0 there, so the model metrics stay finite).
         model = np.nan_to_num(before_sci.astype(np.float64) - after_sci, nan=0.0)
@@ -236,4 +318,4 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
 
 #: The steps by name (what :func:`nsclean.workflow.warm.run_step` accepts).
 STEPS = {"fetch_manifest": fetch_manifest, "fetch_file": fetch_file, "mask": mask,
-         "clean": clean, "qa": qa}
+         "clean": clean, "clean_timeseries": clean_timeseries, "qa": qa}

@@ -3,10 +3,8 @@
 
 rule mask:
     input:
-        rate=results_path("{program}", "archive", "{stem}_rate.fits"),
-        cal=results_path("{program}", "archive", "{stem}_cal.fits"),
-        rate_status=results_path("{program}", "downloads", "{stem}_rate.fits.json"),
-        cal_status=results_path("{program}", "downloads", "{stem}_cal.fits.json"),
+        # From the manifest: a rate and its cal, or every segment of a time series.
+        unpack(exposure_inputs),
     output:
         mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
         status=results_path("{program}", "{stem}", "{stem}_mask.json"),

@@ -1,0 +1,100 @@
+"""The workflow on a program with time series, fetched from the loopback MAST server with
+the real astroquery client: a segmented BOTS exposure (rateints/calints), one whose
+second segment the archive lacks, and a BOTS rate with its calints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from astropy.io import fits
+from workflow_helpers import read_report
+
+from nsclean.io import tso
+from nsclean.testing import simulate
+from nsclean.testing.mastserver import MastServer
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRAM = "04245"
+SEGMENTED = "jw04245001001_03101_00001_nrs1"
+GAP = "jw04245002001_03101_00001_nrs2"
+RATE = "jw04245003001_03101_00001_nrs2"
+CUT = "jw04245004001_03101_00001_nrs1"
+
+
+@pytest.fixture(scope="module")
+def archive_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tso_archive")
+    good = simulate.simulate_timeseries("NRS1", 6, seed=1, subarray="SUB512",
+                                        program=PROGRAM, observation=1)
+    simulate.write_timeseries(good, directory, segments=3)
+    gap = simulate.simulate_timeseries("NRS2", 6, seed=2, subarray="SUB512",
+                                       program=PROGRAM, observation=2)
+    rates, _ = simulate.write_timeseries(gap, directory, segments=3)
+    rates[1].unlink()  # the archive lacks a segment in the middle: seen in the manifest
+    cut = simulate.simulate_timeseries("NRS1", 4, seed=4, subarray="SUB512",
+                                       program=PROGRAM, observation=4)
+    rates, _ = simulate.write_timeseries(cut, directory, segments=2)
+    rates[1].unlink()  # ... or the last one: only the headers (NINTS) tell
+    bots = simulate.simulate_exposure("bots", "NRS2", subarray="SUB512", seed=3,
+                                      program=PROGRAM, observation=3)
+    simulate.write_exposure(bots, directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def run(archive_dir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("tso_run")
+    with MastServer(archive_dir) as server:
+        config = {"programs": [PROGRAM], "archive": {"url": server.url},
+                  "results": "results"}
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+        command = ["timeout", "-s", "KILL", "600", sys.executable, "-m", "snakemake",
+                   "--snakefile", str(ROOT / "Snakefile"), "--cores", "2",
+                   "--configfile", "config.yaml"]
+        result = subprocess.run(command, cwd=workdir, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, timeout=660,
+                                check=False)
+    return workdir / "results", result
+
+
+def test_segmented_time_series_is_cleaned_per_integration(run, archive_dir):
+    results, result = run
+    # one exposure failed (CUT), so the run says it was not clean
+    assert result.returncode != 0 and "1 of 4 exposures failed" in result.stdout, \
+        result.stdout[-4000:]
+    folder = results / PROGRAM / SEGMENTED
+    record = json.loads((folder / f"{SEGMENTED}_clean_timeseries.json").read_text())
+    assert record["status"] == "ok" and record["clean"]["n_integrations"] == 6
+    cleaned = sorted((folder / "nsclean_rateints").glob("jw*"))  # (and Snakemake's stamp)
+    sources = sorted(archive_dir.glob(f"{SEGMENTED[:-5]}-seg*_nrs1_rateints.fits"))
+    assert [p.name for p in cleaned] == [tso.cleaned_name(p) for p in sources]
+    assert record["files"] == {p.name: p.stat().st_size for p in cleaned}
+    for source, product in zip(sources, cleaned, strict=True):
+        before, after = fits.getdata(source, "SCI"), fits.getdata(product, "SCI")
+        assert before.shape == after.shape == (2, 32, 512)
+        assert not np.array_equal(np.nan_to_num(before), np.nan_to_num(after))
+        assert fits.getval(product, "S_NSCLEN") == "COMPLETE"
+    mask = fits.getdata(folder / f"{SEGMENTED}_mask.fits")
+    assert mask.shape == (32, 512) and 0 < mask.mean() < 1
+
+
+def test_report_lists_each_kind_with_its_outcome(run):
+    results, _ = run
+    rows = {row["stem"]: row for row in read_report(results)}
+    assert rows[SEGMENTED]["status"] == "cleaned"
+    assert rows[SEGMENTED]["cleaned_file"] == f"{PROGRAM}/{SEGMENTED}/nsclean_rateints"
+    assert rows[RATE]["status"] == "cleaned"  # a BOTS rate, masked from its calints
+    assert rows[RATE]["cleaned_file"].endswith("_nsclean_rate.fits")
+    assert rows[GAP]["status"] == "skipped"
+    assert "seg002 is not in the archive" in rows[GAP]["reason"]
+    assert rows[CUT]["status"] == "failed"
+    assert rows[CUT]["reason"].endswith("integrations 3-4 of NINTS 4 are in no given file: "
+                                        f"a segment after seg001 of exposure {CUT} is missing")
