@@ -53,23 +53,22 @@ def test_ifu_mask_removes_failed_open_light_read_from_the_cal(ifu):
 
 def test_mos_flags_are_read_per_slit_and_placed_by_sltstrt(mos, tmp_path):
     sim, rate_path, cal_path = mos
-    rate = ex.read_rate(rate_path)
-    before, _ = ex.build_exposure_mask(rate, ex.read_cal(cal_path))
-    # Flag, in the DQ of two slits, pixels of their boxes that are background now.
+    assert ex.read_cal(cal_path).failed_open == []  # no stuck-open light crosses a slit
+    # Flag one pixel in the DQ cutout of two slits (SCI/DQ pairs told apart by EXTVER).
     flagged_cal = Path(shutil.copy(cal_path, tmp_path / cal_path.name))
     expected = []
     with fits.open(flagged_cal, mode="update") as hdul:
-        for ver in (2, 5):
+        for ver, (row, column) in ((2, (1, 7)), (5, (3, 0))):
             sci = hdul["SCI", ver]
-            ys, xs = sci.header["SLTSTRT2"] - 1, sci.header["SLTSTRT1"] - 1
-            box = before[ys:ys + sci.data.shape[0], xs:xs + sci.data.shape[1]]
-            rows, cols = np.nonzero(box)
-            assert rows.size, "the slit box has background pixels"
-            hdul["DQ", ver].data[rows[0], cols[0]] |= dqflags.MSA_FAILED_OPEN
-            expected.append((ys + rows[0], xs + cols[0]))
-    after, _ = ex.build_exposure_mask(rate, ex.read_cal(flagged_cal))
-    changed = list(zip(*np.nonzero(before != after), strict=True))
-    assert sorted(changed) == sorted(expected)
+            hdul["DQ", ver].data[row, column] |= dqflags.MSA_FAILED_OPEN
+            expected.append((sci.header["SLTSTRT2"] - 1 + row,
+                             sci.header["SLTSTRT1"] - 1 + column))
+    cal = ex.read_cal(flagged_cal)
+    flagged = cal.failed_open_pixels(sim.rate.shape)
+    assert sorted(zip(*np.nonzero(flagged), strict=True)) == sorted(expected)
+    mask, info = ex.build_exposure_mask(ex.read_rate(rate_path), cal)
+    assert not mask[flagged].any()
+    assert {"step": "failed_open_from_cal", "applied": True, "n_flagged": 2} in info["steps"]
 
 
 def test_rate_flags_are_still_honoured(mos, tmp_path):

@@ -181,7 +181,11 @@ class SimulatedExposure:
         a superset of ``footprint`` (slit-edge wings, bright-star halos, light through the
         fixed slits in IFU/MOS exposures).
     dq : ndarray of uint32
-        Data-quality flags (``nsclean.algorithm.nirspec`` bit values).
+        Data-quality flags (``nsclean.algorithm.nirspec`` bit values), every one where
+        the pipeline sets it: the written rate leaves out MSA_FAILED_OPEN, which only
+        stage 2 (msa_flagging) sets, in the cal product (IFU: its full-frame DQ; MOS:
+        the DQ cutout of each slit, so only where a stuck-open shutter's light crosses
+        a slit box).
     err : ndarray of float32
         ``sqrt(var_poisson + var_rnoise)``, NaN where DO_NOT_USE.
     var_poisson, var_rnoise : ndarray of float32
@@ -978,13 +982,17 @@ def _image(data, name, ver=None, bunit=None, extra=None):
     return hdu
 
 
+# Flags set by stage 2 (msa_flagging), so present in cal products only, never in a rate.
+_STAGE2_FLAGS = np.uint32(dqflags.MSA_FAILED_OPEN)
+
+
 def _rate_hdus(sim, filename):
     primary = fits.PrimaryHDU(header=_primary_header(sim.meta, filename, "ImageModel"))
     return fits.HDUList([
         primary,
         _image(sim.rate, "SCI", bunit="DN/s"),
         _image(sim.err, "ERR", bunit="DN/s"),
-        _image(sim.dq, "DQ"),
+        _image(sim.dq & ~_STAGE2_FLAGS, "DQ"),
         _image(sim.var_poisson, "VAR_POISSON", bunit="(DN/s)^2"),
         _image(sim.var_rnoise, "VAR_RNOISE", bunit="(DN/s)^2"),
     ])
@@ -1251,7 +1259,7 @@ def write_timeseries(ts, directory, *, segments=1, calints=True):
             primary,
             _image(rates, "SCI", bunit="DN/s"),
             _image(err, "ERR", bunit="DN/s"),
-            _image(ts.dq[start:stop], "DQ"),
+            _image(ts.dq[start:stop] & ~_STAGE2_FLAGS, "DQ"),
             _image(cube(ts.base.var_poisson, rates.shape), "VAR_POISSON", bunit="(DN/s)^2"),
             _image(cube(ts.base.var_rnoise, rates.shape), "VAR_RNOISE", bunit="(DN/s)^2"),
         ])
