@@ -5,6 +5,7 @@ second segment the archive lacks, and a BOTS rate with its calints."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -98,3 +99,49 @@ def test_report_lists_each_kind_with_its_outcome(run):
     assert rows[CUT]["status"] == "failed"
     assert rows[CUT]["reason"].endswith("integrations 3-4 of NINTS 4 are in no given file: "
                                         f"a segment after seg001 of exposure {CUT} is missing")
+
+
+# ------------------------------------------------------------------------------------
+# missing_cal: user_mask
+# ------------------------------------------------------------------------------------
+def test_exposures_without_cal_use_the_configured_user_masks(tmp_path):
+    """Three BOTS rates without calints: one gets a mask by its stem, one by mode and
+    detector, the third (other detector, nothing configured) fails alone, in one line."""
+    local = tmp_path / "local"
+    rates = []
+    for exposure, detector in ((1, "NRS1"), (2, "NRS1"), (3, "NRS2")):
+        sim = simulate.simulate_exposure("bots", detector, subarray="SUB512", seed=exposure,
+                                         program="04246", observation=1, exposure=exposure)
+        rate, cal = simulate.write_exposure(sim, local)
+        if exposure == 1:  # a mask made from this exposure's own calints, then no calints
+            tso_mask = tmp_path / "by_stem.fits"
+            from nsclean.io.exposure import make_mask
+
+            make_mask(cal, rate, tso_mask)
+            shutil.copyfile(tso_mask, tmp_path / "by_mode.fits")
+        cal.unlink()
+        rates.append(rate.name.removesuffix("_rate.fits"))
+    by_stem, by_mode, unmasked = rates
+    config = {"programs": ["4246"], "results": "results",
+              "archive": {"source": "local", "local_dir": str(local),
+                          "missing_cal": "user_mask"},
+              "user_masks": {"exposures": {by_stem: str(tmp_path / "by_stem.fits")},
+                             "modes": {"BOTS": {"NRS1": str(tmp_path / "by_mode.fits")}}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    command = ["timeout", "-s", "KILL", "600", sys.executable, "-m", "snakemake",
+               "--snakefile", str(ROOT / "Snakefile"), "--cores", "2",
+               "--configfile", "config.yaml"]
+    result = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=660, check=False)
+    assert "1 of 3 exposures failed" in result.stdout, result.stdout[-4000:]
+    rows = {row["stem"]: row for row in read_report(tmp_path / "results")}
+    for stem, name in ((by_stem, "by_stem.fits"), (by_mode, "by_mode.fits")):
+        assert rows[stem]["status"] == "cleaned", rows[stem]
+        record = json.loads((tmp_path / "results" / "04246" / stem / f"{stem}_mask.json")
+                            .read_text())
+        assert record["mask"]["source"] == "user" and name in record["inputs"]
+        assert fits.getval(tmp_path / "results" / rows[stem]["cleaned_file"],
+                           "NSCMUSER") == f"{stem}_mask.fits"
+    assert rows[unmasked]["status"] == "failed"
+    assert "no cal file (so no automatic mask) and no user mask" in rows[unmasked]["reason"]
+    assert "\n" not in rows[unmasked]["reason"]

@@ -133,8 +133,10 @@ def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dic
 def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
     """Rule ``mask``: the background mask of one exposure.
 
-    input: ``rate``, ``cal`` and optionally the download status records
-    (``rate_status``, ``cal_status``); output: ``mask`` (FITS, 1 = background; empty if
+    input: ``rate``, ``cal`` (lists: every segment of a time series; ``cal`` empty
+    without cal file), optionally the download status records (``rate_status``,
+    ``cal_status``) and ``user_mask`` (the configured mask of an exposure without cal
+    file, used as it is); output: ``mask`` (FITS, 1 = background; empty if
     the exposure failed) and ``status`` (JSON record with the mask summary, input
     checksums and the mask file's size).
     """
@@ -148,18 +150,25 @@ def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> 
             for status_file, path in zip(_paths(input.get(f"{key}_status")), files,
                                          strict=False):
                 require_product(status_file, path, "its download")
-        record["inputs"] = input_checksums(rates + cals)
+        user_mask = input.get("user_mask") or None
+        if not cals and user_mask is None:
+            raise StepFailed(f"{rates[0]}: no cal file (so no automatic mask) and no user "
+                             f"mask in the config for exposure {wildcards['stem']} "
+                             "(user_masks.exposures, or user_masks.modes by mode and detector)")
+        record["inputs"] = input_checksums(rates + cals + ([user_mask] if user_mask else []))
+        # A user mask stands in for a missing cal file: used as it is.
+        mask_args = {"user_mask_path": user_mask, "user_mask_mode": "replace",
+                     "options": options, "overwrite": True,
+                     "fsync": bool(params.get("fsync"))}
         if _time_series(rates):
             from ..io.tso import make_rateints_mask
 
-            summary = make_rateints_mask(cals or None, rates, output["mask"], options=options,
-                                         overwrite=True, fsync=bool(params.get("fsync")))
+            summary = make_rateints_mask(cals or None, rates, output["mask"], **mask_args)
         else:
             from ..io.exposure import make_mask
 
             summary = make_mask(cals[0] if cals else None, rates[0], output["mask"],
-                                options=options, overwrite=True,
-                                fsync=bool(params.get("fsync")))
+                                **mask_args)
         logger.info("mask of %s: %d background pixels (%.1f %%), %d weak columns",
                     summary["stem"], summary["n_background"],
                     100 * summary["background_fraction"], summary["n_weak_columns"])

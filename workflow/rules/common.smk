@@ -167,6 +167,29 @@ def exposure_inputs(wildcards):
     return inputs
 
 
+USER_MASKS = config["user_masks"]
+
+
+def user_mask_for(row):
+    """The configured user mask of an exposure without cal file, or None: by stem, else
+    by mode and detector (user_masks in the config)."""
+    from nsclean.archive.archive import MODES
+
+    if row.stem in USER_MASKS.get("exposures", {}):
+        return USER_MASKS["exposures"][row.stem]
+    mode = next((m for m, e in MODES.items() if e == row.exp_type), None)
+    return USER_MASKS.get("modes", {}).get(mode, {}).get(row.detector.upper())
+
+
+def mask_inputs(wildcards):
+    """exposure_inputs, plus ``user_mask`` for an exposure without cal file."""
+    inputs = exposure_inputs(wildcards)
+    row = manifest_row(wildcards.program, wildcards.stem)
+    if not row.cal_files and user_mask_for(row):
+        inputs["user_mask"] = user_mask_for(row)
+    return inputs
+
+
 def rate_inputs(wildcards):
     """The rate file(s) of one exposure, from the manifest."""
     return exposure_inputs(wildcards)["rate"]

@@ -3,8 +3,9 @@
 
 rule mask:
     input:
-        # From the manifest: a rate and its cal, or every segment of a time series.
-        unpack(exposure_inputs),
+        # From the manifest: a rate and its cal, or every segment of a time series; an
+        # exposure without cal file gets its user mask from the config (user_masks).
+        unpack(mask_inputs),
     output:
         mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
         status=results_path("{program}", "{stem}", "{stem}_mask.json"),
