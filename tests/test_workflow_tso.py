@@ -96,6 +96,11 @@ def test_report_lists_each_kind_with_its_outcome(run):
     assert rows[RATE]["cleaned_file"].endswith("_nsclean_rate.fits")
     assert rows[GAP]["status"] == "skipped"
     assert "seg002 is not in the archive" in rows[GAP]["reason"]
+    # the set-up of each exposure: from the rate header, or the manifest when skipped
+    setup = ("mode", "detector", "grating", "filter", "readpatt")
+    assert [rows[SEGMENTED][k] for k in setup] == ["BOTS", "NRS1", "G395H", "F290LP",
+                                                   "NRSRAPID"]
+    assert [rows[GAP][k] for k in setup] == ["BOTS", "NRS2", "G395H", "F290LP", ""]
     assert rows[CUT]["status"] == "failed"
     assert rows[CUT]["reason"].endswith("integrations 3-4 of NINTS 4 are in no given file: "
                                         f"a segment after seg001 of exposure {CUT} is missing")
@@ -145,3 +150,31 @@ def test_exposures_without_cal_use_the_configured_user_masks(tmp_path):
     assert rows[unmasked]["status"] == "failed"
     assert "no cal file (so no automatic mask) and no user mask" in rows[unmasked]["reason"]
     assert "\n" not in rows[unmasked]["reason"]
+
+
+def test_snakemake_report_shows_our_report_with_its_thumbnails(run):
+    """`snakemake --report` puts our HTML reports in its zip; their thumbnails are in the
+    HTML itself, so they show there (relative links would not resolve inside the zip)."""
+    import base64
+    import re
+    import zipfile
+
+    results, _ = run
+    workdir = results.parent
+    command = ["timeout", "-s", "KILL", "300", sys.executable, "-m", "snakemake",
+               "--snakefile", str(ROOT / "Snakefile"), "--configfile", "config.yaml",
+               "--report", "report.zip"]
+    result = subprocess.run(command, cwd=workdir, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=330, check=False)
+    assert result.returncode == 0, result.stdout[-3000:]
+    with zipfile.ZipFile(workdir / "report.zip") as archive:
+        ours = [archive.read(name).decode() for name in archive.namelist()
+                if name.endswith("/report.html") and "/data/raw/" in name]
+    assert len(ours) == 2  # the run's and the program's
+    thumbnails = {p.read_bytes() for p in results.rglob("*_thumbnail.png")}
+    for text in ours:
+        sources = re.findall(r'<img class=thumb src="([^"]+)"', text)
+        assert len(sources) == 2  # the two cleaned exposures (no figures when failed)
+        for source in sources:
+            assert source.startswith("data:image/png;base64,")
+            assert base64.b64decode(source.split(",", 1)[1]) in thumbnails

@@ -301,6 +301,9 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
         from ..report import figures
 
         before, before_sci, after_sci = _qa_planes(input, clean_record)
+        record["setup"] = {key.lower(): str(before.header[key]).strip() for key in
+                           ("EXP_TYPE", "DETECTOR", "GRATING", "FILTER", "READPATT",
+                            "SUBARRAY") if key in before.header}
         mask_array, _ = read_mask(input["mask"], before)
         # FITS data are big-endian; every numpy operation on them would convert on the
         # fly, so convert once (the same values).
