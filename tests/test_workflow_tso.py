@@ -178,3 +178,36 @@ def test_snakemake_report_shows_our_report_with_its_thumbnails(run):
         for source in sources:
             assert source.startswith("data:image/png;base64,")
             assert base64.b64decode(source.split(",", 1)[1]) in thumbnails
+
+
+# ------------------------------------------------------------------------------------
+# save_noise_model
+# ------------------------------------------------------------------------------------
+def test_the_workflow_saves_the_noise_model_when_asked(tmp_path):
+    local = tmp_path / "local"
+    sim = simulate.simulate_exposure("bots", "NRS2", subarray="SUB512", seed=7,
+                                     program="04247", observation=1)
+    rate, _ = simulate.write_exposure(sim, local)
+    series = simulate.simulate_timeseries("NRS1", 4, seed=8, subarray="SUB512",
+                                          program="04247", observation=2)
+    rateints, _ = simulate.write_timeseries(series, local, segments=2)
+    config = {"programs": ["4247"], "results": "results", "save_noise_model": True,
+              "archive": {"source": "local", "local_dir": str(local)}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    command = ["timeout", "-s", "KILL", "600", sys.executable, "-m", "snakemake",
+               "--snakefile", str(ROOT / "Snakefile"), "--cores", "2",
+               "--configfile", "config.yaml"]
+    result = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=660, check=False)
+    assert result.returncode == 0, result.stdout[-4000:]
+    folder = tmp_path / "results" / "04247" / sim.stem
+    model = fits.getdata(folder / f"{sim.stem}_flicker_noise.fits", "SCI")
+    before = fits.getdata(rate, "SCI")
+    after = fits.getdata(folder / f"{sim.stem}_nsclean_rate.fits", "SCI")
+    finite = np.isfinite(before)
+    # (float32 files: compare at the precision of the bright star's values)
+    np.testing.assert_allclose(after[finite], (before - model)[finite], rtol=1e-6, atol=1e-6)
+    cleaned_dir = tmp_path / "results" / "04247" / series.stem / "nsclean_rateints"
+    for path in rateints:
+        model_file = cleaned_dir / path.name.replace("_rateints", "_flicker_noise")
+        assert fits.getdata(model_file, "SCI").shape == (2, 32, 512)

@@ -191,12 +191,15 @@ def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) ->
     """Rule ``clean``: fit and subtract the correlated read noise of one exposure.
 
     input: ``rate``, ``mask``, ``mask_status``; output: ``cleaned`` (the cleaned rate
-    file; empty if the exposure failed) and ``status`` (JSON record with the fit
+    file; empty if the exposure failed), optionally ``model`` (the fitted noise,
+    ``<stem>_flicker_noise.fits``) and ``status`` (JSON record with the fit
     summary, provenance and the cleaned file's size).  ``params["options"]`` are
     options of :func:`nsclean.fit`.
     """
     logger = script_logging(log)
-    with step(output["status"], [output["cleaned"]], logger) as record:
+    model = output.get("model")  # the noise model, with save_noise_model: true
+    with step(output["status"], [output["cleaned"]] + ([model] if model else []),
+              logger) as record:
         mask_record = require_product(input["mask_status"], input["mask"], "the mask step")
         record["inputs"] = {**mask_record.get("inputs", {}),
                             "mask": file_checksum(input["mask"])}
@@ -206,6 +209,7 @@ def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) ->
         (rate,) = _paths(input["rate"])
         summary = clean_exposure(rate, output["cleaned"], mask_path=input["mask"],
                                  fit_options=dict(params["options"]), overwrite=True,
+                                 save_model=bool(model),
                                  fsync=bool(params.get("fsync")),
                                  extra_cards=checksum_cards(record["inputs"]))
         logger.info("cleaned %s: %s", summary["stem"], summary["fit"])
@@ -236,6 +240,7 @@ def clean_timeseries(input: dict, output: dict, params: dict, log: str,
 
         summary = clean_rateints(_paths(input["rate"]), folder, mask_path=input["mask"],
                                  fit_options=dict(params["options"]), overwrite=True,
+                                 save_model=bool(params.get("save_noise_model")),
                                  fsync=bool(params.get("fsync")),
                                  extra_cards=checksum_cards(record["inputs"]), workers=1)
         logger.info("cleaned %s: %d integrations in %d files, %s", summary["stem"],

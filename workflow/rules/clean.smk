@@ -6,7 +6,9 @@ rule clean:
         rate=rate_inputs,
         mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
         mask_status=results_path("{program}", "{stem}", "{stem}_mask.json"),
+    # With save_noise_model: true, also model: <stem>_flicker_noise.fits.
     output:
+        **NOISE_MODEL_OUTPUT,
         cleaned=results_path("{program}", "{stem}", "{stem}_nsclean_rate.fits"),
         status=results_path("{program}", "{stem}", "{stem}_clean.json"),
     log:
@@ -56,8 +58,12 @@ rule clean_timeseries:
     params:
         options=CLEAN_OPTIONS,
         software=NSCLEAN_VERSION,
+        save_noise_model=config["save_noise_model"],
         command=step_command(
-            "clean_timeseries.py", options=CLEAN_OPTIONS, software=NSCLEAN_VERSION
+            "clean_timeseries.py",
+            options=CLEAN_OPTIONS,
+            software=NSCLEAN_VERSION,
+            save_noise_model=config["save_noise_model"],
         ),
     shell:
         "{params.command} --log {log:q}"

@@ -127,6 +127,14 @@ def benchmark_path(rule_name, *parts):
     return results_path("benchmarks", rule_name, *parts) + ".tsv"
 
 
+# The noise model is an output of rule clean only when asked for.
+NOISE_MODEL_OUTPUT = (
+    {"model": results_path("{program}", "{stem}", "{stem}_flicker_noise.fits")}
+    if config["save_noise_model"]
+    else {}
+)
+
+
 def processed_rows(program):
     """Manifest rows of the exposures a program lists for processing.
 
