@@ -31,10 +31,11 @@ Downloads
     record failures in a table instead of raising.  :func:`download_file` is a
     requests-based downloader with the same protocol (``GET
     /api/v0.1/Download/file?uri=...``, the ``mast_token`` cookie): it writes to a hidden
-    temporary name in the destination directory, checks the byte count against both
-    ``Content-Length`` and the catalogue size, and renames atomically
-    (``os.replace``); it retries server errors, timeouts, connection drops and size
-    mismatches with exponential backoff and then raises :class:`DownloadError` naming
+    partial file in the destination directory (resumed with an HTTP Range request after
+    a broken transfer or a killed job, as astroquery 0.4.11 does), logs its progress,
+    checks the byte count against both the announced and the catalogue size, and
+    renames atomically (``os.replace``); it retries server errors, timeouts, connection
+    drops and size mismatches with exponential backoff and then raises :class:`DownloadError` naming
     the file.  A 401/403 is not retried: without a token it raises
     :class:`AuthenticationRequired` saying that ``MAST_API_TOKEN`` is needed.
 The token
@@ -1079,7 +1080,8 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
         On 401/403: without a token the message says ``MAST_API_TOKEN`` is needed.
     DownloadError
         On 404 or other client errors, or when retries run out; names the file.  No
-        partial file is left at ``destination`` or in its directory.
+        partial file is left at ``destination`` or in its directory (only a killed
+        process leaves its partial file, which the next download resumes).
     """
     started = time.monotonic()
     destination = Path(destination)
@@ -1137,9 +1139,15 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
                 log.warning("%s: attempt %d failed: %s; retrying in %.1f s", name, attempt,
                             last_error, delay)
                 time.sleep(delay)
+    except DownloadError:  # refused (401, 404 ...): no partial data stays behind
+        partial_path(destination).unlink(missing_ok=True)
+        raise
     finally:
         if own_session:
             session.close()
+    # Given up: no partial data stays behind (a killed process leaves its partial file,
+    # and the next download resumes from it).
+    partial_path(destination).unlink(missing_ok=True)
     raise DownloadError(f"{name}: download failed after {retries + 1} attempts from "
                         f"{archive_url}; last error: {last_error}")
 
@@ -1180,34 +1188,79 @@ def _retrying_head(session, url, cookies, timeout, name, token) -> int | None:
         return None  # the GET loop retries and reports properly
 
 
+#: Seconds between progress lines of a download in the log.
+PROGRESS_INTERVAL = 10.0
+
+
+def partial_path(destination: Path) -> Path:
+    """Where the bytes of an unfinished download of ``destination`` are kept (hidden)."""
+    return destination.parent / f".{destination.name}.part"
+
+
 def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size, chunk_size,
                 token, fsync) -> int:
+    """One GET; resumes from the partial file with a Range request when there is one.
+
+    The bytes go to :func:`partial_path`, which is kept when the transfer breaks (the
+    next attempt, or the next run after a killed job, asks for the rest with
+    ``Range: bytes=<have>-``) and renamed into place only when complete.  A server that
+    answers a Range request with the whole file (200) is written from the start.
+    """
     name = destination.name
-    with session.get(url, cookies=cookies, timeout=timeout, stream=True) as response:
+    partial = partial_path(destination)
+    offset = partial.stat().st_size if partial.exists() else 0
+    if expected_size is not None and offset == expected_size:
+        os.replace(partial, destination)  # complete before a crash could rename it
+        return offset
+    if expected_size is not None and offset > expected_size:
+        partial.unlink()
+        offset = 0
+    headers = {"Range": f"bytes={offset}-"} if offset else None
+    with session.get(url, cookies=cookies, timeout=timeout, stream=True,
+                     headers=headers) as response:
+        if response.status_code == 416:  # the partial file is no prefix of this file
+            partial.unlink(missing_ok=True)
+            raise _Retryable("the archive refused the resume range (HTTP 416)")
         _check_status(response, name, token)
         length = response.headers.get("Content-Length")
         if length is None:
             raise _Retryable("no Content-Length in the answer")
         length = int(length)
-        if expected_size is not None and length != expected_size:
-            raise _Retryable(f"the archive sends {length} bytes but the catalogue size is "
+        if response.status_code == 206:
+            found = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)",
+                                 response.headers.get("Content-Range", "").strip())
+            if not found or int(found.group(1)) != offset:
+                partial.unlink(missing_ok=True)
+                raise _Retryable("the archive answered the resume with another range")
+            total, mode = int(found.group(3)), "ab"
+            log.info("%s: resuming at byte %d of %d", name, offset, total)
+        else:
+            offset, total, mode = 0, length, "wb"
+        if expected_size is not None and total != expected_size:
+            raise _Retryable(f"the archive sends {total} bytes but the catalogue size is "
                              f"{expected_size}")
-        handle = tempfile.NamedTemporaryFile(dir=destination.parent, delete=False,
-                                             prefix=f".{name}.", suffix=".part")
-        try:
-            received = 0
-            with handle:
-                for block in response.iter_content(chunk_size):
-                    handle.write(block)
-                    received += len(block)
-                if fsync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            if received != length:
-                raise _Retryable(f"received {received} of {length} bytes")
-            os.replace(handle.name, destination)
-        finally:
-            Path(handle.name).unlink(missing_ok=True)
+        received = offset
+        started = last_report = time.monotonic()
+        with open(partial, mode) as handle:
+            for block in response.iter_content(chunk_size):
+                handle.write(block)
+                received += len(block)
+                now = time.monotonic()
+                if now - last_report >= PROGRESS_INTERVAL:
+                    last_report = now
+                    log.info("%s: %d of %d bytes (%.0f %%), %.1f MB/s", name, received,
+                             total, 100 * received / max(total, 1),
+                             (received - offset) / 1e6 / max(now - started, 1e-9))
+            if fsync:
+                handle.flush()
+                os.fsync(handle.fileno())
+        if received != total:
+            raise _Retryable(f"received {received} of {total} bytes")
+        os.replace(partial, destination)
+    seconds = max(time.monotonic() - started, 1e-9)
+    log.info("%s: %d bytes transferred%s, %.1f MB/s", name, total - offset,
+             f" (resumed at byte {offset})" if offset else "",
+             (total - offset) / 1e6 / seconds)
     return received
 
 

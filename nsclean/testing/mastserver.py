@@ -50,7 +50,6 @@ import http.server
 import ipaddress
 import json
 import re
-import shutil
 import socket
 import sys
 import threading
@@ -129,6 +128,8 @@ class RequestRecord:
         Whether the answer was an ``EXECUTING`` poll.
     page : int
         Page requested (invoke requests), else 0.
+    range : str
+        The ``Range`` header of a download (``"bytes=1000-"``), or ``""``.
     """
 
     method: str
@@ -139,6 +140,7 @@ class RequestRecord:
     authenticated: bool = False
     executing: bool = False
     page: int = 0
+    range: str = ""
 
 
 @dataclass
@@ -623,17 +625,40 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                        extra_headers={"Retry-After": "1"} if fault == "503" else None)
             return
         if head or not fault:  # stream the file: real exposures are ~84 MB each
-            record.status = 200
+            size = path.stat().st_size
+            start, end = 0, size - 1
+            record.range = self.headers.get("Range", "") if not head else ""
+            if record.range:
+                # RFC 9110 single byte range, as MAST serves it: "bytes=<first>-[<last>]"
+                found = re.fullmatch(r"bytes=(\d+)-(\d*)", record.range.strip())
+                if not found or int(found.group(1)) >= size:
+                    self._send(record, 416, b"range not satisfiable", "text/plain",
+                               extra_headers={"Content-Range": f"bytes */{size}"})
+                    return
+                start = int(found.group(1))
+                end = min(int(found.group(2)), size - 1) if found.group(2) else size - 1
+            partial = start > 0 or end < size - 1
+            record.status = 206 if partial else 200
             self.mast._record(record)
-            self.send_response(200)
+            self.send_response(record.status)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(path.stat().st_size))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(end - start + 1))
+            if partial:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.send_header("Content-Disposition", f"attachment; filename={name}")
             self.end_headers()
             if not head:
                 try:
                     with open(path, "rb") as handle:
-                        shutil.copyfileobj(handle, self.wfile, 1 << 20)
+                        handle.seek(start)
+                        remaining = end - start + 1
+                        while remaining > 0:
+                            block = handle.read(min(1 << 20, remaining))
+                            if not block:
+                                break
+                            self.wfile.write(block)
+                            remaining -= len(block)
                 except (BrokenPipeError, ConnectionResetError, OSError):
                     self.close_connection = True
             return
