@@ -110,3 +110,34 @@ def test_jwst_loads_the_rewritten_association_and_finds_the_files(files, tmp_pat
         for member in product["members"]:
             if member["exptype"] != "sourcecat":
                 assert (Path(path).parent / member["expname"]).is_file()
+
+
+def test_spec2_associations_are_found_in_mast_and_in_a_directory(tmp_path):
+    """The loopback MAST serves association files as products (ASN) of the program's
+    level-3 observations; the real astroquery client finds the spec2 ones."""
+    import network_guard
+    from archive_helpers import make_program, run_child
+
+    from nsclean.archive.associations import find_spec2_associations
+    from nsclean.testing.mastserver import MastServer
+
+    network_guard.install()
+    make_program(tmp_path, exposures=[(SCIENCE, "NRS_IFU", "G395H", "F290LP", "FULL")])
+    spec2 = "jw01345-o062_20230101t000000_spec2_00001_asn.json"
+    (tmp_path / spec2).write_text(json.dumps(association()))
+    (tmp_path / "jw01345-o062_20230101t000000_spec3_00001_asn.json").write_text("{}")
+    (tmp_path / "jw02222-o001_20230101t000000_spec2_00001_asn.json").write_text("{}")
+    local = find_spec2_associations(["1345"], source="local", local_dir=tmp_path)
+    assert [a["productFilename"] for a in local] == [spec2]
+    with MastServer(tmp_path) as server:
+        child = run_child(f"""
+from nsclean.archive import archive
+from nsclean.archive.associations import find_spec2_associations
+archive.configure_mast_server({server.url!r})
+result = find_spec2_associations(["1345"], archive_url={server.url!r}, backoff=0.01)
+""", timeout=60)
+    assert child["rc"] == 0, child["stderr"][-3000:]
+    (found,) = child["result"]
+    assert found == {"productFilename": spec2, "dataURI": f"mast:JWST/product/{spec2}",
+                     "size": (tmp_path / spec2).stat().st_size}
+    assert not network_guard.ATTEMPTS

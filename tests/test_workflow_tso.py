@@ -211,3 +211,66 @@ def test_the_workflow_saves_the_noise_model_when_asked(tmp_path):
     for path in rateints:
         model_file = cleaned_dir / path.name.replace("_rateints", "_flicker_noise")
         assert fits.getdata(model_file, "SCI").shape == (2, 32, 512)
+
+
+# ------------------------------------------------------------------------------------
+# stage 2 again, on the cleaned rates
+# ------------------------------------------------------------------------------------
+def _asn(program, members):
+    return {"asn_type": "spec2", "asn_rule": "Asn_Lv2SpecSpecial", "program": program,
+            "asn_id": "o001", "asn_pool": "pool.csv", "products": [
+                {"name": members[0][0], "members": [
+                    {"expname": f"{stem}_rate.fits", "exptype": kind}
+                    for stem, kind in members]}]}
+
+
+def test_stage2_associations_point_at_the_cleaned_rates(tmp_path):
+    local = tmp_path / "local"
+    stems, cals = [], []
+    for exposure in (1, 2, 3, 4):
+        sim = simulate.simulate_exposure("bots", "NRS1", subarray="SUB512", seed=exposure,
+                                         program="04248", observation=1, exposure=exposure)
+        rate, cal = simulate.write_exposure(sim, local)
+        stems.append(sim.stem)
+        cals.append(cal)
+    shutil.copyfile(cals[0], cals[3])  # exposure 4 fails (its calints is another's)
+    good = "jw04248-o001_20240101t000000_spec2_00001_asn.json"
+    bad = "jw04248-o001_20240101t000000_spec2_00002_asn.json"
+    (local / good).write_text(json.dumps(_asn("04248", [
+        (stems[0], "science"), (stems[1], "background"), (stems[2], "imprint")])))
+    (local / bad).write_text(json.dumps(_asn("04248", [
+        (stems[1], "science"), (stems[3], "background")])))
+    config = {"programs": ["4248"], "results": "results", "stage2": {"associations": True},
+              "archive": {"source": "local", "local_dir": str(local)}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    command = ["timeout", "-s", "KILL", "600", sys.executable, "-m", "snakemake",
+               "--snakefile", str(ROOT / "Snakefile"), "--cores", "2",
+               "--configfile", "config.yaml", "--keep-going"]
+    result = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=660, check=False)
+    stage2 = tmp_path / "results" / "04248" / "stage2"
+    assert (stage2 / "associations.json").is_file(), result.stdout[-4000:]
+    status = {e["file"]: e for e in
+              json.loads((stage2 / "associations.json").read_text())["associations"]}
+    assert status[good]["status"] == "ok"
+    assert status[bad]["status"] == "refused"
+    assert f"background {stems[3]}_rate.fits" in status[bad]["reason"]
+    rewritten = json.loads((stage2 / "associations" / good).read_text())
+    for member, stem in zip(rewritten["products"][0]["members"], stems, strict=False):
+        target = (stage2 / "associations" / member["expname"]).resolve()
+        assert target == (tmp_path / "results" / "04248" / stem /
+                          f"{stem}_nsclean_rate.fits").resolve()
+        assert fits.getval(target, "S_CLNFNS") == "COMPLETE"
+    assert not (stage2 / "associations" / bad).exists()
+
+
+def test_stage2_run_needs_a_crds_cache(tmp_path, monkeypatch):
+    import logging
+
+    from nsclean.workflow.stage2 import run_spec2
+
+    monkeypatch.delenv("CRDS_PATH", raising=False)
+    with pytest.raises(RuntimeError, match="stage2.run needs a CRDS cache"):
+        run_spec2(tmp_path, tmp_path / "a.json", tmp_path / "out", tmp_path / "s.json",
+                  crds={}, logger=logging.getLogger("test"))
+

@@ -24,14 +24,23 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from ..io.atomic import atomic_write_text
-from .archive import stem_of
+from .archive import (
+    DEFAULT_ARCHIVE_URL,
+    _normalise_programs,
+    _observations_client,
+    _retrying,
+    stem_of,
+)
 
-__all__ = ["AssociationError", "read_association", "rewrite_spec2_association",
-           "write_association"]
+__all__ = ["AssociationError", "find_spec2_associations", "read_association",
+           "rewrite_spec2_association", "write_association"]
+
+_SPEC2 = re.compile(r"^jw(\d{5})-o\d{3}_.*_spec2_\d+_asn\.json$", re.IGNORECASE)
 
 
 class AssociationError(ValueError):
@@ -82,7 +91,8 @@ def rewrite_spec2_association(asn: Mapping, cleaned: Mapping[str, str | os.PathL
     asn : mapping
         The association (as :func:`read_association` returns it); not modified.
     cleaned : mapping
-        Exposure stem -> cleaned rate file, for every exposure that was cleaned.
+        Exposure stem (or, for the segments of a time series, the rateints file name)
+        -> cleaned file, for every exposure that was cleaned.
     directory : path
         Folder the rewritten association will be written to; member paths are made
         relative to it.
@@ -108,10 +118,12 @@ def rewrite_spec2_association(asn: Mapping, cleaned: Mapping[str, str | os.PathL
             stem = _exposure_of(member["expname"])
             if stem is None:
                 continue
-            if stem not in cleaned:
+            # by file name first: each segment of a time series has its own cleaned file
+            target = cleaned.get(Path(member["expname"]).name) or cleaned.get(stem)
+            if target is None:
                 missing.append(f"{member.get('exptype', 'member')} {member['expname']}")
                 continue
-            new = os.path.relpath(os.path.abspath(cleaned[stem]), os.path.abspath(directory))
+            new = os.path.relpath(os.path.abspath(target), os.path.abspath(directory))
             renamed[member["expname"]] = new.replace(os.sep, "/")
             member["expname"] = renamed[member["expname"]]
     if missing:
@@ -126,3 +138,51 @@ def write_association(asn: Mapping, path: str | os.PathLike) -> Path:
     """Write an association as JSON, atomically."""
     atomic_write_text(path, json.dumps(asn, indent=2) + "\n")
     return Path(path)
+
+
+def find_spec2_associations(programs, *, source: str = "mast", local_dir=None,
+                            archive_url: str = DEFAULT_ARCHIVE_URL, timeout: float = 120.0,
+                            retries: int = 3, backoff: float = 2.0) -> list[dict]:
+    """The stage-2 (``spec2``) association files of programs, from MAST or a directory.
+
+    With ``source="mast"`` the program's observations are queried with astroquery and
+    their ``ASN`` products kept (see :func:`nsclean.archive.archive.configure_mast_server`
+    for the import-time caveat); with ``"local"``, ``local_dir`` is searched for
+    ``jw<program>-o<obs>_..._spec2_<n>_asn.json``.
+
+    Returns
+    -------
+    list of dict
+        ``productFilename``, ``dataURI`` and ``size`` of each file, sorted by name.
+    """
+    wanted = set(_normalise_programs(programs))
+    found: dict[str, dict] = {}
+    if source == "local":
+        for path in sorted(Path(local_dir).glob("jw*_spec2_*_asn.json")):
+            match = _SPEC2.match(path.name)
+            if match and match.group(1) in wanted:
+                found[path.name] = {"productFilename": path.name,
+                                    "dataURI": path.resolve().as_uri(),
+                                    "size": path.stat().st_size}
+        return [found[name] for name in sorted(found)]
+    client = _observations_client(archive_url, timeout)
+    proposal_ids = [str(int(p)) for p in wanted]
+    observations = _retrying(
+        lambda: client.query_criteria(obs_collection="JWST", proposal_id=proposal_ids,
+                                      calib_level=[3]),
+        f"observation query for programs {','.join(proposal_ids)}", retries=retries,
+        backoff=backoff)
+    obsids = sorted({str(row["obsid"]) for row in observations})
+    for start in range(0, len(obsids), 200):
+        chunk = obsids[start:start + 200]
+        table = _retrying(lambda chunk=chunk: client.get_product_list(chunk),
+                          f"product list for {len(chunk)} observations", retries=retries,
+                          backoff=backoff)
+        table = client.filter_products(table, productSubGroupDescription=["ASN"])
+        for row in table:
+            name = str(row["productFilename"])
+            match = _SPEC2.match(name)
+            if match and match.group(1) in wanted:
+                found[name] = {"productFilename": name, "dataURI": str(row["dataURI"]),
+                               "size": int(row["size"])}
+    return [found[name] for name in sorted(found)]

@@ -270,7 +270,35 @@ def build_catalogue(root: str | Path, *, exclusive: Iterable[str] = ()) -> Catal
                 dict(product, parent_obsid=row2["obsid"]))
             catalogue.products_by_obsid[parent["obsid"]].append(
                 dict(product, parent_obsid=parent["obsid"]))
+    _add_associations(catalogue, root)
     return catalogue
+
+
+_ASSOCIATION = re.compile(r"^jw(\d{5})-o(\d{3})_.*_asn\.json$", re.IGNORECASE)
+
+
+def _add_associations(catalogue: Catalogue, root) -> None:
+    """Serve ``jw<program>-o<obs>_..._asn.json`` files as MAST does: products (ASN) of the
+    program's level-3 observations of that observation number."""
+    for path in sorted(Path(root).glob("jw*_asn.json")):
+        found = _ASSOCIATION.match(path.name)
+        if not found:
+            continue
+        prefix = f"jw{found.group(1)}-o{found.group(2)}_"
+        for row in catalogue.observations:
+            if row["calib_level"] != 3 or not row["obs_id"].startswith(prefix):
+                continue
+            catalogue.products_by_obsid[row["obsid"]].append({
+                "obsID": row["obsid"], "obs_collection": "JWST",
+                "dataproduct_type": row["dataproduct_type"], "obs_id": row["obs_id"],
+                "description": "association", "type": "D",
+                "dataURI": f"mast:JWST/product/{path.name}", "productType": "INFO",
+                "productGroupDescription": "", "productSubGroupDescription": "ASN",
+                "productDocumentationURL": "", "project": "CALJWST", "prvversion": "1.0",
+                "proposal_id": row["proposal_id"], "productFilename": path.name,
+                "size": path.stat().st_size, "dataRights": "PUBLIC", "calib_level": 3,
+                "filters": row["filters"], "parent_obsid": row["obsid"]})
+            catalogue.files[path.name] = path
 
 
 def _matches(row: dict, flt: dict, kinds: dict[str, str]) -> bool:

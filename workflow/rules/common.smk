@@ -270,8 +270,13 @@ def program_figure_dirs(wildcards):
 
 
 def final_targets():
-    return [
+    targets = [
         results_path("report.html"),
         results_path("report.csv"),
         results_path("run_status.json"),
     ]
+    stage2 = config["stage2"]
+    if stage2["associations"] or stage2["run"]:
+        step = "products" if stage2["run"] else "associations"
+        targets += [results_path(p, "stage2", f"{step}.json") for p in PROGRAMS]
+    return targets
