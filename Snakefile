@@ -17,6 +17,7 @@ include: "workflow/rules/mask.smk"
 include: "workflow/rules/clean.smk"
 include: "workflow/rules/qa.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/stage2.smk"
 
 
 rule all:

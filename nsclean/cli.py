@@ -31,6 +31,12 @@ pixels are dark. Typical use, one exposure:
 
   nsclean mask  jw..._nrs1_cal.fits jw..._nrs1_rate.fits -o jw..._nrs1_mask.fits
   nsclean clean jw..._nrs1_rate.fits --mask jw..._nrs1_mask.fits -o cleaned/jw..._nrs1_rate.fits
+
+A time series (BOTS _rateints, one plane per integration, possibly in segments) is
+cleaned integration by integration with one mask from its _calints footprint:
+
+  nsclean clean jw..._00001-seg00?_nrs1_rateints.fits \\
+      --cal jw..._00001-seg001_nrs1_calints.fits -o cleaned/
 """
 
 
@@ -264,8 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
         "rate files must be the same exposure (same stem, detector and subarray). Writes a "
         "FITS mask whose header records how it was built and, with --png, a quick-look PNG.",
     )
-    mask.add_argument("cal", help="stage-2 product of the exposure (_cal.fits)")
-    mask.add_argument("rate", help="count-rate product of the exposure (_rate.fits)")
+    mask.add_argument("cal", help="stage-2 product of the exposure (_cal.fits, or a "
+                      "_calints.fits of a time series)")
+    mask.add_argument("rate", nargs="+", help="count-rate product of the exposure "
+                      "(_rate.fits; or every _rateints.fits segment of a time series)")
     mask.add_argument(
         "-o", "--output", required=True, metavar="MASK.fits", help="mask file to write"
     )
@@ -287,9 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         "NSC* keywords and HISTORY recording every option. Give a mask made with "
         "'nsclean mask' (--mask) or the cal file to build one on the fly (--cal), or both.",
     )
-    clean.add_argument("rate", help="count-rate product to clean (_rate.fits); never modified")
+    clean.add_argument("rate", nargs="+", help="count-rate product to clean (_rate.fits), or "
+                       "every _rateints.fits segment of one time series; never modified")
     clean.add_argument(
-        "-o", "--output", required=True, metavar="OUT.fits", help="cleaned rate file to write"
+        "-o", "--output", required=True, metavar="OUT.fits",
+        help="cleaned rate file to write; for rateints a folder, which gets one "
+        "<file stem>_nsclean_rateints.fits per input file",
     )
     clean.add_argument(
         "--mask",
@@ -299,7 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument(
         "--cal",
         metavar="CAL.fits",
-        help="cal file of the same exposure, to build the mask automatically",
+        action="append",
+        help="cal file of the same exposure, to build the mask automatically (for rateints: "
+        "its calints; repeat --cal for several segments)",
     )
     clean.add_argument(
         "--save-model",
@@ -357,12 +370,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ints_given(paths) -> bool:
+    from .io.tso import is_ints_product
+
+    return any(is_ints_product(p) for p in paths if Path(p).is_file())
+
+
+def _one_rate(paths) -> str:
+    if len(paths) > 1:
+        raise NSCleanInputError(
+            paths[1], "several rate files given: only the segments of one _rateints time "
+            "series can be given together"
+        )
+    return paths[0]
+
+
 def _run_mask(args) -> dict:
     from .io.exposure import make_mask
 
+    if _ints_given(args.rate):
+        from .io.tso import make_rateints_mask
+
+        return make_rateints_mask(
+            args.cal, args.rate, args.output, user_mask_path=args.user_mask,
+            user_mask_mode=args.user_mask_mode, options=_mask_options(args),
+            overwrite=args.overwrite,
+        ) | {"png": None}
     return make_mask(
         args.cal,
-        args.rate,
+        _one_rate(args.rate),
         args.output,
         user_mask_path=args.user_mask,
         user_mask_mode=args.user_mask_mode,
@@ -377,17 +413,28 @@ def _run_clean(args) -> dict:
 
     if args.mask is None and args.cal is None:
         raise NSCleanInputError(
-            args.rate, "no background mask: give --mask MASK.fits or --cal CAL.fits"
+            args.rate[0], "no background mask: give --mask MASK.fits or --cal CAL.fits"
         )
     if args.user_mask is not None:
         raise NSCleanInputError(None, "with 'clean', give your own mask as --mask, not --user-mask")
     fit_options = {
         name: getattr(args, name) for name in _FIT_FLAGS if getattr(args, name) is not None
     }
+    if _ints_given(args.rate):
+        from .io.tso import clean_rateints
+
+        return clean_rateints(
+            args.rate, args.output, calints_paths=args.cal, mask_path=args.mask,
+            user_mask_mode=args.user_mask_mode, mask_options=_mask_options(args),
+            fit_options=fit_options, save_model=args.save_model, save_mask=args.save_mask,
+            product_dir=args.product_dir, overwrite=args.overwrite,
+        )
+    if args.cal is not None and len(args.cal) > 1:
+        raise NSCleanInputError(args.cal[1], "one --cal file per rate file")
     return clean_exposure(
-        args.rate,
+        _one_rate(args.rate),
         args.output,
-        cal_path=args.cal,
+        cal_path=args.cal[0] if args.cal else None,
         mask_path=args.mask,
         user_mask_mode=args.user_mask_mode,
         mask_options=_mask_options(args),

@@ -125,7 +125,8 @@ def assert_same_products(results, reference):
 # ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """Three BOTS exposures (small subarrays: fast), as the archive serves them."""
+    """Three BOTS exposures (small subarrays: fast), as the archive serves them: a rate
+    file with its calints (a time series has no _cal)."""
     from nsclean.testing import simulate
 
     directory = tmp_path_factory.mktemp("served")
@@ -155,7 +156,7 @@ def reference(served, tmp_path_factory):
 
     directory, stems = served
     faults = {f"{stems[0]}_rate.fits": ["500", "cut", "wrong_size"],
-              f"{stems[1]}_cal.fits": ["503"]}
+              f"{stems[1]}_calints.fits": ["503"]}
     workdir = tmp_path_factory.mktemp("reference")
     with MastServer(directory, faults=faults) as mast:
         config = write_config(workdir, mast.url, retries=3)
@@ -178,7 +179,7 @@ def test_downloads_failing_midway_are_retried_and_complete(reference):
     rate = get_requests(reference["server"], f"{stems[0]}_rate.fits")
     assert [r.fault for r in rate] == ["500", "cut", "wrong_size", ""], rate
     assert rate[-1].status == 200
-    cal = get_requests(reference["server"], f"{stems[1]}_cal.fits")
+    cal = get_requests(reference["server"], f"{stems[1]}_calints.fits")
     assert [(r.status, r.fault) for r in cal] == [(503, "503"), (200, "")], cal
     log = (results / "logs" / "fetch_file" / PROGRAM / f"{stems[0]}_rate.fits.log").read_text()
     assert "attempt 1 failed: HTTP 500" in log
@@ -189,7 +190,7 @@ def test_downloads_failing_midway_are_retried_and_complete(reference):
     # What is on disk is exactly what the archive serves, and nothing half-written.
     archive = results / PROGRAM / "archive"
     fits_files = sorted(p.name for p in archive.iterdir() if p.name.endswith(".fits"))
-    assert fits_files == sorted(f"{s}_{k}.fits" for s in stems for k in ("rate", "cal"))
+    assert fits_files == sorted(f"{s}_{k}.fits" for s in stems for k in ("rate", "calints"))
     for name in fits_files:
         assert (archive / name).read_bytes() == (reference["served"] / name).read_bytes(), name
     assert leftover_temporaries(results) == []
@@ -206,7 +207,7 @@ def test_refused_and_persistently_failing_downloads_fail_their_exposure_only(ser
     directory, stems = served
     good, refused, broken = stems
     with MastServer(directory, exclusive=[f"{refused}_rate.fits"],
-                    faults={f"{broken}_cal.fits": "500"}) as mast:
+                    faults={f"{broken}_calints.fits": "500"}) as mast:
         config = write_config(tmp_path, mast.url, retries=1)
         env_token = os.environ.pop("MAST_API_TOKEN", None)
         try:
@@ -214,7 +215,7 @@ def test_refused_and_persistently_failing_downloads_fail_their_exposure_only(ser
         finally:
             if env_token is not None:
                 os.environ["MAST_API_TOKEN"] = env_token
-        broken_gets = get_requests(mast, f"{broken}_cal.fits")
+        broken_gets = get_requests(mast, f"{broken}_calints.fits")
     output = result.stdout
     assert result.returncode != 0, "a run with failed exposures must not exit 0"
     assert [r.status for r in broken_gets] == [500, 500]  # retried once, as configured
@@ -228,7 +229,7 @@ def test_refused_and_persistently_failing_downloads_fail_their_exposure_only(ser
     assert "MAST_API_TOKEN" in rows[refused]["reason"]
     assert f"{refused}_rate.fits" in rows[refused]["reason"]
     assert rows[broken]["status"] == "failed"
-    assert f"{broken}_cal.fits" in rows[broken]["reason"]
+    assert f"{broken}_calints.fits" in rows[broken]["reason"]
     assert "HTTP 500" in rows[broken]["reason"]
     assert rows[refused]["cleaned_file"] == rows[broken]["cleaned_file"] == ""
     assert (results / "report.html").is_file()
@@ -240,7 +241,7 @@ def test_refused_and_persistently_failing_downloads_fail_their_exposure_only(ser
     archive = results / PROGRAM / "archive"
     assert leftover_temporaries(results) == []
     for path in archive.iterdir():
-        if path.name in (f"{refused}_rate.fits", f"{broken}_cal.fits"):
+        if path.name in (f"{refused}_rate.fits", f"{broken}_calints.fits"):
             assert path.stat().st_size == 0, path
         else:
             assert path.read_bytes() == (directory / path.name).read_bytes(), path

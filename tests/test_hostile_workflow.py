@@ -30,6 +30,9 @@ SNAKEFILE = ROOT / "Snakefile"
 PROGRAM = "04245"
 TOKEN = "tok-51c0ffee-SECRET-workflow"
 RUN_TIMEOUT = 600
+# The exposures are BOTS: their cal product is a _calints (stage 2 of a time series
+# writes no _cal, and MAST serves none).
+CAL = "_calints.fits"
 
 
 def snakemake_command(config, *args):
@@ -74,7 +77,8 @@ def served(tmp_path_factory):
     for exposure in range(1, 6):
         sim = simulate.simulate_exposure("bots", "NRS1", readout="NRS", seed=60 + exposure,
                                          program=PROGRAM, observation=1, exposure=exposure)
-        rate, _ = simulate.write_exposure(sim, directory)
+        rate, cal = simulate.write_exposure(sim, directory)
+        assert cal.name == rate.name.replace("_rate.fits", CAL)
         stems.append(rate.name.removesuffix("_rate.fits"))
     return directory, stems
 
@@ -99,8 +103,8 @@ def test_hostile_archive_fails_its_exposures_alone_and_never_leaks_the_token(ser
                         duplicate={f"{exclusive}_rate.fits": None},
                         redirect={f"{redirected}_rate.fits": other.url},
                         rename={f"{escaping}_rate.fits": f"../../{escaping}_rate.fits"},
-                        drip={f"{dripping}_cal.fits": 0.3},
-                        bad_length={f"{odd}_cal.fits": "12abc"}) as mast:
+                        drip={f"{dripping}{CAL}": 0.3},
+                        bad_length={f"{odd}{CAL}": "12abc"}) as mast:
         config = write_config(workdir, archive={"url": mast.url, "retries": 1,
                                                 "deadline": 2})
         env = {**os.environ, "MAST_API_TOKEN": TOKEN, "TMPDIR": str(temporary)}
@@ -142,13 +146,13 @@ def test_local_source_with_damaged_files_reports_every_file(served, tmp_path):
     local = tmp_path / "local"
     local.mkdir()
     for stem in stems[:2]:
-        for kind in ("rate", "cal"):
-            shutil.copy(directory / f"{stem}_{kind}.fits", local)
+        for suffix in ("_rate.fits", CAL):
+            shutil.copy(directory / f"{stem}{suffix}", local)
     shutil.copy(local / f"{stems[0]}_rate.fits", local / f"{stems[0]} (1)_rate.fits")
     (local / f"{stems[2]}_rate.fits").write_bytes(b"")  # an interrupted copy
-    shutil.copy(directory / f"{stems[2]}_cal.fits", local)
+    shutil.copy(directory / f"{stems[2]}{CAL}", local)
     (local / f"{stems[3]}_rate.fits").write_text("<html><body>Forbidden</body></html>")
-    shutil.copy(directory / f"{stems[3]}_cal.fits", local)
+    shutil.copy(directory / f"{stems[3]}{CAL}", local)
     before = {p.name: p.read_bytes() for p in local.iterdir()}
 
     workdir = tmp_path / "run"
@@ -245,7 +249,7 @@ def test_a_full_disk_is_the_recorded_reason_even_when_the_log_cannot_be_written(
         filler_size = os.path.getsize(disk + "/filler")
         os.truncate(disk + "/filler", filler_size - 12288)
         from nsclean.workflow import steps
-        steps.mask({{"rate": served + "/{stem}_rate.fits", "cal": served + "/{stem}_cal.fits"}},
+        steps.mask({{"rate": served + "/{stem}_rate.fits", "cal": served + "/{stem}{CAL}"}},
                    {{"mask": disk + "/{stem}/m.fits", "status": disk + "/{stem}/m.json"}},
                    {{"options": {{}}}}, disk + "/mask.log", {{}})
         print("STATUS=" + open(disk + "/{stem}/m.json").read().replace("\\n", " "),

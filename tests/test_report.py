@@ -1,5 +1,6 @@
 """HTML/CSV report: columns, escaping, flags, links, and a real headless browser."""
 
+import base64
 import csv
 import html
 import json
@@ -9,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -99,6 +101,7 @@ def test_record_round_trip_is_relocatable(run, tmp_path):
         "timing",
         "nsclean_version",
         "inputs",
+        "setup",
     ]
     # Stored relative to the JSON file, so moving the tree keeps them valid.
     assert raw["figures"]["thumbnail"] == "exp0_thumbnail.png"
@@ -192,18 +195,25 @@ def test_html_escaping_marks_and_links(run):
     assert states["jw01345062001_03101_00001_nrs1"] == "ok"
 
     links = re.findall(r'(?:href|src)="([^"]+)"', text)
-    assert links
+    embedded = [link for link in links if link.startswith("data:image/png;base64,")]
+    links = [link for link in links if link not in embedded]
+    assert links and embedded
     for link in links:
         assert not os.path.isabs(link) and ":" not in link
         assert (root / html.unescape(link)).is_file(), link
     assert 'href="01345/cleaned/exp0_rate.fits"' in text
+    # Thumbnails are in the HTML itself (they show inside Snakemake's report, where
+    # relative links do not resolve): the same bytes as the PNG files.
+    thumbnails = {path.read_bytes() for path in root.rglob("*thumbnail*.png")}
+    assert {base64.b64decode(link.split(",", 1)[1]) for link in embedded} <= thumbnails
 
 
 def test_links_relative_to_a_report_in_a_subfolder(run):
     root, _ = run
     html_path, _ = _build(run, subdir="01345")
     text = html_path.read_text()
-    links = re.findall(r'(?:href|src)="([^"]+)"', text)
+    links = [link for link in re.findall(r'(?:href|src)="([^"]+)"', text)
+             if not link.startswith("data:")]
     assert any(link.startswith("qa/") for link in links)
     assert any(link.startswith("../02736/") for link in links)
     for link in links:
@@ -337,3 +347,28 @@ def test_report_rebuilt_from_outputs_alone(run, tmp_path):
     assert (tmp_path / "r.csv").read_text() == csv_path.read_text()
     text = (tmp_path / "r.html").read_text()
     assert "cleaner.method" in text and "<title>rebuilt</title>" in text
+
+
+def test_table_shows_each_exposures_setup(tmp_path):
+    records = [
+        {"program": "01345", "stem": "jw01345062001_03101_00001_nrs2", "status": "skipped",
+         "reason": "no cal file", "setup": {"exp_type": "NRS_MSASPEC", "detector": "NRS2",
+                                             "grating": "PRISM", "filter": "CLEAR",
+                                             "readpatt": "NRSIRS2"}},
+        {"program": "01366", "stem": "jw01366004001_04101_00001_nrs1", "status": "skipped",
+         "reason": "x", "setup": {"exp_type": "NRS_BRIGHTOBJ", "detector": "NRS1",
+                                   "grating": "G395H", "filter": "F290LP"}},
+    ]
+    html_path, csv_path = report.write_report(records, tmp_path / "r.html", tmp_path / "r.csv",
+                                              title="setup")
+    text = Path(html_path).read_text()
+    for cells in (("MOS", "NRS2", "PRISM/CLEAR", "NRSIRS2"), ("BOTS", "NRS1", "G395H/F290LP")):
+        row = re.search(r"<tr[^>]*>.*?" + ".*?".join(f">{c}</td>" for c in cells), text)
+        assert row, cells
+    import csv
+
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["mode"], r["detector"], r["grating"], r["filter"], r["readpatt"])
+            for r in rows] == [("MOS", "NRS2", "PRISM", "CLEAR", "NRSIRS2"),
+                               ("BOTS", "NRS1", "G395H", "F290LP", "")]

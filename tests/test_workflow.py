@@ -304,18 +304,19 @@ def test_bad_exposures_fail_alone_and_the_run_says_so(tmp_path):
     from nsclean.testing import simulate
 
     local = tmp_path / "local"
-    stems = []
+    stems, cals = [], []
     for exposure in (1, 2, 3, 4):
         sim = simulate.simulate_exposure("bots", "NRS1", readout="NRS", seed=exposure,
                                          program="04242", observation=1, exposure=exposure)
-        rate, _ = simulate.write_exposure(sim, local)
+        rate, cal = simulate.write_exposure(sim, local)  # a BOTS rate comes with calints
         stems.append(rate.name.removesuffix("_rate.fits"))
+        cals.append(cal)
     good, corrupt, mismatched, without_cal = stems
-    (local / f"{without_cal}_cal.fits").unlink()
+    cals[3].unlink()
     # a truncated rate file, and a cal file that belongs to another exposure
     rate = local / f"{corrupt}_rate.fits"
     rate.write_bytes(rate.read_bytes()[: rate.stat().st_size // 3])
-    shutil.copyfile(local / f"{good}_cal.fits", local / f"{mismatched}_cal.fits")
+    shutil.copyfile(cals[0], cals[2])
 
     # The same run in two working directories, on 2 cores and on 1.
     runs = {cores: tmp_path / f"run-{cores}-cores" for cores in (2, 1)}

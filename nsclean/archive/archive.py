@@ -4,8 +4,9 @@ Two sources give the same manifest (one row per exposure, see ``MANIFEST_COLUMNS
 
 - ``"mast"``: the MAST archive, queried with the real ``astroquery.mast.Observations``
   client (:func:`query_mast`); files are downloaded by :func:`download_file`.
-- ``"local"``: a directory of ``*_rate.fits`` / ``*_cal.fits`` files someone already
-  downloaded (:func:`scan_local`); the manifest points at them with ``file://`` URIs.
+- ``"local"``: a directory of ``*_rate.fits`` / ``*_cal.fits`` (and time-series
+  ``*_rateints.fits`` / ``*_calints.fits``) files someone already downloaded
+  (:func:`scan_local`); the manifest points at them with ``file://`` URIs.
 
 Design decisions
 ----------------
@@ -31,14 +32,18 @@ Downloads
     record failures in a table instead of raising.  :func:`download_file` is a
     requests-based downloader with the same protocol (``GET
     /api/v0.1/Download/file?uri=...``, the ``mast_token`` cookie): it writes to a hidden
-    temporary name in the destination directory, checks the byte count against both
-    ``Content-Length`` and the catalogue size, and renames atomically
-    (``os.replace``); it retries server errors, timeouts, connection drops and size
-    mismatches with exponential backoff and then raises :class:`DownloadError` naming
+    partial file in the destination directory (resumed with an HTTP Range request after
+    a broken transfer or a killed job, as astroquery 0.4.11 does), logs its progress,
+    checks the byte count against both the announced and the catalogue size, and
+    renames atomically (``os.replace``); it retries server errors, timeouts, connection
+    drops and size mismatches with exponential backoff and then raises :class:`DownloadError` naming
     the file.  A 401/403 is not retried: without a token it raises
     :class:`AuthenticationRequired` saying that ``MAST_API_TOKEN`` is needed.
     Each attempt also has a total deadline (a server that trickles bytes never trips a
     read timeout), and never more than the announced ``Content-Length`` reaches the disk.
+    The partial file is ``flock``-ed while a transfer runs, so a second process never
+    writes into it or removes it; a partial file nobody holds is resumed, and removed
+    only when the download gives up.
 The token
     Read from the environment variable ``MAST_API_TOKEN`` only when a request needs
     it.  It is sent as the ``mast_token`` cookie and never logged, printed, put in an
@@ -136,7 +141,12 @@ MANIFEST_COLUMNS = (
 _INT_COLUMNS = {"rate_size", "cal_size"}
 
 _STEM_RE = re.compile(r"^jw(\d{5})(\d{3})(\d{3})_(\d{5})_(\d{5})_(nrs[12])$", re.IGNORECASE)
-_SUFFIXES = ("_rate.fits", "_cal.fits")
+# Level-2 products, by file-name suffix -> kind.  Time series (BOTS) have per-integration
+# _rateints/_calints and no _cal; large ones come in segments (``_00001-seg002_nrs1``).
+_SUFFIXES = ("_rate.fits", "_cal.fits", "_rateints.fits", "_calints.fits")
+_KIND_BY_SUFFIX = {"_rate.fits": "rate", "_cal.fits": "cal", "_rateints.fits": "rateints",
+                   "_calints.fits": "calints"}
+_SEGMENT_RE = re.compile(r"^(.*_\d{5})-seg(\d{3})(_nrs[12])$", re.IGNORECASE)
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 # What the workflow's file-name wildcard accepts, and what cannot leave a directory:
 # a product name from the archive or a local directory must be a plain base name.
@@ -179,9 +189,14 @@ class _Retryable(Exception):
 class ManifestRow:
     """One exposure: its identity, set-up and the rate/cal files.
 
+    A segmented time series is one row: ``rate_file``, ``rate_uri`` and ``rate_size``
+    (and the ``cal_*`` columns) then hold one space-separated entry per segment, in
+    segment order (:meth:`files` lists them).
+
     ``status`` is ``"ok"`` (to be processed), ``"skipped"``, with ``reason`` saying
-    why (no cal file under the ``skip`` policy, or no rate file), or ``"failed"``
-    (a file that cannot be read or used, or a name that is not a plain file name).  ``cal_file`` is
+    why (no cal file under the ``skip`` policy, no rate file, a missing time-series
+    segment), or ``"failed"`` (a file that cannot be read or used, a name that is not a
+    plain file name, two different files listed for one product).  ``cal_file`` is
     empty when the archive has no cal file for the exposure; with the ``user_mask``
     policy such a row is ``ok`` with ``mask_source="user"`` (it needs a user mask),
     otherwise ``mask_source`` is ``"cal"``.
@@ -201,15 +216,52 @@ class ManifestRow:
     grating: str
     filter: str
     rate_file: str
-    rate_size: int | None
+    rate_size: int | str | None
     cal_file: str
-    cal_size: int | None
+    cal_size: int | str | None
     mask_source: str
     data_rights: str
     status: str
     reason: str
     rate_uri: str
     cal_uri: str
+
+    @property
+    def rate_files(self) -> list[str]:
+        """The rate file names (several for a segmented time series)."""
+        return self.rate_file.split()
+
+    @property
+    def cal_files(self) -> list[str]:
+        """The cal (or calints) file names."""
+        return self.cal_file.split()
+
+    @property
+    def time_series(self) -> bool:
+        """True when the exposure is processed as a time series (``_rateints``)."""
+        return any(name.endswith("_rateints.fits") for name in self.rate_files)
+
+    def files(self) -> list[tuple[str, str, int | None]]:
+        """``(file name, URI, size)`` of every rate and cal file of the exposure.
+
+        Raises
+        ------
+        ValueError
+            If the names, URIs and sizes of a column do not pair up (a hand-edited
+            manifest, or a name with a space in a row that is not ``ok``).
+        """
+        listed = []
+        for kind, names, uris, sizes in (
+                ("rate", self.rate_file, self.rate_uri, self.rate_size),
+                ("cal", self.cal_file, self.cal_uri, self.cal_size)):
+            names, uris = names.split(), uris.split()
+            sizes = ([None] * len(names) if sizes in (None, "")
+                     else [int(v) for v in str(sizes).split()])
+            if not len(names) == len(uris) == len(sizes):
+                raise ValueError(f"{self.stem}: the manifest lists {len(names)} {kind} "
+                                 f"file names, {len(uris)} URIs and {len(sizes)} sizes")
+            listed.extend(zip(names, uris, sizes, strict=True))
+        return listed
 
 
 @dataclass
@@ -266,28 +318,42 @@ class DownloadResult:
 # small helpers
 # --------------------------------------------------------------------------------------
 def stem_of(filename: str) -> str:
-    """Exposure stem of a rate or cal file name.
+    """Exposure stem of a rate, cal, rateints or calints file name.
+
+    A time-series segment belongs to the exposure without its ``-segNNN``.
 
     Parameters
     ----------
     filename : str
-        e.g. ``jw01345062001_03101_00001_nrs2_rate.fits`` (a path is accepted).
+        e.g. ``jw01345062001_03101_00001_nrs2_rate.fits`` or
+        ``jw01366004001_04101_00001-seg002_nrs1_rateints.fits`` (a path is accepted).
 
     Returns
     -------
     str
-        e.g. ``jw01345062001_03101_00001_nrs2``.
+        e.g. ``jw01345062001_03101_00001_nrs2``, ``jw01366004001_04101_00001_nrs1``.
 
     Raises
     ------
     ValueError
-        If the name does not end in ``_rate.fits`` or ``_cal.fits``.
+        If the name does not end in ``_rate.fits``, ``_cal.fits``, ``_rateints.fits`` or
+        ``_calints.fits``.
     """
+    return _split_name(filename)[0]
+
+
+def _split_name(filename: str) -> tuple[str, int | None, str]:
+    """(exposure stem, segment number or None, kind) of a product file name."""
     name = Path(filename).name
-    for suffix in _SUFFIXES:
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
         if name.endswith(suffix):
-            return name[: -len(suffix)]
-    raise ValueError(f"{name!r} is not a *_rate.fits or *_cal.fits file name")
+            stem, segment = name[: -len(suffix)], None
+            found = _SEGMENT_RE.match(stem)
+            if found:
+                stem, segment = found.group(1) + found.group(3), int(found.group(2))
+            return stem, segment, _KIND_BY_SUFFIX[suffix]
+    raise ValueError(f"{name!r} is not a *_rate.fits, *_cal.fits, *_rateints.fits or "
+                     "*_calints.fits file name")
 
 
 def _stem_parts(stem: str) -> dict[str, str]:
@@ -580,7 +646,7 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
                filters=None, archive_url: str = DEFAULT_ARCHIVE_URL, token: str | None = None,
                pagesize: int | None = None, timeout: float = 120.0, retries: int = 3,
                backoff: float = 2.0) -> list[dict]:
-    """Query MAST for the level-2 RATE and CAL products of NIRSpec programs.
+    """Query MAST for the level-2 RATE, CAL, RATEINTS and CALINTS products of NIRSpec programs.
 
     Parameters
     ----------
@@ -683,8 +749,9 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
         table = _retrying(lambda chunk=chunk: client.get_product_list(chunk),
                           f"product list for {len(chunk)} observations",
                           retries=retries, backoff=backoff)
-        table = client.filter_products(table, productSubGroupDescription=["RATE", "CAL"],
-                                       calib_level=[2])
+        table = client.filter_products(
+            table, productSubGroupDescription=["RATE", "CAL", "RATEINTS", "CALINTS"],
+            calib_level=[2])
         products.extend(dict(zip(table.colnames, row, strict=True)) for row in table)
 
     selected: dict[str, dict] = {}
@@ -743,20 +810,72 @@ def _same_product(one: dict, other: dict) -> bool:
                for key in ("productFilename", "dataURI", "size"))
 
 
-def _row_problem(stem: str, files: dict[str, dict], conflicts: list[str]) -> str:
-    """Why an exposure cannot be processed though the archive lists it ("" if it can)."""
-    if conflicts:
-        return (f"the archive lists different files for one {conflicts[0]} product of "
-                f"{stem}: " + ", ".join(conflicts[1:]))
-    return "; ".join(f["problem"] for f in files.values() if f.get("problem"))
+def _row_problem(stem: str, used: list[dict],
+                 conflicts: dict[tuple[str, int | None], list[str]]) -> str:
+    """Why an exposure cannot be processed though the archive lists it ("" if it can).
+
+    ``used`` are the files the exposure would be processed from (a time series' unused
+    ``_rate`` files do not count), ``conflicts`` the file names listed for one product
+    (kind and segment) that are not the same file.
+    """
+    kinds = {_split_name(f["productFilename"])[2] for f in used}
+    reasons = [f"the archive lists different files for one {kind} product"
+               f"{'' if segment is None else f' (seg{segment:03d})'} of {stem}: "
+               + ", ".join(names)
+               for (kind, segment), names in conflicts.items() if kind in kinds]
+    reasons += [f["problem"] for f in used if f.get("problem")]
+    return "; ".join(reasons)
 
 
-def _row_skip(files: dict[str, dict]) -> str:
-    return "; ".join(f["skip"] for f in files.values() if f.get("skip"))
+def _row_skip(used: list[dict]) -> str:
+    return "; ".join(f["skip"] for f in used if f.get("skip"))
+
+
+def _sizes(products: list[dict]) -> int | str | None:
+    """The size of one file, or the space-separated sizes of a segmented exposure's."""
+    sizes = [_size(p) for p in products]
+    if not sizes or None in sizes:
+        return None
+    return sizes[0] if len(sizes) == 1 else " ".join(map(str, sizes))
+
+
+def _exposure_files(stem: str, files: dict[str, list[dict]]):
+    """Which files of an exposure to process: (rate files, cal files, status, reason).
+
+    A time series is cleaned integration by integration: its ``_rateints`` segments with
+    the ``_calints`` ones, never its ``_rate`` files (segmented too, one plane each).
+    Other exposures pair ``_rate`` with ``_cal`` (or a ``_calints``, for a BOTS rate).
+    """
+    def in_order(kind):
+        return sorted(files.get(kind, []), key=lambda f: (f["segment"] or 0,
+                                                          f["productFilename"]))
+
+    status, reason = "ok", ""
+    if files.get("rateints"):
+        rates, cals = in_order("rateints"), in_order("calints")
+        numbers = [f["segment"] for f in rates if f["segment"] is not None]
+        missing = sorted(set(range(1, max(numbers, default=0) + 1)) - set(numbers))
+        if missing:
+            status = "skipped"
+            reason = (f"time series segment seg{missing[0]:03d} is not in the archive "
+                      f"(have {', '.join(f'seg{n:03d}' for n in numbers)})")
+            log.warning("%s: %s; skipped", stem, reason)
+        return rates, cals, status, reason
+    rates = in_order("rate")
+    cals = in_order("cal") or in_order("calints")
+    if len(rates) > 1:
+        status = "skipped"
+        reason = "segmented rate files without their rateints: not supported"
+        log.warning("%s: %s; skipped", stem, reason)
+    return rates, cals, status, reason
 
 
 def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Manifest:
     """Pair rate and cal products by exposure stem.
+
+    The segments of a time series (``..._00001-seg001_nrs1_rateints.fits`` ...) are one
+    exposure: one row listing them in segment order, processed from its ``_rateints``
+    with its ``_calints``; a missing segment skips it (see :class:`ManifestRow`).
 
     Parameters
     ----------
@@ -777,8 +896,10 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
         file, a file name that is a path): its exposure is listed with
         ``status="failed"`` and that reason; or a ``skip`` reason (a local file whose
         name the workflow cannot use, such as a ``... (1)`` copy): ``"skipped"``.  An
-        exposure for which two different rate (or cal) files are listed fails too.
-        The same product listed twice is taken once, with a warning.
+        exposure for which two different rate (or cal) files, or two different files
+        for one segment, are listed fails too.  The same product listed twice is taken
+        once, with a warning.  Only the files the exposure is processed from count (not
+        the ``_rate`` files of a time series).
 
     Raises
     ------
@@ -788,52 +909,54 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
     if missing_cal not in ("skip", "user_mask", "error"):
         raise ValueError(f"missing_cal must be 'skip', 'user_mask' or 'error', "
                          f"not {missing_cal!r}")
-    by_stem: dict[str, dict[str, dict]] = {}
-    conflicts: dict[str, list[str]] = {}
+    by_stem: dict[str, dict[str, list[dict]]] = {}
+    conflicts: dict[str, dict[tuple[str, int | None], list[str]]] = {}
     for product in products:
-        name = product["productFilename"]
-        kind = "rate" if name.endswith("_rate.fits") else "cal"
-        files = by_stem.setdefault(product["stem"], {})
-        if kind in files:  # two products for one stem: the same one twice, or a conflict
-            if _same_product(files[kind], product):
-                log.warning("%s: %s listed twice; taken once", product["stem"], name)
+        name, stem = product["productFilename"], product["stem"]
+        _, segment, kind = _split_name(name)
+        listed = by_stem.setdefault(stem, {}).setdefault(kind, [])
+        earlier = next((f for f in listed if f["segment"] == segment), None)
+        if earlier is not None:  # one product (segment) twice: the same file, or a conflict
+            if _same_product(earlier, product):
+                log.warning("%s: %s listed twice; taken once", stem, name)
             else:
-                log.warning("%s: two different %s files listed (%s, %s)", product["stem"],
-                            kind, files[kind]["productFilename"], name)
-                conflicts.setdefault(product["stem"], [kind, files[kind]["productFilename"]])
-                conflicts[product["stem"]].append(name)
+                log.warning("%s: two different %s files listed (%s, %s)", stem, kind,
+                            earlier["productFilename"], name)
+                conflicts.setdefault(stem, {}).setdefault(
+                    (kind, segment), [earlier["productFilename"]]).append(name)
             continue
-        files[kind] = product
+        listed.append(dict(product, segment=segment))
 
     manifest = Manifest()
     for stem in sorted(by_stem):
-        files = by_stem[stem]
-        rate, cal = files.get("rate"), files.get("cal")
-        status, reason, mask_source = "ok", "", "cal"
-        problem = _row_problem(stem, files, conflicts.get(stem, []))
-        skip = _row_skip(files)
+        rates, cals, status, reason = _exposure_files(stem, by_stem[stem])
+        mask_source = "cal"
+        problem = _row_problem(stem, rates + cals, conflicts.get(stem, {}))
+        skip = _row_skip(rates + cals)
         if problem:  # unreadable, unsafe or ambiguous: this exposure fails, alone
             status, reason = "failed", problem
             log.warning("%s: failed: %s", stem, problem)
         elif skip:
             status, reason = "skipped", skip
             log.warning("%s: skipped: %s", stem, skip)
-        elif rate is None:
+        elif not rates:
             manifest.without_rate.append(stem)
             status, reason = "skipped", "no rate file"
             log.warning("%s: cal file but no rate file; skipped", stem)
-        elif cal is None:
+        elif not cals:
             manifest.without_cal.append(stem)
             mask_source = "user"
-            if missing_cal == "skip":
+            if status != "ok":  # already skipped, with its reason
+                pass
+            elif missing_cal == "skip":
                 status, reason = "skipped", "no cal file, so no automatic mask"
                 log.warning("%s: no cal file, so no automatic mask; skipped (set "
                             "missing_cal to 'user_mask' to clean it with a user mask)", stem)
             else:
                 reason = "no cal file: needs a user mask"
                 log.warning("%s: no cal file; kept, it needs a user mask", stem)
-        known = rate or cal
-        rights = {f["dataRights"] for f in (rate, cal) if f is not None}
+        known = (rates or cals)[0]
+        rights = {f["dataRights"] for f in rates + cals}
         data_rights = ("EXCLUSIVE_ACCESS" if "EXCLUSIVE_ACCESS" in rights
                        else sorted(rights)[0])
         manifest.rows.append(ManifestRow(
@@ -841,12 +964,13 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
             visit=known["visit"], exposure=known["exposure"], detector=known["detector"],
             exp_type=known["exp_type"], subarray=known.get("subarray", ""),
             grating=known["grating"], filter=known["filter"],
-            rate_file=rate["productFilename"] if rate else "",
-            rate_size=_size(rate),
-            cal_file=cal["productFilename"] if cal else "",
-            cal_size=_size(cal),
+            rate_file=" ".join(f["productFilename"] for f in rates),
+            rate_size=_sizes(rates),
+            cal_file=" ".join(f["productFilename"] for f in cals),
+            cal_size=_sizes(cals),
             mask_source=mask_source, data_rights=data_rights, status=status, reason=reason,
-            rate_uri=rate["dataURI"] if rate else "", cal_uri=cal["dataURI"] if cal else ""))
+            rate_uri=" ".join(f["dataURI"] for f in rates),
+            cal_uri=" ".join(f["dataURI"] for f in cals)))
     if manifest.without_cal and missing_cal == "error":
         raise ArchiveError(f"{len(manifest.without_cal)} exposures have no cal file (so no "
                            f"automatic mask): {', '.join(manifest.without_cal)}")
@@ -863,7 +987,9 @@ def scan_local(directory: str | Path, programs=None, *, observations=None, modes
     Parameters
     ----------
     directory : str or Path
-        Directory holding ``*_rate.fits`` and ``*_cal.fits`` (not searched recursively).
+        Directory holding ``*_rate.fits`` and ``*_cal.fits``, and for time series
+        ``*_rateints.fits`` and ``*_calints.fits`` (with or without ``-segNNN``; not
+        searched recursively).
     programs, observations, modes, detectors, gratings, filters
         Optional selections, as in :func:`query_mast`; compared with the primary
         header keywords PROGRAM, OBSERVTN, EXP_TYPE, DETECTOR, GRATING and FILTER.
@@ -887,7 +1013,8 @@ def scan_local(directory: str | Path, programs=None, *, observations=None, modes
     wanted_gratings = _upper_set(gratings)
     wanted_filters = _upper_set(filters)
     products = []
-    for path in sorted(p for suffix in _SUFFIXES for p in directory.glob(f"*{suffix}")):
+    names = {p for suffix in _SUFFIXES for p in directory.glob(f"*{suffix}")}
+    for path in sorted(names):
         header, problem = _local_header(path)
         stem = stem_of(path.name)
         # a copy's name ("<stem> (1)") still starts with the 30-character JWST stem
@@ -907,8 +1034,7 @@ def scan_local(directory: str | Path, programs=None, *, observations=None, modes
         entry = {
             "productFilename": path.name, "dataURI": path.resolve().as_uri(),
             "size": path.stat().st_size, "dataRights": "LOCAL",
-            "productSubGroupDescription": "RATE" if path.name.endswith("_rate.fits")
-            else "CAL",
+            "productSubGroupDescription": _split_name(path.name)[2].upper(),
             "stem": stem,
             "program": keyword("PROGRAM", parts.get("program", "")).zfill(5),
             "observation": keyword("OBSERVTN", parts.get("observation", "")).zfill(3),
@@ -978,7 +1104,7 @@ def _unusable_local(path: Path, stem: str, parts: dict, *, problem: str, skip: s
     return {
         "productFilename": path.name, "dataURI": path.absolute().as_uri(),
         "size": size, "dataRights": "LOCAL",
-        "productSubGroupDescription": "RATE" if path.name.endswith("_rate.fits") else "CAL",
+        "productSubGroupDescription": _split_name(path.name)[2].upper(),
         "stem": stem, "program": parts.get("program", ""),
         "observation": parts.get("observation", ""), "visit": parts.get("visit", ""),
         "exposure": parts.get("exposure", ""), "detector": parts.get("detector", ""),
@@ -1083,7 +1209,10 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
     Returns
     -------
     list of ManifestRow
-        One per stem: a stem listed again is taken once, with a warning.
+        One per stem: a stem listed again is taken once, with a warning.  A size
+        column holds an int, the space-separated sizes of a segmented time series
+        (a str), or None when it is empty or not a byte count (the download then
+        trusts the archive's ``Content-Length``).
 
     Raises
     ------
@@ -1100,8 +1229,10 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
             values = {}
             for key in MANIFEST_COLUMNS:
                 value = record[key]
-                if key in _INT_COLUMNS:
-                    value = int(value) if str(value or "").strip().isdigit() else None
+                if key in _INT_COLUMNS:  # a size, or the sizes of segments; else unknown
+                    sizes = str(value or "").split()
+                    value = (None if not sizes or not all(v.isdigit() for v in sizes)
+                             else int(sizes[0]) if len(sizes) == 1 else " ".join(sizes))
                 values[key] = value
             row = ManifestRow(**values)
             if row.stem in rows:  # one exposure, however often it is listed
@@ -1196,7 +1327,8 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
     deadline : float, optional
         Seconds one attempt may take in all (the read timeout only bounds each wait,
         so a server sending a byte now and then would otherwise hold the job forever).
-        Default ``DEADLINE_BASE + size / min_rate`` with the announced size.
+        Default ``DEADLINE_BASE + size / min_rate`` with the size the answer announces
+        (the missing bytes when a partial download is resumed).
     min_rate : float
         Slowest transfer (bytes/s) the default deadline allows.
 
@@ -1218,7 +1350,8 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
         On 401/403: without a token the message says ``MAST_API_TOKEN`` is needed.
     DownloadError
         On 404 or other client errors, or when retries run out; names the file.  No
-        partial file is left at ``destination`` or in its directory.
+        partial file is left at ``destination`` or in its directory (only a killed
+        process leaves its partial file, which the next download resumes).
     """
     started = time.monotonic()
     destination = Path(destination)
@@ -1254,6 +1387,13 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
                 return DownloadResult(destination, False, 0, head, time.monotonic() - started)
         for attempt in range(1, retries + 2):
             server_delay = None
+            if attempt > 1 and expected_size is not None and destination.exists() \
+                    and destination.stat().st_size == expected_size:
+                # another process's download of this file finished meanwhile
+                log.info("%s: complete (%d bytes, downloaded by another process)", name,
+                         expected_size)
+                return DownloadResult(destination, False, attempt - 1, expected_size,
+                                      time.monotonic() - started)
             try:
                 nbytes = _fetch_once(session, url, cookies, timeout, destination,
                                      expected_size, chunk_size, token, fsync, **limits)
@@ -1276,18 +1416,28 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
                 log.warning("%s: attempt %d failed: %s; retrying in %.1f s", name, attempt,
                             last_error, delay)
                 time.sleep(delay)
+    except DownloadError:  # refused (401, 404 ...): no partial data stays behind
+        _discard_partial(destination)
+        raise
     finally:
         if own_session:
             session.close()
+    # Given up: no partial data stays behind (a killed process leaves its partial file,
+    # and the next download resumes from it; another process's transfer keeps its own).
+    _discard_partial(destination)
     raise DownloadError(f"{name}: download failed after {retries + 1} attempts from "
                         f"{archive_url}; last error: {last_error}")
 
 
 def _remove_stale_parts(destination: Path) -> None:
-    """Remove the temporary files of earlier attempts that were killed (SIGKILL, a batch
-    time limit): they are never complete, and this download replaces them.  A download
-    in progress holds an exclusive ``flock`` on its file (released by the kernel when its
-    process dies), so another process's transfer of the same file is left alone."""
+    """Remove the randomly named temporary files ``.<name>.<random>.part`` of earlier
+    writers that were killed (SIGKILL, a batch time limit): the local source's copy, and
+    downloads of earlier versions.  They are never complete, and nothing resumes them.
+
+    The resumable partial file ``.<name>.part`` (:func:`partial_path`) does not match
+    and is kept: the download resumes from it.  A file in progress holds an exclusive
+    ``flock`` (released by the kernel when its process dies), so another process's
+    transfer of the same file is left alone."""
     for stale in destination.parent.glob(f".{glob_escape(destination.name)}.*.part"):
         try:
             with open(stale, "rb") as handle:
@@ -1385,47 +1535,149 @@ def _retrying_head(session, url, cookies, timeout, name, token, *,
         return None  # the GET loop retries and reports properly
 
 
+#: Seconds between progress lines of a download in the log.
+PROGRESS_INTERVAL = 10.0
+
+
+def partial_path(destination: Path) -> Path:
+    """Where the bytes of an unfinished download of ``destination`` are kept (hidden)."""
+    return destination.parent / f".{destination.name}.part"
+
+
+def _open_partial(partial: Path, *, create: bool):
+    """The partial file, opened for reading and writing with an exclusive ``flock``.
+
+    Returns None when another process holds the lock (its download of the same file is
+    in progress), or when the file does not exist and ``create`` is false.  The lock is
+    taken without waiting, and kept only if the name still refers to the locked file (a
+    process that finished renamed it into place, or gave up and removed it, meanwhile).
+    """
+    while True:
+        try:
+            fd = os.open(partial, os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0),
+                         0o600)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            named = os.stat(partial)
+        except FileNotFoundError:
+            named = None
+        opened = os.fstat(fd)
+        if named is not None and (named.st_dev, named.st_ino) == (opened.st_dev,
+                                                                   opened.st_ino):
+            return os.fdopen(fd, "r+b")
+        os.close(fd)
+        if not create:
+            return None
+
+
+def _discard_partial(destination: Path) -> None:
+    """Remove the partial file of a download that gave up, unless another process's
+    download of the same file holds it."""
+    handle = _open_partial(partial_path(destination), create=False)
+    if handle is not None:
+        with handle:
+            partial_path(destination).unlink(missing_ok=True)
+
+
 def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size, chunk_size,
                 token, fsync, *, archive_url: str, deadline: float | None,
                 min_rate: float) -> int:
+    """One GET; resumes from the partial file with a Range request when there is one.
+
+    The bytes go to :func:`partial_path`, which is kept when the transfer breaks (the
+    next attempt, or the next run after a killed job, asks for the rest with
+    ``Range: bytes=<have>-``) and renamed into place only when complete.  A server that
+    answers a Range request with the whole file (200) is written from the start.  The
+    partial file is locked (``flock``) while this runs: a second process downloading
+    the same file meanwhile does not write into it (its attempt fails and is retried),
+    and :func:`_discard_partial` of another process leaves it alone.  The request
+    follows redirects with the token to the archive's origin only, asks for the bytes
+    as stored (``Accept-Encoding: identity``), stops at the attempt's deadline, and
+    never writes more than the answer announced.
+    """
     name = destination.name
     started = time.monotonic()
-    with _archive_request(session, "GET", url, archive_url=archive_url, cookies=cookies,
-                          timeout=timeout, stream=True,
-                          headers={"Accept-Encoding": "identity"}) as response:
-        _check_status(response, name, token)
-        length = _content_length(response)
-        if length is None:
-            raise _Retryable("no Content-Length in the answer")
-        allowed = deadline if deadline is not None else DEADLINE_BASE + length / min_rate
-        if expected_size is not None and length != expected_size:
-            raise _Retryable(f"the archive sends {length} bytes but the catalogue size is "
-                             f"{expected_size}")
-        handle = tempfile.NamedTemporaryFile(dir=destination.parent, delete=False,
-                                             prefix=f".{name}.", suffix=".part")
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)  # in progress: see _remove_stale_parts
-        try:
-            received = 0
-            with handle:
-                for block in _body_blocks(response, chunk_size, started, allowed):
-                    received += len(block)
-                    if received > length:  # never more on disk than was announced
-                        raise _Retryable(f"more than the announced {length} bytes")
-                    handle.write(block)
-                if fsync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
-            if received != length:
-                raise _Retryable(f"received {received} of {length} bytes")
-            _follow_umask(handle.name)
-            os.replace(handle.name, destination)
-        finally:
-            Path(handle.name).unlink(missing_ok=True)
+    partial = partial_path(destination)
+    handle = _open_partial(partial, create=True)
+    if handle is None:
+        raise _Retryable(f"another process is downloading {name} (its partial file "
+                         f"{partial.name} is locked)")
+    with handle:  # closing it releases the lock, after the rename
+        offset = os.fstat(handle.fileno()).st_size
+        if expected_size is not None and offset > expected_size:
+            handle.truncate(0)  # not a prefix of this file
+            offset = 0
+        if expected_size is not None and offset == expected_size:
+            # complete before a crash could rename it
+            _follow_umask(partial)
+            os.replace(partial, destination)
+            return offset
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        with _archive_request(session, "GET", url, archive_url=archive_url, cookies=cookies,
+                              timeout=timeout, stream=True, headers=headers) as response:
+            if response.status_code == 416:  # the partial file is no prefix of this file
+                handle.truncate(0)
+                raise _Retryable("the archive refused the resume range (HTTP 416)")
+            _check_status(response, name, token)
+            length = _content_length(response)
+            if length is None:
+                raise _Retryable("no Content-Length in the answer")
+            if response.status_code == 206:
+                found = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)",
+                                     response.headers.get("Content-Range", "").strip())
+                if (not found or int(found.group(1)) != offset
+                        or int(found.group(2)) + 1 != int(found.group(3))
+                        or length != int(found.group(3)) - offset):
+                    handle.truncate(0)
+                    raise _Retryable("the archive answered the resume with another range")
+                total = int(found.group(3))
+                log.info("%s: resuming at byte %d of %d", name, offset, total)
+            else:
+                offset, total = 0, length
+                handle.truncate(0)
+            if expected_size is not None and total != expected_size:
+                raise _Retryable(f"the archive sends {total} bytes but the catalogue size "
+                                 f"is {expected_size}")
+            allowed = deadline if deadline is not None else DEADLINE_BASE + length / min_rate
+            handle.seek(offset)
+            received = offset
+            body_started = last_report = time.monotonic()
+            for block in _body_blocks(response, chunk_size, started, allowed):
+                received += len(block)
+                if received > total:  # never more on disk than was announced
+                    handle.truncate(0)  # and what came is not this file
+                    raise _Retryable(f"more than the announced {length} bytes")
+                handle.write(block)
+                now = time.monotonic()
+                if now - last_report >= PROGRESS_INTERVAL:
+                    last_report = now
+                    log.info("%s: %d of %d bytes (%.0f %%), %.1f MB/s", name, received,
+                             total, 100 * received / max(total, 1),
+                             (received - offset) / 1e6 / max(now - body_started, 1e-9))
+            handle.flush()
+            if fsync:
+                os.fsync(handle.fileno())
+            if received != total:
+                raise _Retryable(f"received {received} of {total} bytes")
+            _follow_umask(partial)
+            os.replace(partial, destination)
+    seconds = max(time.monotonic() - body_started, 1e-9)
+    log.info("%s: %d bytes transferred%s, %.1f MB/s", name, total - offset,
+             f" (resumed at byte {offset})" if offset else "",
+             (total - offset) / 1e6 / seconds)
     return received
 
 
 def download_exposure(row: ManifestRow, directory: str | Path, **options) -> dict[str, Path]:
-    """Download the rate (and cal, if any) file of one manifest row into a directory.
+    """Download the rate (and cal, if any) files of one manifest row into a directory.
 
     Parameters
     ----------
@@ -1438,24 +1690,30 @@ def download_exposure(row: ManifestRow, directory: str | Path, **options) -> dic
     Returns
     -------
     dict
-        ``{"rate": path, "cal": path}`` (no ``"cal"`` key without a cal file).
+        ``{"rate": path, "cal": path}`` (no ``"cal"`` key without a cal file); for a
+        segmented time series the values are lists of paths, in segment order.
 
     Raises
     ------
     DownloadError
         As :func:`download_file`, and before any request when a file name of the row is
-        not a plain file name (``../x``, an absolute path): nothing is written outside
-        ``directory``.
+        not a plain file name (``../x``, an absolute path) or the row's names, URIs and
+        sizes do not pair up: nothing is written outside ``directory``.
     """
     directory = Path(directory)
-    for name in (row.rate_file, row.cal_file):
-        problem = _name_problem(name) if name else None
+    for name in row.rate_files + row.cal_files:
+        problem = _name_problem(name)
         if problem:
-            raise DownloadError(f"{row.stem}: {problem}; refused (it would be written "
-                                f"outside {directory})")
-    paths = {"rate": download_file(row.rate_uri, directory / row.rate_file,
-                                   expected_size=row.rate_size, **options).path}
-    if row.cal_file:
-        paths["cal"] = download_file(row.cal_uri, directory / row.cal_file,
-                                     expected_size=row.cal_size, **options).path
+            raise DownloadError(f"{row.stem}: {problem}; refused (a file must be written "
+                                f"as a plain file name inside {directory})")
+    try:
+        files = row.files()
+    except ValueError as exc:
+        raise DownloadError(f"{exc}; refused") from None
+    fetched = {name: download_file(uri, directory / name, expected_size=size, **options).path
+               for name, uri, size in files}
+    paths = {}
+    for key, names in (("rate", row.rate_files), ("cal", row.cal_files)):
+        if names:
+            paths[key] = fetched[names[0]] if len(names) == 1 else [fetched[n] for n in names]
     return paths

@@ -44,6 +44,7 @@ from astropy.io import fits
 from .. import __version__
 from ..algorithm import masks as masklib
 from ..algorithm.nirspec import DETECTORS, FULL_FRAME
+from ..algorithm.nirspec import MSA_FAILED_OPEN as DQ_MSA_FAILED_OPEN
 from .errors import NSCleanInputError
 
 __all__ = [
@@ -67,6 +68,11 @@ __all__ = [
 ]
 
 STATUS_KEYWORD = "S_NSCLEN"
+# Status keywords set on a cleaned product (left off the saved noise model).
+# S_CLNFNS is the keyword jwst's schema defines for this correction (clean_flicker_noise):
+# jwst and its users see that the file is cleaned (and do not clean it twice).
+JWST_STATUS_KEYWORD = "S_CLNFNS"
+STATUS_KEYWORDS = (STATUS_KEYWORD, JWST_STATUS_KEYWORD)
 _EXISTS = "output exists (replace it with --overwrite, or overwrite=True in Python)"
 IFU_EXP_TYPES = ("NRS_IFU",)
 SLIT_EXP_TYPES = ("NRS_MSASPEC", "NRS_FIXEDSLIT", "NRS_BRIGHTOBJ")
@@ -101,7 +107,8 @@ NIRSPEC_SUBARRAYS = frozenset(
 MODEL_SUFFIX = "flicker_noise"
 MASK_SUFFIX = "mask"
 
-_STEM_RE = re.compile(r"(jw\d{11}_\d{5}_\d{5}_nrs[12])", re.IGNORECASE)
+# A time-series segment (``_00001-seg002_nrs1``) belongs to the exposure without it.
+_STEM_RE = re.compile(r"(jw\d{11}_\d{5}_\d{5})(?:-seg\d{3})?_(nrs[12])", re.IGNORECASE)
 # Keywords that identify an exposure; a rate and its cal must agree on all.
 _EXPOSURE_KEYWORDS = ("PROGRAM", "OBSERVTN", "VISIT", "VISITGRP", "SEQ_ID", "ACT_ID", "EXPOSURE")
 _GEOMETRY_KEYWORDS = ("DETECTOR", "SUBARRAY", "SUBSTRT1", "SUBSTRT2", "SUBSIZE1", "SUBSIZE2")
@@ -226,6 +233,11 @@ class CalExposure:
         Full SCI image of an IFU product (NaN outside the slices).
     slits : list of nsclean.algorithm.masks.SlitRegion
         Slit cutouts placed on the rate array (MOS, fixed slit, BOTS).
+    failed_open : list of (int, int, ndarray of bool)
+        ``(row, column, cutout)``: where the cal DQ flags MSA_FAILED_OPEN, per DQ
+        array (the full IFU frame at (0, 0), or each slit's cutout at its SLTSTRT),
+        0-indexed in the rate array.  Stage 2's ``msa_flagging`` sets this flag in the
+        cal product; the rate never carries it.
     """
 
     path: Path
@@ -234,6 +246,18 @@ class CalExposure:
     layout: str
     ifu_sci: np.ndarray | None = field(default=None, repr=False)
     slits: list = field(default_factory=list, repr=False)
+    failed_open: list = field(default_factory=list, repr=False)
+
+    def failed_open_pixels(self, shape: tuple[int, int]) -> np.ndarray:
+        """Pixels of a rate array of ``shape`` that the cal DQ flags MSA_FAILED_OPEN."""
+        flagged = np.zeros(shape, dtype=bool)
+        for row, column, cutout in self.failed_open:
+            rows = slice(max(row, 0), min(row + cutout.shape[0], shape[0]))
+            cols = slice(max(column, 0), min(column + cutout.shape[1], shape[1]))
+            if rows.stop > rows.start and cols.stop > cols.start:
+                flagged[rows, cols] |= cutout[rows.start - row : rows.stop - row,
+                                              cols.start - column : cols.stop - column]
+        return flagged
 
     @property
     def exp_type(self) -> str:
@@ -288,7 +312,7 @@ def exposure_stem(name: str | os.PathLike | None = None, header: Mapping | None 
     if name is not None:
         found = _STEM_RE.search(Path(name).name)
         if found:
-            return found.group(1).lower()
+            return f"{found.group(1)}_{found.group(2)}".lower()
     if header is not None:
         try:
             return (
@@ -332,6 +356,8 @@ def read_rate(path: str | os.PathLike) -> RateExposure:
         _check_product_kind(path, header, "rate")
         sci = _image_data(path, hdul, "SCI")
         dq = _image_data(path, hdul, "DQ")
+    if sci.ndim == 3:
+        raise NSCleanInputError(path, _INTS_HINT)
     if sci.ndim != 2:
         raise NSCleanInputError(
             path, f"SCI is {sci.ndim}-D {sci.shape}; only 2-D rate images are supported"
@@ -394,14 +420,39 @@ def read_cal(path: str | os.PathLike) -> CalExposure:
             ifu_sci = _checked_data(path, sci_hdus[0], "SCI")
             if ifu_sci.ndim != 2:
                 raise NSCleanInputError(path, f"IFU SCI is {ifu_sci.ndim}-D, expected 2-D")
-            return CalExposure(path, _stem_or_error(path, header), header, "ifu", ifu_sci=ifu_sci)
+            failed = _failed_open_cutout(path, hdul, sci_hdus[0], 0, 0)
+            return CalExposure(path, _stem_or_error(path, header), header, "ifu", ifu_sci=ifu_sci,
+                               failed_open=failed)
         if exp_type not in SLIT_EXP_TYPES:
             known = ", ".join(IFU_EXP_TYPES + SLIT_EXP_TYPES)
             raise NSCleanInputError(
                 path, f"EXP_TYPE {exp_type or '(missing)'} has no known cal layout (known: {known})"
             )
         slits = [_slit_region(path, hdu) for hdu in sci_hdus]
-    return CalExposure(path, _stem_or_error(path, header), header, "slits", slits=slits)
+        failed = [cutout for hdu, slit in zip(sci_hdus, slits, strict=True)
+                  for cutout in _failed_open_cutout(path, hdul, hdu, slit.ystart, slit.xstart)]
+    return CalExposure(path, _stem_or_error(path, header), header, "slits", slits=slits,
+                       failed_open=failed)
+
+
+def _failed_open_cutout(path: Path, hdul, sci_hdu, row: int, column: int) -> list:
+    """The MSA_FAILED_OPEN pixels of the DQ that goes with a SCI extension (same EXTVER).
+
+    Returns ``[(row, column, bool cutout)]`` when any pixel is flagged, else ``[]``.  A
+    calints DQ (one plane per integration) counts a pixel flagged in any integration.
+    """
+    try:
+        dq_hdu = hdul["DQ", sci_hdu.ver]
+    except KeyError:
+        return []
+    dq = _checked_data(path, dq_hdu, f"DQ extension {sci_hdu.ver}")
+    if not np.issubdtype(dq.dtype, np.integer):
+        raise NSCleanInputError(path, f"DQ extension {sci_hdu.ver} has data type {dq.dtype}, "
+                                      "expected integers")
+    flagged = (dq.astype(np.uint32, copy=False) & np.uint32(DQ_MSA_FAILED_OPEN)) != 0
+    if flagged.ndim == 3:
+        flagged = flagged.any(axis=0)
+    return [(row, column, flagged)] if flagged.any() else []
 
 
 def _slit_region(path: Path, hdu) -> masklib.SlitRegion:
@@ -558,8 +609,10 @@ def read_mask(
                 data = _checked_data(path, hdu, hdu.name or "PRIMARY")
                 header = hdu.header.copy()
                 if hdu is not hdul[0]:
+                    # the exposure's identity and (nsclean masks) how it was built
                     header.extend(
-                        (c for c in hdul[0].header.cards if c.keyword in _IDENTITY_KEYWORDS),
+                        (c for c in hdul[0].header.cards
+                         if c.keyword in _IDENTITY_KEYWORDS or c.keyword.startswith("NSC")),
                         unique=True,
                     )
                 break
@@ -694,9 +747,14 @@ def build_exposure_mask(
         source = "user"
     else:
         footprint = cal.footprint(rate.sci.shape, opts.footprint_mode) if cal else None
+        dq, from_cal = rate.dq, None
+        if cal is not None and cal.failed_open:
+            # MSA_FAILED_OPEN is set by stage 2 (msa_flagging) in the cal DQ only.
+            from_cal = cal.failed_open_pixels(rate.sci.shape)
+            dq = rate.dq | np.where(from_cal, np.uint32(DQ_MSA_FAILED_OPEN), np.uint32(0))
         mask, info = masklib.build_background_mask(
             rate.sci,
-            rate.dq,
+            dq,
             footprint,
             exp_type=rate.exp_type,
             origin=rate.origin,
@@ -704,6 +762,9 @@ def build_exposure_mask(
             options=opts,
         )
         source = "auto"
+        if from_cal is not None:
+            info["steps"].append({"step": "failed_open_from_cal", "applied": True,
+                                     "n_flagged": int(from_cal.sum())})
         if user_mask is not None:
             before = int(mask.sum())
             mask = masklib.combine_masks(mask, user_mask, "and")
@@ -759,9 +820,12 @@ def write_mask(
     overwrite: bool = False,
     fsync: bool = False,
 ) -> Path:
-    """Write a background mask as FITS: uint8 primary image, 1 = background.
+    """Write a background mask as FITS: an ImageModel whose SCI is 1 on background.
 
-    The primary header carries the identification keywords of the exposure
+    The file is laid out as stdatamodels' ``ImageModel`` (``DATAMODL``, SCI float32
+    1.0/0.0), so that ``stdatamodels.jwst.datamodels.open`` gives the mask as its
+    ``data`` and jwst's ``clean_flicker_noise`` can take it as ``user_mask``.  The
+    primary header carries the identification keywords of the exposure
     (from ``reference_header``), the ``NSCM*`` keywords of every mask option,
     and HISTORY lines describing each step. A ``GUARD`` table lists, per
     column, the number of background pixels, the longest masked run and
@@ -785,8 +849,12 @@ def write_mask(
     _add_mask_cards(header, info)
     for line in _mask_history(info):
         header.add_history(line)
-    primary = fits.PrimaryHDU(mask.astype(np.uint8), header=header)
-    hdus = [primary]
+    header["DATAMODL"] = ("ImageModel", "stdatamodels model: SCI holds the mask")
+    if "TELESCOP" not in header:
+        header["TELESCOP"] = "JWST"
+    sci = fits.ImageHDU(mask.astype(np.float32), name="SCI")
+    sci.header["BUNIT"] = ("", "1 = background used by the fit, 0 = not")
+    hdus = [fits.PrimaryHDU(header=header), sci]
     guard = info.get("guard")
     if guard and len(guard.get("column_counts", [])) == mask.shape[1]:
         weak = np.zeros(mask.shape[1], dtype=bool)
@@ -1244,7 +1312,7 @@ def clean_exposure(
         )
         if model_path is not None:
             model_cards = [*cards, ("NSCPROD", "MODEL", "SCI holds the fitted noise model")]
-            model_cards = [c for c in model_cards if c[0] != STATUS_KEYWORD]
+            model_cards = [c for c in model_cards if c[0] not in STATUS_KEYWORDS]
             write_cleaned_rate(
                 rate.path,
                 model_path,
@@ -1317,6 +1385,7 @@ def _options_from_header(header: fits.Header | None) -> dict:
 def _provenance(rate, cal, mask_path, info, result) -> tuple[list, list]:
     cards = [
         (STATUS_KEYWORD, "COMPLETE", "nsclean correlated-noise removal"),
+        (JWST_STATUS_KEYWORD, "COMPLETE", "1/f noise cleaned (by nsclean)"),
         ("NSCVER", __version__, "nsclean version"),
     ]
     for name, (keyword, comment) in _FIT_KEYWORDS.items():
@@ -1565,11 +1634,20 @@ _CAL_NAME_RE = re.compile(r"_(cal|s2d|x1d|photom|phot|flat)[._]", re.IGNORECASE)
 _RATE_NAME_RE = re.compile(r"_(rate|rateints|nsclean|cfn_rate)[._]", re.IGNORECASE)
 
 
+_INTS_NAME_RE = re.compile(r"_rateints[._]", re.IGNORECASE)
+_INTS_HINT = (
+    "is a per-integration rateints product (CubeModel), not a 2-D rate image: clean it with "
+    "nsclean.io.tso.clean_rateints, or give it to 'nsclean clean' with its calints file(s)"
+)
+
+
 def _check_product_kind(path: Path, header: fits.Header, expected: str) -> None:
     """Catch a cal given for a rate and vice versa (e.g. swapped arguments)."""
     model = str(header.get("DATAMODL", "")).strip().upper()
     name = path.name
     if expected == "rate":
+        if model == "CUBEMODEL" or (not model and _INTS_NAME_RE.search(name)):
+            raise NSCleanInputError(path, _INTS_HINT)
         if model and model not in _RATE_MODELS:
             raise NSCleanInputError(
                 path,

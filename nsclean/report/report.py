@@ -26,6 +26,7 @@ __all__ = [
     "BASE_COLUMNS",
     "CSV_COLUMNS",
     "FIGURE_KINDS",
+    "SETUP_COLUMNS",
     "STATUSES",
     "TIMING_COLUMNS",
     "load_records",
@@ -40,9 +41,13 @@ PROVENANCE_COLUMNS = ("nsclean_version", "rate_sha256", "cal_sha256", "mask_sha2
 #: Processing time of the exposure (seconds, the sum of its steps' ``timing``): after the
 #: metrics, and the one column that differs between identical runs.
 TIMING_COLUMNS = ("time_s",)
+#: The exposure's set-up, last in every CSV row: instrument mode (IFU, MOS, FS, BOTS),
+#: detector, grating, filter and readout pattern (READPATT).
+SETUP_COLUMNS = ("mode", "detector", "grating", "filter", "readpatt")
 #: CSV header: the five record fields, every QA metric in a stable order, the time taken,
-#: provenance.
-CSV_COLUMNS = BASE_COLUMNS + FLAT_METRIC_KEYS + TIMING_COLUMNS + PROVENANCE_COLUMNS
+#: provenance, set-up.
+CSV_COLUMNS = (BASE_COLUMNS + FLAT_METRIC_KEYS + TIMING_COLUMNS + PROVENANCE_COLUMNS
+               + SETUP_COLUMNS)
 #: Figures linked from the table, in display order; "thumbnail" is shown inline.
 FIGURE_KINDS = ("comparison", "mask", "column", "spectrum")
 
@@ -78,6 +83,9 @@ def _normalise(record, source="record"):
         # Provenance, when the record has it (the workflow's records do).
         "nsclean_version": record.get("nsclean_version") or None,
         "inputs": dict(record.get("inputs") or {}),
+        # Set-up (exp_type, detector, grating, filter, readpatt, subarray), when known.
+        "setup": {str(k): str(v) for k, v in (record.get("setup") or {}).items()
+                  if v not in (None, "")},
     }
     return out
 
@@ -296,6 +304,19 @@ def _href(path, base):
     return html.escape(urllib.parse.quote(relative, safe="/"), quote=True)
 
 
+def _embedded(path, base):
+    """The thumbnail as a data: URI, so that it shows wherever the HTML is opened (inside
+    Snakemake's report too, where relative links do not resolve); a link if unreadable."""
+    import base64
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return _href(path, base)
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
 def _e(value):
     return html.escape("" if value is None else str(value), quote=True)
 
@@ -421,7 +442,7 @@ def _exposure_row(record, base, results_dir):
     if thumb:
         target = figures.get("comparison") or thumb
         image = (
-            f'<a href="{_href(target, base)}"><img class=thumb src="{_href(thumb, base)}"'
+            f'<a href="{_href(target, base)}"><img class=thumb src="{_embedded(thumb, base)}"'
             f' alt="{_e(record["stem"])} before|after"></a>'
         )
     else:
@@ -429,6 +450,10 @@ def _exposure_row(record, base, results_dir):
     cells.append(f'<td data-sort="{1 if thumb else 0}">{image}</td>')
     cells.append(f'<td data-sort="{_e(record["program"])}">{_e(record["program"])}</td>')
     cells.append(f'<td class=stem data-sort="{_e(record["stem"])}">{_e(record["stem"])}</td>')
+    mode, detector, grating, filt, readpatt = _setup(record)
+    optics = "/".join(v for v in (grating, filt) if v)
+    for value in (mode, detector, optics, readpatt):
+        cells.append(f'<td data-sort="{_e(value)}">{_e(value)}</td>')
     status_key = {"failed": 0, "flagged": 1, "skipped": 2, "ok": 3}[state]
     label = "cleaned (flagged)" if state == "flagged" else record["status"]
     cells.append(f'<td class=status data-sort="{status_key}">{_e(label)}</td>')
@@ -469,7 +494,10 @@ def _html(records, html_path, *, title, config, results_dir):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     headers = (
         [("", "thumbnail (before | after); click for the full comparison")]
-        + [("program", ""), ("stem", "exposure stem"), ("status", ""), ("why", "reason / flags")]
+        + [("program", ""), ("stem", "exposure stem")]
+        + [("mode", "IFU, MOS, FS or BOTS"), ("detector", ""),
+           ("grating/filter", ""), ("readout", "readout pattern (READPATT)")]
+        + [("status", ""), ("why", "reason / flags")]
         + [(h, tip) for h, tip, _ in _NUMERIC_COLUMNS]
         + [("figures", ""), ("cleaned file", "relative to the results directory")]
     )
@@ -528,8 +556,20 @@ def _csv(records):
         total = _total_time(record)
         row.append("" if total is None else round(total, 3))
         row.extend(_provenance(record))
+        row.extend(_setup(record))
         writer.writerow(row)
     return buffer.getvalue()
+
+
+def _setup(record):
+    """The SETUP_COLUMNS values of a record ("" where unknown)."""
+    from ..archive.archive import MODES
+
+    setup = record.get("setup") or {}
+    exp_type = setup.get("exp_type", "")
+    mode = next((name for name, value in MODES.items() if value == exp_type), exp_type)
+    return [mode, setup.get("detector", ""), setup.get("grating", ""),
+            setup.get("filter", ""), setup.get("readpatt", "")]
 
 
 def _provenance(record):
@@ -542,8 +582,8 @@ def _provenance(record):
                 return str(value).partition(":")[2] or str(value)
         return ""
 
-    return [record.get("nsclean_version") or "", digest("_rate.fits"), digest("_cal.fits"),
-            digest("mask")]
+    return [record.get("nsclean_version") or "", digest("_rate.fits"),
+            digest(("_cal.fits", "_calints.fits")), digest("mask")]
 
 
 def write_report(records, html_path, csv_path, *, title, config=None, results_dir=None):

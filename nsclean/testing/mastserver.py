@@ -49,7 +49,7 @@ import argparse
 import http.server
 import ipaddress
 import json
-import shutil
+import re
 import socket
 import sys
 import threading
@@ -128,6 +128,8 @@ class RequestRecord:
         Whether the answer was an ``EXECUTING`` poll.
     page : int
         Page requested (invoke requests), else 0.
+    range : str
+        The ``Range`` header of a download (``"bytes=1000-"``), or ``""``.
     """
 
     method: str
@@ -138,6 +140,7 @@ class RequestRecord:
     authenticated: bool = False
     executing: bool = False
     page: int = 0
+    range: str = ""
 
 
 @dataclass
@@ -158,6 +161,9 @@ def _column_config(fields: list[tuple[str, str]]) -> dict:
             entry["separator"] = ";"
         config[name] = entry
     return config
+
+
+_SEGMENT = re.compile(r"(_\d{5})-seg\d{3}(?=_)", re.IGNORECASE)
 
 
 def _header_value(header, key, default=""):
@@ -194,6 +200,9 @@ def build_catalogue(root: str | Path, *, exclusive: Iterable[str] = ()) -> Catal
         stem, _, suffix = path.stem.rpartition("_")
         if suffix not in _FILE_SUFFIXES:
             continue
+        # A segmented time series is one exposure (one level-2 observation) with a file
+        # per segment: jw..._00001-seg002_nrs1_rateints.fits belongs to jw..._00001_nrs1.
+        stem = _SEGMENT.sub(r"\1", stem)
         header = fits.getheader(path, 0)
         exposure = exposures.setdefault(stem, {"header": header, "files": []})
         exposure["files"].append((path, suffix))
@@ -261,7 +270,35 @@ def build_catalogue(root: str | Path, *, exclusive: Iterable[str] = ()) -> Catal
                 dict(product, parent_obsid=row2["obsid"]))
             catalogue.products_by_obsid[parent["obsid"]].append(
                 dict(product, parent_obsid=parent["obsid"]))
+    _add_associations(catalogue, root)
     return catalogue
+
+
+_ASSOCIATION = re.compile(r"^jw(\d{5})-o(\d{3})_.*_asn\.json$", re.IGNORECASE)
+
+
+def _add_associations(catalogue: Catalogue, root) -> None:
+    """Serve ``jw<program>-o<obs>_..._asn.json`` files as MAST does: products (ASN) of the
+    program's level-3 observations of that observation number."""
+    for path in sorted(Path(root).glob("jw*_asn.json")):
+        found = _ASSOCIATION.match(path.name)
+        if not found:
+            continue
+        prefix = f"jw{found.group(1)}-o{found.group(2)}_"
+        for row in catalogue.observations:
+            if row["calib_level"] != 3 or not row["obs_id"].startswith(prefix):
+                continue
+            catalogue.products_by_obsid[row["obsid"]].append({
+                "obsID": row["obsid"], "obs_collection": "JWST",
+                "dataproduct_type": row["dataproduct_type"], "obs_id": row["obs_id"],
+                "description": "association", "type": "D",
+                "dataURI": f"mast:JWST/product/{path.name}", "productType": "INFO",
+                "productGroupDescription": "", "productSubGroupDescription": "ASN",
+                "productDocumentationURL": "", "project": "CALJWST", "prvversion": "1.0",
+                "proposal_id": row["proposal_id"], "productFilename": path.name,
+                "size": path.stat().st_size, "dataRights": "PUBLIC", "calib_level": 3,
+                "filters": row["filters"], "parent_obsid": row["obsid"]})
+            catalogue.files[path.name] = path
 
 
 def _matches(row: dict, flt: dict, kinds: dict[str, str]) -> bool:
@@ -616,17 +653,40 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                        extra_headers={"Retry-After": "1"} if fault == "503" else None)
             return
         if head or not fault:  # stream the file: real exposures are ~84 MB each
-            record.status = 200
+            size = path.stat().st_size
+            start, end = 0, size - 1
+            record.range = self.headers.get("Range", "") if not head else ""
+            if record.range:
+                # RFC 9110 single byte range, as MAST serves it: "bytes=<first>-[<last>]"
+                found = re.fullmatch(r"bytes=(\d+)-(\d*)", record.range.strip())
+                if not found or int(found.group(1)) >= size:
+                    self._send(record, 416, b"range not satisfiable", "text/plain",
+                               extra_headers={"Content-Range": f"bytes */{size}"})
+                    return
+                start = int(found.group(1))
+                end = min(int(found.group(2)), size - 1) if found.group(2) else size - 1
+            partial = start > 0 or end < size - 1
+            record.status = 206 if partial else 200
             self.mast._record(record)
-            self.send_response(200)
+            self.send_response(record.status)
             self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(path.stat().st_size))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("Content-Length", str(end - start + 1))
+            if partial:
+                self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.send_header("Content-Disposition", f"attachment; filename={name}")
             self.end_headers()
             if not head:
                 try:
                     with open(path, "rb") as handle:
-                        shutil.copyfileobj(handle, self.wfile, 1 << 20)
+                        handle.seek(start)
+                        remaining = end - start + 1
+                        while remaining > 0:
+                            block = handle.read(min(1 << 20, remaining))
+                            if not block:
+                                break
+                            self.wfile.write(block)
+                            remaining -= len(block)
                 except (BrokenPipeError, ConnectionResetError, OSError):
                     self.close_connection = True
             return

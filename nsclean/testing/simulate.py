@@ -61,9 +61,12 @@ __all__ = [
     "SUBARRAYS",
     "SimulatedExposure",
     "make_demo_program",
+    "SimulatedTimeSeries",
     "make_stem",
     "simulate_exposure",
+    "simulate_timeseries",
     "write_exposure",
+    "write_timeseries",
 ]
 
 # --- detector timing (Rauscher 2015; field notes section 2) --------------------------------
@@ -178,7 +181,11 @@ class SimulatedExposure:
         a superset of ``footprint`` (slit-edge wings, bright-star halos, light through the
         fixed slits in IFU/MOS exposures).
     dq : ndarray of uint32
-        Data-quality flags (``nsclean.algorithm.nirspec`` bit values).
+        Data-quality flags (``nsclean.algorithm.nirspec`` bit values), every one where
+        the pipeline sets it: the written rate leaves out MSA_FAILED_OPEN, which only
+        stage 2 (msa_flagging) sets, in the cal product (IFU: its full-frame DQ; MOS:
+        the DQ cutout of each slit, so only where a stuck-open shutter's light crosses
+        a slit box).
     err : ndarray of float32
         ``sqrt(var_poisson + var_rnoise)``, NaN where DO_NOT_USE.
     var_poisson, var_rnoise : ndarray of float32
@@ -919,7 +926,8 @@ def _primary_header(meta, filename, datamodel):
     cards = [
         ("DATE", now, "UTC date file created"),
         ("ORIGIN", "NSCLEAN", "synthetic exposure (nsclean.testing.simulate)"),
-        ("FILENAME", filename, "Name of the file"),
+        # (segment names are long: a shorter comment keeps the card in 80 characters)
+        ("FILENAME", filename, "Name of the file" if len(filename) < 48 else "file name"),
         ("DATAMODL", datamodel, "Type of data model"),
         ("TELESCOP", "JWST", "Telescope used to acquire the data"),
         ("CAL_VER", "1.14.0", "Calibration Software Version (emulated)"),
@@ -974,22 +982,29 @@ def _image(data, name, ver=None, bunit=None, extra=None):
     return hdu
 
 
+# Flags set by stage 2 (msa_flagging), so present in cal products only, never in a rate.
+_STAGE2_FLAGS = np.uint32(dqflags.MSA_FAILED_OPEN)
+
+
 def _rate_hdus(sim, filename):
     primary = fits.PrimaryHDU(header=_primary_header(sim.meta, filename, "ImageModel"))
     return fits.HDUList([
         primary,
         _image(sim.rate, "SCI", bunit="DN/s"),
         _image(sim.err, "ERR", bunit="DN/s"),
-        _image(sim.dq, "DQ"),
+        _image(sim.dq & ~_STAGE2_FLAGS, "DQ"),
         _image(sim.var_poisson, "VAR_POISSON", bunit="(DN/s)^2"),
         _image(sim.var_rnoise, "VAR_RNOISE", bunit="(DN/s)^2"),
     ])
 
 
-def _cal_hdus(sim, filename):
+def _cal_hdus(sim, filename, n_integrations=None, rates=None):
+    """Cal product HDUs; with ``n_integrations`` a calints (3-D SCI/ERR/DQ per slit)."""
     kind = sim.meta["kind"]
     datamodel = sim.meta["cal_model"]
     primary = fits.PrimaryHDU(header=_primary_header(sim.meta, filename, datamodel))
+    if n_integrations is not None:
+        primary.header["NINTS"] = n_integrations
     primary.header["S_NSCSIM"] = ("COMPLETE", "nsclean synthetic calibration")
     hdus = [primary]
     usable = sim.footprint & ((sim.dq & dqflags.DO_NOT_USE) == 0)
@@ -1026,12 +1041,19 @@ def _cal_hdus(sim, filename):
         ver = None if datamodel == "SlitModel" else number
 
         def cut(array, on_trace=on_trace, ys=ys, xs=xs):
-            return np.where(on_trace, array[ys, xs], np.nan).astype(np.float32)
+            if array.ndim == 3:
+                return np.where(on_trace, array[:, ys, xs], np.nan).astype(np.float32)
+            plane = np.where(on_trace, array[ys, xs], np.nan).astype(np.float32)
+            if n_integrations is None:
+                return plane
+            return np.broadcast_to(plane, (n_integrations, *plane.shape))
 
         dq = sim.dq[ys, xs] | np.where(slit["footprint"], 0,
                                        dqflags.DO_NOT_USE | dqflags.NON_SCIENCE)
+        if n_integrations is not None:
+            dq = np.broadcast_to(dq, (n_integrations, *dq.shape))
         hdus += [
-            _image(cut(sim.rate), "SCI", ver, "DN/s", keys),
+            _image(cut(sim.rate if rates is None else rates), "SCI", ver, "DN/s", keys),
             _image(cut(sim.err), "ERR", ver, "DN/s"),
             _image(dq.astype(np.uint32), "DQ", ver),
             _image(np.where(slit["footprint"], sim.wavelength[ys, xs], np.nan)
@@ -1073,8 +1095,10 @@ def write_exposure(sim, directory):
     cal_path : pathlib.Path or None
         The ``_cal.fits`` file: IFUImageModel (full frame, NaN off the slices) for IFU,
         MultiSlitModel (one SCI/ERR/DQ/WAVELENGTH/VAR_* set per slit, EXTVER 1..N, SLTNAME
-        and SLTSTRT/SLTSIZE in each SCI header) for MOS and FS, SlitModel for BOTS; ``None``
-        for darks.
+        and SLTSTRT/SLTSIZE in each SCI header) for MOS and FS; for BOTS the
+        ``_calints.fits`` (SlitModel, SCI of one plane), since stage 2 of a time series
+        writes no ``_cal`` and MAST serves none (:func:`write_timeseries` writes the
+        per-integration products); ``None`` for darks.
 
     Notes
     -----
@@ -1091,9 +1115,162 @@ def write_exposure(sim, directory):
     rate_path = _write_atomic(_rate_hdus(sim, rate_name), directory / rate_name)
     if sim.meta["cal_model"] is None:
         return rate_path, None
-    cal_name = f"{stem}_cal.fits"
-    cal_path = _write_atomic(_cal_hdus(sim, cal_name), directory / cal_name)
+    if sim.meta["kind"] == "bots":
+        # MAST serves no _cal for a time series: stage 2 writes _calints (one plane)
+        cal_name = f"{stem}_calints.fits"
+        hdus = _cal_hdus(sim, cal_name, n_integrations=1)
+    else:
+        cal_name = f"{stem}_cal.fits"
+        hdus = _cal_hdus(sim, cal_name)
+    cal_path = _write_atomic(hdus, directory / cal_name)
     return rate_path, cal_path
+
+
+@dataclasses.dataclass
+class SimulatedTimeSeries:
+    """A simulated BOTS time series: one rate plane per integration.
+
+    Attributes
+    ----------
+    base : SimulatedExposure
+        The scene, footprint, slit and DQ flags (shared by all integrations) and the
+        header metadata; ``base.rate`` is the first integration.
+    rates : ndarray of float32, shape (n_integrations, ny, nx)
+        One count-rate plane per integration (NaN where DO_NOT_USE).
+    noise_correlated : ndarray of float32
+        The correlated-noise part of every plane (the cleaner's target).
+    dq : ndarray of uint32, shape (n_integrations, ny, nx)
+        Base flags plus the jumps of each integration.
+    """
+
+    base: SimulatedExposure
+    rates: np.ndarray
+    noise_correlated: np.ndarray
+    dq: np.ndarray
+
+    @property
+    def stem(self) -> str:
+        return self.base.stem
+
+    @property
+    def n_integrations(self) -> int:
+        return self.rates.shape[0]
+
+
+def simulate_timeseries(detector="NRS1", n_integrations=10, *, seed=0, subarray="SUB2048",
+                        program="09999", observation=1, visit=1, exposure=1, **amplitudes):
+    """Simulate a BOTS time series: the same scene, new read noise every integration.
+
+    Parameters
+    ----------
+    detector : {"NRS1", "NRS2"}
+    n_integrations : int
+        Number of integrations (planes).
+    seed : int
+        Seed; the same seed and options give the same planes.
+    subarray : str
+        One of :data:`SUBARRAYS` (BOTS uses SUB2048, SUB1024A/B, SUB512 or SUB32).
+    program, observation, visit, exposure, **amplitudes
+        As :func:`simulate_exposure`; ``effective_time`` is the time of one integration.
+
+    Returns
+    -------
+    SimulatedTimeSeries
+    """
+    n_integrations = int(n_integrations)
+    if n_integrations < 1:
+        raise ValueError(f"n_integrations must be >= 1; got {n_integrations}")
+    base = simulate_exposure("bots", detector, readout="NRS", seed=seed, subarray=subarray,
+                             program=program, observation=observation, visit=visit,
+                             exposure=exposure, **amplitudes)
+    meta = base.meta
+    amp = meta["noise_options"]
+    ny, nx = base.rate.shape
+    gain = GAIN[meta["detector"]]
+    to_rate = np.float32(1.0 / (gain * amp["effective_time"]))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 7, n_integrations]))
+    rates = np.empty((n_integrations, ny, nx), dtype=np.float32)
+    correlated = np.empty_like(rates)
+    dq = np.broadcast_to(base.dq, rates.shape).copy()
+    white_sigma = np.sqrt(base.var_rnoise + base.var_poisson)
+    do_not_use = (base.dq & dqflags.DO_NOT_USE) != 0
+    for index in range(n_integrations):
+        # subarrays are read through one output (detector frame: lines = DMS columns)
+        noise = _correlated_noise_detector(rng, n_lines=nx, n_fast=ny, n_outputs=1,
+                                           irs2=False, amp=amp)
+        noise *= to_rate
+        correlated[index] = detector_to_dms(noise, meta["detector"])
+        plane = base.signal + base.artifacts + correlated[index]
+        plane += white_sigma * rng.standard_normal((ny, nx), dtype=np.float32)
+        # a few cosmic-ray jumps in this integration only
+        n_jump = rng.poisson(2000 * ny * nx / FULL_FRAME**2)
+        jy, jx = rng.integers(0, ny, n_jump), rng.integers(0, nx, n_jump)
+        plane[jy, jx] += rng.exponential(0.004, n_jump).astype(np.float32)
+        dq[index, jy, jx] |= dqflags.JUMP_DET
+        plane[do_not_use] = np.nan
+        rates[index] = plane
+    return SimulatedTimeSeries(base=base, rates=rates, noise_correlated=correlated, dq=dq)
+
+
+def _segment_bounds(n_integrations, segments):
+    edges = np.linspace(0, n_integrations, int(segments) + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True) if b > a]
+
+
+def write_timeseries(ts, directory, *, segments=1, calints=True):
+    """Write a time series as MAST serves it: ``_rateints`` and ``_calints`` files.
+
+    Parameters
+    ----------
+    ts : SimulatedTimeSeries
+    directory : str or os.PathLike
+        Output directory (created if missing).
+    segments : int
+        Number of segments; with more than one the files are named
+        ``<base>-segNNN_<det>_rateints.fits`` and carry INTSTART/INTEND (1-indexed) of
+        NINTS, as the pipeline splits large exposures.
+    calints : bool
+        Also write the calints file of every segment (SlitModel, 3-D SCI/ERR/DQ).
+
+    Returns
+    -------
+    rateints : list of pathlib.Path
+    calints : list of pathlib.Path
+        Empty with ``calints=False``. No ``_rate``/``_cal`` pair is written.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    base, detector = ts.stem.rsplit("_", 1)
+    bounds = _segment_bounds(ts.n_integrations, segments)
+    rate_paths, cal_paths = [], []
+    for number, (start, stop) in enumerate(bounds, start=1):
+        seg = f"-seg{number:03d}" if len(bounds) > 1 else ""
+        name = f"{base}{seg}_{detector}"
+        counts = {"NINTS": ts.n_integrations, "INTSTART": start + 1, "INTEND": stop}
+        rates = ts.rates[start:stop]
+        sigma = np.sqrt(ts.base.var_poisson + ts.base.var_rnoise)
+        err = np.where(np.isnan(rates), np.float32(np.nan), sigma).astype(np.float32)
+        cube = np.broadcast_to
+        primary = fits.PrimaryHDU(header=_primary_header(ts.base.meta, f"{name}_rateints.fits",
+                                                         "CubeModel"))
+        for key, value in counts.items():
+            primary.header[key] = value
+        hdus = fits.HDUList([
+            primary,
+            _image(rates, "SCI", bunit="DN/s"),
+            _image(err, "ERR", bunit="DN/s"),
+            _image(ts.dq[start:stop] & ~_STAGE2_FLAGS, "DQ"),
+            _image(cube(ts.base.var_poisson, rates.shape), "VAR_POISSON", bunit="(DN/s)^2"),
+            _image(cube(ts.base.var_rnoise, rates.shape), "VAR_RNOISE", bunit="(DN/s)^2"),
+        ])
+        rate_paths.append(_write_atomic(hdus, directory / f"{name}_rateints.fits"))
+        if calints:
+            cal_name = f"{name}_calints.fits"
+            cal_hdus = _cal_hdus(ts.base, cal_name, n_integrations=stop - start, rates=rates)
+            for key, value in counts.items():
+                cal_hdus[0].header[key] = value
+            cal_paths.append(_write_atomic(cal_hdus, directory / cal_name))
+    return rate_paths, cal_paths
 
 
 _DEMO_PLAN = (

@@ -154,7 +154,8 @@ def input_checksums(paths: Iterable[str | os.PathLike]) -> dict[str, str]:
 
 
 #: Primary-header keywords of the input checksums in a cleaned file.
-CHECKSUM_KEYWORDS = (("_rate.fits", "NSCSUMR", "rate"), ("_cal.fits", "NSCSUMC", "cal"),
+CHECKSUM_KEYWORDS = (("_rate.fits", "NSCSUMR", "rate"),
+                     (("_cal.fits", "_calints.fits"), "NSCSUMC", "cal"),
                      ("mask", "NSCSUMM", "mask"))
 
 
@@ -407,11 +408,17 @@ def program_records(program: str, manifest_path: str | os.PathLike,
         if row.status == "ok":
             if row.stem not in by_stem:
                 raise ValueError(f"{manifest_path}: no QA record for {row.stem}")
-            records.append(by_stem[row.stem])
+            record = by_stem[row.stem]
         else:  # failed (an unusable file) or skipped by the archive step
-            records.append({"program": program, "stem": row.stem,
-                            "status": FAILED if row.status == FAILED else SKIPPED,
-                            "reason": row.reason or "skipped by the archive step"})
+            record = {"program": program, "stem": row.stem,
+                      "status": FAILED if row.status == FAILED else SKIPPED,
+                      "reason": row.reason or "skipped by the archive step"}
+        # The set-up the report shows: from the rate header (QA record), else the manifest.
+        known = {"exp_type": row.exp_type, "detector": row.detector, "grating": row.grating,
+                 "filter": row.filter, "subarray": row.subarray}
+        record["setup"] = {**{k: v for k, v in known.items() if v},
+                           **(record.get("setup") or {})}
+        records.append(record)
     return records
 
 

@@ -34,6 +34,7 @@ from .pipeline import (
     CLEANED,
     FAILED,
     OK,
+    StepFailed,
     checksum_cards,
     file_checksum,
     input_checksums,
@@ -45,7 +46,8 @@ from .pipeline import (
     write_status,
 )
 
-__all__ = ["STEPS", "clean", "fetch_file", "fetch_manifest", "mask", "qa"]
+__all__ = ["STEPS", "clean", "clean_timeseries", "fetch_file", "fetch_manifest", "mask",
+           "qa"]
 
 
 def fetch_manifest(input: dict, output: dict, params: dict, log: str,
@@ -105,8 +107,10 @@ def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dic
     settings = params.get("archive") or {}
     target = Path(output["file"])
     rows = archive.read_manifest(input["manifest"])
-    files = {r.rate_file: (r.rate_uri, r.rate_size) for r in rows if r.rate_file}
-    files.update({r.cal_file: (r.cal_uri, r.cal_size) for r in rows if r.cal_file})
+    # only rows to process have files to fetch (a skipped or failed row may name a file
+    # that cannot be one, e.g. a "... (1)_rate.fits" copy)
+    files = {name: (uri, size) for r in rows if r.status == "ok"
+             for name, uri, size in r.files()}
     if target.name not in files:
         raise archive.ArchiveError(f"{target.name} is not listed in {input['manifest']}")
     uri, size = files[target.name]
@@ -141,8 +145,10 @@ def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dic
 def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
     """Rule ``mask``: the background mask of one exposure.
 
-    input: ``rate``, ``cal`` and optionally the download status records
-    (``rate_status``, ``cal_status``); output: ``mask`` (FITS, 1 = background; empty if
+    input: ``rate``, ``cal`` (lists: every segment of a time series; ``cal`` empty
+    without cal file), optionally the download status records (``rate_status``,
+    ``cal_status``) and ``user_mask`` (the configured mask of an exposure without cal
+    file, used as it is); output: ``mask`` (FITS, 1 = background; empty if
     the exposure failed) and ``status`` (JSON record with the mask summary, input
     checksums and the mask file's size).
     """
@@ -151,14 +157,30 @@ def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> 
     with step(output["status"], [output["mask"]], logger) as record:
         # Status records of the downloads (an archive refusal fails this exposure with
         # the archive's reason), and the files the size they were downloaded with.
-        for key in ("rate", "cal"):
-            if f"{key}_status" in input:
-                require_product(input[f"{key}_status"], input[key], "its download")
-        record["inputs"] = input_checksums([input["rate"], input["cal"]])
-        from ..io.exposure import make_mask
+        rates, cals = _paths(input["rate"]), _paths(input.get("cal"))
+        for key, files in (("rate", rates), ("cal", cals)):
+            for status_file, path in zip(_paths(input.get(f"{key}_status")), files,
+                                         strict=False):
+                require_product(status_file, path, "its download")
+        user_mask = input.get("user_mask") or None
+        if not cals and user_mask is None:
+            raise StepFailed(f"{rates[0]}: no cal file (so no automatic mask) and no user "
+                             f"mask in the config for exposure {wildcards['stem']} "
+                             "(user_masks.exposures, or user_masks.modes by mode and detector)")
+        record["inputs"] = input_checksums(rates + cals + ([user_mask] if user_mask else []))
+        # A user mask stands in for a missing cal file: used as it is.
+        mask_args = {"user_mask_path": user_mask, "user_mask_mode": "replace",
+                     "options": options, "overwrite": True,
+                     "fsync": bool(params.get("fsync"))}
+        if _time_series(rates):
+            from ..io.tso import make_rateints_mask
 
-        summary = make_mask(input["cal"], input["rate"], output["mask"], options=options,
-                            overwrite=True, fsync=bool(params.get("fsync")))
+            summary = make_rateints_mask(cals or None, rates, output["mask"], **mask_args)
+        else:
+            from ..io.exposure import make_mask
+
+            summary = make_mask(cals[0] if cals else None, rates[0], output["mask"],
+                                **mask_args)
         logger.info("mask of %s: %d background pixels (%.1f %%), %d weak columns",
                     summary["stem"], summary["n_background"],
                     100 * summary["background_fraction"], summary["n_weak_columns"])
@@ -166,29 +188,106 @@ def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> 
                      bytes=os.path.getsize(output["mask"]), **record)
 
 
+def _paths(value) -> list[str]:
+    """A rule's named input as a list (one file, or a list of files, or none)."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value]
+
+
+def _time_series(rates: list[str]) -> bool:
+    return any(str(path).endswith("_rateints.fits") for path in rates)
+
+
 def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
     """Rule ``clean``: fit and subtract the correlated read noise of one exposure.
 
     input: ``rate``, ``mask``, ``mask_status``; output: ``cleaned`` (the cleaned rate
-    file; empty if the exposure failed) and ``status`` (JSON record with the fit
+    file; empty if the exposure failed), optionally ``model`` (the fitted noise,
+    ``<stem>_flicker_noise.fits``) and ``status`` (JSON record with the fit
     summary, provenance and the cleaned file's size).  ``params["options"]`` are
     options of :func:`nsclean.fit`.
     """
     logger = script_logging(log)
-    with step(output["status"], [output["cleaned"]], logger) as record:
+    model = output.get("model")  # the noise model, with save_noise_model: true
+    with step(output["status"], [output["cleaned"]] + ([model] if model else []),
+              logger) as record:
         mask_record = require_product(input["mask_status"], input["mask"], "the mask step")
         record["inputs"] = {**mask_record.get("inputs", {}),
                             "mask": file_checksum(input["mask"])}
         record["mask_options"] = mask_record.get("mask_options", {})
         from ..io.exposure import clean_exposure
 
-        summary = clean_exposure(input["rate"], output["cleaned"], mask_path=input["mask"],
+        (rate,) = _paths(input["rate"])
+        summary = clean_exposure(rate, output["cleaned"], mask_path=input["mask"],
                                  fit_options=dict(params["options"]), overwrite=True,
+                                 save_model=bool(model),
                                  fsync=bool(params.get("fsync")),
                                  extra_cards=checksum_cards(record["inputs"]))
         logger.info("cleaned %s: %s", summary["stem"], summary["fit"])
         write_status(output["status"], OK, clean=summary,
                      bytes=os.path.getsize(output["cleaned"]), **record)
+
+
+def clean_timeseries(input: dict, output: dict, params: dict, log: str,
+                     wildcards: dict) -> None:
+    """Rule ``clean_timeseries``: clean every integration of one time series.
+
+    input: ``rate`` (every ``_rateints.fits`` segment), ``mask``, ``mask_status``;
+    output: ``cleaned`` (a folder of ``<file stem>_nsclean_rateints.fits``, one per
+    segment; empty if the exposure failed) and ``status`` (JSON record with the fit
+    summary, provenance and the size of every cleaned file, ``files``).
+    ``params["options"]`` are options of :func:`nsclean.fit`.  The integrations are
+    fitted in the job's process (:func:`nsclean.io.tso.clean_rateints` with one worker).
+    """
+    logger = script_logging(log)
+    folder = Path(output["cleaned"])
+    folder.mkdir(parents=True, exist_ok=True)
+    with step(output["status"], [], logger) as record:
+        mask_record = require_product(input["mask_status"], input["mask"], "the mask step")
+        record["inputs"] = {**mask_record.get("inputs", {}),
+                            "mask": file_checksum(input["mask"])}
+        record["mask_options"] = mask_record.get("mask_options", {})
+        from ..io.tso import clean_rateints
+
+        summary = clean_rateints(_paths(input["rate"]), folder, mask_path=input["mask"],
+                                 fit_options=dict(params["options"]), overwrite=True,
+                                 save_model=bool(params.get("save_noise_model")),
+                                 fsync=bool(params.get("fsync")),
+                                 extra_cards=checksum_cards(record["inputs"]), workers=1)
+        logger.info("cleaned %s: %d integrations in %d files, %s", summary["stem"],
+                    summary["n_integrations"], summary["segments"], summary["fit"])
+        write_status(output["status"], OK, clean=summary, **record,
+                     files={Path(p).name: os.path.getsize(p) for p in summary["outputs"]})
+
+
+def _qa_planes(input: dict, clean_record: dict):
+    """The rate and cleaned images QA measures, and the rate exposure for the mask.
+
+    A rate file is measured as it is.  A time series is measured on its first
+    integration (the cleaned files' sizes are checked against the clean record first).
+    """
+    from ..io.exposure import RateExposure, read_rate
+
+    rates = _paths(input["rate"])
+    if not _time_series(rates):
+        before, after = read_rate(rates[0]), read_rate(input["cleaned"])
+        return before, before.sci, after.sci
+    from ..io.tso import cleaned_name, read_rateints, read_segment
+
+    files = clean_record.get("files") or {}
+    for name, size in files.items():
+        path = Path(input["cleaned"]) / name
+        if not path.is_file() or path.stat().st_size != int(size):
+            raise StepFailed(f"{path}: missing or not the {size} bytes the clean step "
+                             "recorded: delete it and run again")
+    exposure = read_rateints(rates)
+    first = exposure.segments[0]
+    sci, dq = first.read()
+    after, _ = read_segment(Path(input["cleaned"]) / cleaned_name(first.path)).read()
+    before = RateExposure(path=first.path, stem=exposure.stem, header=first.header,
+                          sci=sci[0], dq=dq[0])
+    return before, sci[0], after[0]
 
 
 def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
@@ -215,16 +314,18 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
         import numpy as np
 
         from ..algorithm import qa as qa_metrics
-        from ..io.exposure import read_mask, read_rate
+        from ..io.exposure import read_mask
         from ..report import figures
 
-        before = read_rate(input["rate"])
-        after = read_rate(input["cleaned"])
+        before, before_sci, after_sci = _qa_planes(input, clean_record)
+        record["setup"] = {key.lower(): str(before.header[key]).strip() for key in
+                           ("EXP_TYPE", "DETECTOR", "GRATING", "FILTER", "READPATT",
+                            "SUBARRAY") if key in before.header}
         mask_array, _ = read_mask(input["mask"], before)
         # FITS data are big-endian; every numpy operation on them would convert on the
         # fly, so convert once (the same values).
-        before_sci, after_sci = (exposure.sci.astype(exposure.sci.dtype.newbyteorder("="))
-                                 for exposure in (before, after))
+        before_sci, after_sci = (sci.astype(sci.dtype.newbyteorder("="))
+                                 for sci in (before_sci, after_sci))
         # The subtracted model, where it is observable: NaN rate pixels stay NaN in the
         # cleaned file and carry no model (0 there, so the model metrics stay finite).
         model = np.nan_to_num(before_sci.astype(np.float64) - after_sci, nan=0.0)
@@ -246,4 +347,4 @@ def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> No
 
 #: The steps by name (what :func:`nsclean.workflow.warm.run_step` accepts).
 STEPS = {"fetch_manifest": fetch_manifest, "fetch_file": fetch_file, "mask": mask,
-         "clean": clean, "qa": qa}
+         "clean": clean, "clean_timeseries": clean_timeseries, "qa": qa}

@@ -150,15 +150,98 @@ def benchmark_path(rule_name, *parts):
     return results_path("benchmarks", rule_name, *parts) + ".tsv"
 
 
-def processed_stems(program):
-    """Stems of the exposures a program's manifest lists for processing.
+# The noise model is an output of rule clean only when asked for.
+NOISE_MODEL_OUTPUT = (
+    {"model": results_path("{program}", "{stem}", "{stem}_flicker_noise.fits")}
+    if config["save_noise_model"]
+    else {}
+)
+
+
+def processed_rows(program):
+    """Manifest rows of the exposures a program lists for processing.
 
     Evaluated after the fetch_manifest checkpoint has run.
     """
     from nsclean.archive.archive import read_manifest
 
     manifest = checkpoints.fetch_manifest.get(program=program).output.manifest
-    return [row.stem for row in read_manifest(manifest) if row.status == "ok"]
+    return [row for row in read_manifest(manifest) if row.status == "ok"]
+
+
+def processed_stems(program):
+    """Stems of the exposures a program's manifest lists for processing."""
+    return [row.stem for row in processed_rows(program)]
+
+
+def manifest_row(program, stem):
+    for row in processed_rows(program):
+        if row.stem == stem:
+            return row
+    raise WorkflowError(f"exposure {stem} is not to be processed in program {program}")
+
+
+def exposure_inputs(wildcards):
+    """The archive files of one exposure and their download records, from the manifest:
+    ``rate`` and ``cal`` are lists (one file each, or every segment of a time series;
+    ``cal`` is empty for an exposure without cal file)."""
+    row = manifest_row(wildcards.program, wildcards.stem)
+    inputs = {}
+    for kind, names in (("rate", row.rate_files), ("cal", row.cal_files)):
+        inputs[kind] = [
+            results_path(wildcards.program, "archive", name) for name in names
+        ]
+        inputs[f"{kind}_status"] = [
+            results_path(wildcards.program, "downloads", f"{name}.json")
+            for name in names
+        ]
+    return inputs
+
+
+USER_MASKS = config["user_masks"]
+
+
+def user_mask_for(row):
+    """The configured user mask of an exposure without cal file, or None: by stem, else
+    by mode and detector (user_masks in the config)."""
+    from nsclean.archive.archive import MODES
+
+    if row.stem in USER_MASKS.get("exposures", {}):
+        return USER_MASKS["exposures"][row.stem]
+    mode = next((m for m, e in MODES.items() if e == row.exp_type), None)
+    return USER_MASKS.get("modes", {}).get(mode, {}).get(row.detector.upper())
+
+
+def mask_inputs(wildcards):
+    """exposure_inputs, plus ``user_mask`` for an exposure without cal file."""
+    inputs = exposure_inputs(wildcards)
+    row = manifest_row(wildcards.program, wildcards.stem)
+    if not row.cal_files and user_mask_for(row):
+        inputs["user_mask"] = user_mask_for(row)
+    return inputs
+
+
+def rate_inputs(wildcards):
+    """The rate file(s) of one exposure, from the manifest."""
+    return exposure_inputs(wildcards)["rate"]
+
+
+def clean_step(row):
+    """Name of the cleaning step of an exposure (a time series is cleaned per integration)."""
+    return "clean_timeseries" if row.time_series else "clean"
+
+
+def qa_inputs(wildcards):
+    """The rate file(s), the cleaned product and its record, for rule qa."""
+    row = manifest_row(wildcards.program, wildcards.stem)
+    folder = results_path(wildcards.program, wildcards.stem)
+    if row.time_series:
+        cleaned = os.path.join(folder, "nsclean_rateints")
+        status = os.path.join(folder, f"{wildcards.stem}_clean_timeseries.json")
+    else:
+        cleaned = os.path.join(folder, f"{wildcards.stem}_nsclean_rate.fits")
+        status = os.path.join(folder, f"{wildcards.stem}_clean.json")
+    return {"rate": rate_inputs(wildcards), "cleaned": cleaned, "clean_status": status}
 
 
 def program_qa_records(wildcards):
@@ -173,12 +256,11 @@ def program_qa_records(wildcards):
 def step_benchmarks(program):
     """Benchmark files of the mask, clean and QA jobs of a program's exposures: the
     reports show their wall times (the QA records themselves carry no time)."""
-    return expand(
-        benchmark_path("{step}", "{program}", "{stem}"),
-        step=("mask", "clean", "qa"),
-        program=program,
-        stem=processed_stems(program),
-    )
+    return [
+        benchmark_path(step, program, row.stem)
+        for row in processed_rows(program)
+        for step in ("mask", clean_step(row), "qa")
+    ]
 
 
 def program_step_benchmarks(wildcards):
@@ -211,8 +293,13 @@ def program_figure_dirs(wildcards):
 
 
 def final_targets():
-    return [
+    targets = [
         results_path("report.html"),
         results_path("report.csv"),
         results_path("run_status.json"),
     ]
+    stage2 = config["stage2"]
+    if stage2["associations"] or stage2["run"]:
+        step = "products" if stage2["run"] else "associations"
+        targets += [results_path(p, "stage2", f"{step}.json") for p in PROGRAMS]
+    return targets

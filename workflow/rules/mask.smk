@@ -3,10 +3,9 @@
 
 rule mask:
     input:
-        rate=results_path("{program}", "archive", "{stem}_rate.fits"),
-        cal=results_path("{program}", "archive", "{stem}_cal.fits"),
-        rate_status=results_path("{program}", "downloads", "{stem}_rate.fits.json"),
-        cal_status=results_path("{program}", "downloads", "{stem}_cal.fits.json"),
+        # From the manifest: a rate and its cal, or every segment of a time series; an
+        # exposure without cal file gets its user mask from the config (user_masks).
+        unpack(mask_inputs),
     output:
         mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
         status=results_path("{program}", "{stem}", "{stem}_mask.json"),

@@ -3,10 +3,9 @@
 
 rule qa:
     input:
-        rate=results_path("{program}", "archive", "{stem}_rate.fits"),
-        cleaned=results_path("{program}", "{stem}", "{stem}_nsclean_rate.fits"),
+        # rate, cleaned and clean_status: those of rule clean, or clean_timeseries.
+        unpack(qa_inputs),
         mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
-        clean_status=results_path("{program}", "{stem}", "{stem}_clean.json"),
     output:
         metrics=results_path("{program}", "{stem}", "{stem}_qa.json"),
         figures=report(

@@ -1,0 +1,18 @@
+"""Rule ``stage2_run`` (opt-in, ``stage2.run: true``): calwebb_spec2 on the cleaned rates.
+
+input:  associations -- the folder of rewritten associations (rule stage2_associations)
+        status       -- their status record
+output: products     -- folder of stage-2 products (``clean_flicker_noise`` skipped)
+        status       -- JSON: per association ok or failed, with the reason
+params: crds         -- ``stage2.crds_path`` and ``stage2.crds_server_url``
+"""
+
+from nsclean.workflow.pipeline import script_logging
+
+smk = snakemake  # noqa: F821 (injected by Snakemake)
+log = script_logging(smk.log[0])
+
+from nsclean.workflow.stage2 import run_spec2  # noqa: E402
+
+run_spec2(smk.input.associations, smk.input.status, smk.output.products, smk.output.status,
+          crds=dict(smk.params.crds), logger=log)
