@@ -152,9 +152,23 @@ def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--method",
-        choices=("fft", "median"),
-        help="'fft' = NSClean Fourier fit along each detector line (default); 'median' = "
-        "subtract each column's background median (cannot follow the picture frame)",
+        choices=("auto", "readout", "fft", "median"),
+        help="'readout' = conditional mean of the noise on each line's (output, tick) "
+        "grid with a prior measured on the exposure; 'fft' = NSClean Fourier fit along "
+        "each detector line; 'median' = each column's background median; 'auto' "
+        "(default) = readout on full frames, fft on subarrays",
+    )
+    group.add_argument(
+        "--max-modes",
+        type=int,
+        metavar="N",
+        help="readout: most common modes per line (default 32; the data choose fewer)",
+    )
+    group.add_argument(
+        "--share-lines",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="readout: prior mean of every line from its neighbours (default on)",
     )
     group.add_argument(
         "--cutoff",
@@ -238,6 +252,8 @@ _FIT_FLAGS = (
     "outlier_iterations",
     "adaptive",
     "chunk_length",
+    "max_modes",
+    "share_lines",
 )
 
 
@@ -308,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clean.add_argument(
         "--save-mask", action="store_true", help="also write the mask used as <stem>_mask.fits"
+    )
+    clean.add_argument(
+        "--variance",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the model's posterior variance to VAR_RNOISE and recompute ERR "
+        "(readout method; default on)",
     )
     clean.add_argument(
         "--product-dir",
@@ -396,6 +419,7 @@ def _run_clean(args) -> dict:
         save_mask=args.save_mask,
         product_dir=args.product_dir,
         overwrite=args.overwrite,
+        add_variance=args.variance,
     )
 
 

@@ -151,12 +151,17 @@ _FIT_KEYWORDS = {
     "per_channel": ("NSCFPCH", "median method: per output channel"),
     "chunk_length": ("NSCFCHNK", "[ticks] time-series chunk length"),
     "adaptive": ("NSCFADPT", "Wiener gains per frequency (adaptive)"),
+    "max_modes": ("NSCFMODS", "readout: most common modes per line"),
+    "share_lines": ("NSCFSHAR", "readout: prior mean from neighbouring lines"),
 }
 _FIT_INFO_KEYWORDS = {
     "n_lines": ("NSCNLINE", "lines or chunks fitted"),
     "n_guarded": ("NSCNGRD", "lines fitted with fewer frequencies"),
     "n_uncleaned": ("NSCNUNCL", "lines left uncleaned"),
     "n_rejected": ("NSCNREJ", "background pixels rejected as outliers"),
+    "common_modes": ("NSCNCOM", "readout: common modes fitted per line"),
+    "output_modes": ("NSCNOUT", "readout: per-output modes fitted per line"),
+    "n_predicted": ("NSCNPRED", "readout: lines predicted from neighbours only"),
 }
 
 
@@ -812,11 +817,12 @@ def write_cleaned_rate(
     history: Iterable[str] = (),
     overwrite: bool = False,
     fsync: bool = False,
+    images: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Copy a rate file with new SCI data and extra primary-header cards.
 
-    Every byte of the input except the primary header and the SCI data is
-    copied unchanged (other HDUs, their headers and padding, the SCI header),
+    Every byte of the input except the primary header and the replaced image data
+    is copied unchanged (other HDUs, their headers and padding, the SCI header),
     so the datamodel type and all metadata survive.
 
     Parameters
@@ -837,6 +843,9 @@ def write_cleaned_rate(
         Flush each file to disk before it is renamed into place, so that a crash of
         the machine cannot leave a complete-looking but empty or short file.  Off by
         default: the caller would wait for the disk (the workflow's ``fsync`` key).
+    images : mapping of str to ndarray, optional
+        More image extensions to replace, by EXTNAME (e.g. ``VAR_RNOISE``, ``ERR``);
+        each must exist and keep its shape.
 
     Returns
     -------
@@ -845,15 +854,19 @@ def write_cleaned_rate(
     rate_path, output_path = Path(rate_path), Path(output_path)
     if output_path.exists() and output_path.resolve() == rate_path.resolve():
         raise NSCleanInputError(output_path, "output would overwrite the input rate file")
+    replacements = {"SCI": sci, **dict(images or {})}
     with _open_fits(rate_path) as hdul:
         layout = [hdu.fileinfo() for hdu in hdul]
         names = [hdu.name for hdu in hdul]
         primary_header = hdul[0].header.copy()
-        if "SCI" not in names:
-            raise NSCleanInputError(rate_path, "no SCI extension")
-        sci_index = names.index("SCI")
-        sci_header = hdul[sci_index].header.copy()
-        sci_bytes = _encode_image(rate_path, sci_header, sci)
+        missing = [name for name in replacements if name not in names]
+        if missing:
+            raise NSCleanInputError(rate_path, f"no {', '.join(missing)} extension")
+        encoded = {}
+        for name, data in replacements.items():
+            index = names.index(name)
+            header = hdul[index].header.copy()
+            encoded[index] = (header, _encode_image(rate_path, header, data), np.shape(data))
         primary_data = hdul[0].data if _has_checksum(primary_header) else None
     for keyword, value, comment in cards:
         _set_card(primary_header, keyword, value, comment)
@@ -864,28 +877,43 @@ def write_cleaned_rate(
         primary_header = _rechecksummed(fits.PrimaryHDU(primary_data, primary_header))
     with open(rate_path, "rb") as source:
         raw = source.read()
-    sci_header_bytes = raw[layout[sci_index]["hdrLoc"] : layout[sci_index]["datLoc"]]
-    if _has_checksum(sci_header):
-        new_sci = np.frombuffer(sci_bytes, dtype=_image_dtype(sci_header), count=np.size(sci))
-        sci_header = _rechecksummed(
-            fits.ImageHDU(new_sci.reshape(np.shape(sci)), sci_header, name="SCI")
-        )
-        sci_header_bytes = sci_header.tostring().encode("ascii")
-    new_primary = primary_header.tostring().encode("ascii")
-    primary_data_start = layout[0]["datLoc"]
-    sci_start = layout[sci_index]["hdrLoc"]
-    sci_end = layout[sci_index]["datLoc"] + layout[sci_index]["datSpan"]
     # Views, not copies, of the unchanged stretches (most of the file).
     unchanged = memoryview(raw)
-    chunks = [
-        new_primary,
-        unchanged[primary_data_start:sci_start],
-        sci_header_bytes,
-        sci_bytes,
-        unchanged[sci_end:],
-    ]
+    chunks = [primary_header.tostring().encode("ascii")]
+    position = layout[0]["datLoc"]
+    for index in sorted(encoded):
+        header, data_bytes, shape = encoded[index]
+        start, data_start = layout[index]["hdrLoc"], layout[index]["datLoc"]
+        header_bytes = raw[start:data_start]
+        if _has_checksum(header):
+            count = int(np.prod(shape))
+            new_data = np.frombuffer(data_bytes, dtype=_image_dtype(header), count=count)
+            header = _rechecksummed(fits.ImageHDU(new_data.reshape(shape), header))
+            header_bytes = header.tostring().encode("ascii")
+        chunks += [unchanged[position:start], header_bytes, data_bytes]
+        position = data_start + layout[index]["datSpan"]
+    chunks.append(unchanged[position:])
     _atomic_write(output_path, chunks, overwrite=overwrite, fsync=fsync)
     return output_path
+
+
+def _variance_images(rate_path: Path, variance) -> dict:
+    """New VAR_RNOISE and ERR with the model's posterior variance added (or {})."""
+    if variance is None:
+        return {}
+    with _open_fits(rate_path) as hdul:
+        names = [hdu.name for hdu in hdul]
+        if "VAR_RNOISE" not in names or "ERR" not in names:
+            return {}
+        var_rnoise = np.asarray(hdul["VAR_RNOISE"].data)
+        err = np.asarray(hdul["ERR"].data)
+        if var_rnoise.shape != variance.shape or err.shape != variance.shape:
+            return {}
+        added = variance.astype(np.float64)
+        return {
+            "VAR_RNOISE": (var_rnoise + added).astype(var_rnoise.dtype),
+            "ERR": np.sqrt(err.astype(np.float64) ** 2 + added).astype(err.dtype),
+        }
 
 
 def _has_checksum(header: fits.Header) -> bool:
@@ -1050,6 +1078,7 @@ def clean_exposure(
     overwrite: bool = False,
     fsync: bool = False,
     extra_cards: Sequence[tuple] = (),
+    add_variance: bool = True,
 ) -> dict:
     """Clean one rate file and write the cleaned product (and optional extras).
 
@@ -1090,6 +1119,11 @@ def clean_exposure(
     extra_cards : sequence of (keyword, value, comment)
         More primary-header cards for the cleaned file (the workflow records the
         input checksums this way).
+    add_variance : bool
+        Where the fit returns the posterior variance of its model (the readout
+        method), add it to ``VAR_RNOISE`` and recompute ``ERR`` as
+        ``sqrt(ERR^2 + variance)``, so that the error of a cleaned pixel includes
+        what the model could not know (default True; ``NSCVAR`` records it).
 
     Returns
     -------
@@ -1148,7 +1182,8 @@ def clean_exposure(
             options_record = info["options"]
         if not mask.any():
             raise NSCleanInputError(mask_path or rate_path, "mask has no background pixel")
-        result = fit(rate.sci, mask, rate.detector, **dict(fit_options or {}))
+        result = fit(rate.sci, mask, rate.detector, variance=add_variance,
+                     **dict(fit_options or {}))
     except NSCleanInputError:
         raise
     except (ValueError, TypeError) as exc:
@@ -1159,10 +1194,15 @@ def clean_exposure(
     info["user_mask"] = Path(mask_path).name if mask_path else None
     info["options"] = options_record
     cards, history = _provenance(rate, cal, mask_path, info, result)
+    images = _variance_images(rate.path, result.variance) if add_variance else {}
+    cards.append(("NSCVAR", bool(images), "model variance added to VAR_RNOISE and ERR"))
+    if images:
+        history.append("nsclean: posterior variance of the noise model added to VAR_RNOISE; "
+                       "ERR = sqrt(ERR^2 + variance)")
     cards = [*cards, *extra_cards]
     write_cleaned_rate(
         rate.path, output_path, cleaned, cards=cards, history=history, overwrite=overwrite,
-        fsync=fsync,
+        fsync=fsync, images=images,
     )
     written = [str(output_path)]
     if model_path is not None:
