@@ -374,12 +374,20 @@ def _empirical_prior(data, mask, opts, remove_pattern=True, max_modes=None):
     fraction = max(fraction, 1.0 / length)
     noise_common = white / (n_out * fraction)
     noise_output = white / fraction
-    # Refine only the modes the first guess finds useful.
-    n_common = _modes_worth_fitting(lam_common, noise_common, n_common, _MIN_SNR)
+    # A mode is worth fitting where its prior is a useful fraction of the noise of its
+    # estimate and clearly above the sampling error of the prior estimate itself
+    # (relative error sqrt(2 / samples) of a variance; one sample per line and mode,
+    # per line, output and mode for the per-output part).
+    error_common = 2.0 * math.sqrt(2.0 / len(used))
+    error_output = 2.0 * math.sqrt(2.0 / (len(used) * n_out))
+
+    def worth(lam, noise, error, limit):
+        return _modes_worth_fitting(lam - error * (lam + noise), noise, limit, _MIN_SNR)
+
+    n_common = worth(lam_common, noise_common, error_common, n_common)
     floor = 1e-6 * white
     if n_out > 1:
-        n_output = min(_modes_worth_fitting(lam_output, noise_output, n_output, _MIN_SNR),
-                       n_common)
+        n_output = min(worth(lam_output, noise_output, error_output, n_output), n_common)
         # The alternating-column mode: first guess from its masked projections,
         # E[(psi^T m z)^2] = lacn c^2 + white c with c = sum(m) / L.
         psi = (-1.0) ** np.arange(length) / math.sqrt(length)
@@ -403,11 +411,11 @@ def _empirical_prior(data, mask, opts, remove_pattern=True, max_modes=None):
         if change < _EM_TOLERANCE:
             break
     lam_common, lam_output = prior.common, prior.output
-    keep_common = _modes_worth_fitting(lam_common, noise_common, n_common, _MIN_SNR)
+    keep_common = worth(lam_common, noise_common, error_common, n_common)
     excluded = float(lam_common[keep_common:].sum()) / length
     if n_u:
         dct_output = lam_output[:-1]
-        keep_output = min(_modes_worth_fitting(dct_output, noise_output, n_u - 1, _MIN_SNR),
+        keep_output = min(worth(dct_output, noise_output, error_output, n_u - 1),
                           keep_common) if dct_output.size else 0
         excluded += float(dct_output[keep_output:].sum()) / length
         lam_output = np.append(dct_output[:keep_output], lam_output[-1])
