@@ -224,3 +224,20 @@ def test_cleaned_file_carries_the_model_variance(written_exposure, tmp_path, add
     stdatamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
     with stdatamodels.open(out) as model:
         assert model.meta.exposure.type == "NRS_IFU"
+
+
+def test_qa_reports_what_the_readout_model_did():
+    from nsclean.algorithm import qa
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(FULL, FULL)).astype(np.float32)
+    mask = usable_region()
+    mask[:, 100:400] = False  # 300 lines without any background pixel
+    result = nsclean.fit(image, mask, "NRS1", variance=False)
+    metrics = qa.exposure_metrics(image, image - result.model, result.model, mask,
+                                  fit_info=result.info)
+    guard = metrics["guard"]
+    assert guard["n_predicted"] == 300 and guard["common_modes"] >= 1
+    assert guard["n_guarded"] == 0
+    assert any("predicted from the neighbouring lines (300 of 2048)" in f
+               for f in metrics["flags"])

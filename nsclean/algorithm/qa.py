@@ -70,6 +70,7 @@ FLAT_METRIC_KEYS = (
     + ("model.rms", "model.max_abs", "model.n_nonfinite")
     + ("guard.n_lines", "guard.n_guarded", "guard.n_uncleaned")
     + ("guard.guarded_fraction", "guard.uncleaned_fraction")
+    + ("guard.n_predicted", "guard.common_modes", "guard.output_modes")
     + ("worst_columns",)
 )
 
@@ -399,8 +400,23 @@ def _guard_metrics(fit_info, max_listed):
         "uncleaned_fraction": None,
         "uncleaned_lines": [],
         "guarded_lines": [],
+        # The readout method has no guard: a line without background takes the
+        # prediction of its neighbours, and the data choose how many modes to fit.
+        "n_predicted": None,
+        "common_modes": None,
+        "output_modes": None,
     }
     if not fit_info:
+        return guard
+    if fit_info.get("method") == "readout":
+        for key in ("n_predicted", "common_modes", "output_modes"):
+            if fit_info.get(key) is not None:
+                guard[key] = int(fit_info[key])
+        n_lines = fit_info.get("n_lines")
+        guard["n_lines"] = None if n_lines is None else int(n_lines)
+        guard["n_guarded"] = guard["n_uncleaned"] = 0
+        if guard["n_lines"]:
+            guard["guarded_fraction"] = guard["uncleaned_fraction"] = 0.0
         return guard
     frequencies = fit_info.get("frequencies")
     if frequencies is not None:
@@ -518,6 +534,14 @@ def _flags(metrics, thresholds):
             f"{guard['uncleaned_fraction']:.1%} of lines left uncleaned "
             f"({guard['n_uncleaned']} of {guard['n_lines']})"
         )
+    predicted = guard.get("n_predicted")
+    if predicted and guard["n_lines"]:
+        fraction = predicted / guard["n_lines"]
+        if fraction > thresholds["max_uncleaned_fraction"]:
+            flags.append(
+                f"{fraction:.1%} of lines have no background pixel: their model is the "
+                f"prediction from the neighbouring lines ({predicted} of {guard['n_lines']})"
+            )
     return flags
 
 

@@ -142,8 +142,10 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
         "n_lines": int(layout.n_lines),
         "n_rejected": int(n_rejected),
         "n_background": n_background,
-        # Segments without a background pixel: their model is the prior mean alone.
-        "n_predicted": int(np.count_nonzero(~mask.any(axis=(1, 2)))),
+        # Segments without a background pixel: their model is the prior mean alone
+        # (the reference lines of a full frame are not cleaned at all).
+        "n_predicted": int(np.count_nonzero(~mask.any(axis=(1, 2))))
+        - (2 * REFERENCE_BORDER if full_frame else 0),
         "common_modes": int(prior.n_common),
         "output_modes": int(max(prior.n_output - 1, 0)),  # DCT modes (+ alternating)
         "white_sigma": float(math.sqrt(prior.white)),

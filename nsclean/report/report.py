@@ -258,17 +258,18 @@ _NUMERIC_COLUMNS = (
         "rms of the subtracted model about its median",
         lambda r: _metric(r, "model.rms"),
     ),
-    ("guarded", "lines guarded + left uncleaned by the cleaner", lambda r: _guarded(r)),
+    ("guarded", "lines guarded + left uncleaned (fft), or predicted from their neighbours "
+     "only (readout)", lambda r: _guarded(r)),
     ("time (s)", "total processing time of the exposure", lambda r: _total_time(r)),
 )
 
 
 def _guarded(record):
-    guarded = _metric(record, "guard.n_guarded")
-    uncleaned = _metric(record, "guard.n_uncleaned")
-    if guarded is None and uncleaned is None:
+    counts = [_metric(record, f"guard.{key}")
+              for key in ("n_guarded", "n_uncleaned", "n_predicted")]
+    if all(count is None for count in counts):
         return None
-    return (guarded or 0) + (uncleaned or 0)
+    return sum(count or 0 for count in counts)
 
 
 def _total_time(record):
