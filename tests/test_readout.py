@@ -239,5 +239,5 @@ def test_qa_reports_what_the_readout_model_did():
     guard = metrics["guard"]
     assert guard["n_predicted"] == 300 and guard["common_modes"] >= 1
     assert guard["n_guarded"] == 0
-    assert any("predicted from the neighbouring lines (300 of 2048)" in f
+    assert any("prediction from the neighbouring lines (300 of 2048)" in f
                for f in metrics["flags"])
