@@ -21,17 +21,17 @@ def readout_noise(rng, common, per_output, alternating=0.0, detector="NRS1"):
     mode.  Returned in DMS orientation (the reference border is zero).
     """
     common, per_output = np.asarray(common), np.asarray(per_output)
-    layout = readout._LineLayout((FULL, FULL), detector, True)
+    layout = readout._LineLayout((FULL, FULL), detector)
     length = readout.OUTPUT_TICKS
     basis_c = readout._dct_basis(length, common.size)
     basis_u = readout._dct_basis(length, per_output.size)
     a = rng.normal(size=(FULL, common.size)) * np.sqrt(common)
     b = rng.normal(size=(FULL, 4, per_output.size)) * np.sqrt(per_output)
-    segments = (a @ basis_c.T)[:, None, :] + b @ basis_u.T
+    segments = (a @ basis_c.T)[:, None, :] + b @ basis_u.T  # (line, output, tick)
     if alternating:
         psi = (-1.0) ** np.arange(length) / math.sqrt(length)
         segments += rng.normal(size=(FULL, 4, 1)) * math.sqrt(alternating) * psi
-    return layout.to_dms(segments, np.float64)
+    return layout.to_dms(segments.transpose(1, 2, 0), np.float64)
 
 
 def usable_region():
@@ -58,7 +58,7 @@ def model_drawn():
 def test_prior_spectra_are_measured_from_the_exposure(model_drawn):
     correlated, white, common, per_output = model_drawn
     mask = usable_region() & (np.random.default_rng(1).random((FULL, FULL)) < 0.3)
-    layout = readout._LineLayout((FULL, FULL), "NRS1", True)
+    layout = readout._LineLayout((FULL, FULL), "NRS1")
     data, seg_mask = layout.segments(correlated + white, mask, 0.0)
     prior = readout._empirical_prior(data, seg_mask, {"max_modes": 32})
     # Prior variances are per orthonormal DCT coefficient over 512 ticks.  The strong
@@ -165,8 +165,8 @@ def test_outliers_in_the_background_do_not_pull_the_model(model_drawn):
 def test_solver_equals_the_dense_posterior():
     rng = np.random.default_rng(0)
     length, jc, ku = 64, 6, 3
-    mask = rng.random((2, 4, length)) > 0.4
-    data = (rng.normal(size=(2, 4, length)) * mask).astype(np.float32)
+    mask = rng.random((4, length, 2)) > 0.4  # (output, tick, segment)
+    data = (rng.normal(size=(4, length, 2)) * mask).astype(np.float32)
     prior = readout._Prior(np.linspace(2, 0.5, jc), np.linspace(1, 0.3, ku), 1.3, 0.0)
     solver = readout._Solver(data.copy(), mask.copy(), prior)
     dct = readout._dct_basis(length, jc)
@@ -177,16 +177,16 @@ def test_solver_equals_the_dense_posterior():
     for o in range(4):
         design[o * length : (o + 1) * length, :jc] = dct
         design[o * length : (o + 1) * length, jc + o * ku : jc + (o + 1) * ku] = per_output
-    used = mask[0].ravel()
+    used = mask[..., 0].ravel()
     lam = np.concatenate([prior.common, np.tile(prior.output, 4)])
     precision = design[used].T @ design[used] / 1.3 + np.diag(1 / lam)
     covariance = np.linalg.inv(precision)
-    mean = covariance @ design[used].T @ data[0].ravel()[used] / 1.3
+    mean = covariance @ design[used].T @ data[..., 0].ravel()[used] / 1.3
     np.testing.assert_allclose(solver.solve()[0], mean, atol=1e-5)
     np.testing.assert_allclose(solver.coefficient_variances()[0], np.diag(covariance),
                                rtol=1e-5)
     pixel = np.einsum("ij,jk,ik->i", design, covariance, design)
-    np.testing.assert_allclose(solver.pixel_variance()[0].ravel(), pixel, rtol=1e-4)
+    np.testing.assert_allclose(solver.pixel_variance()[..., 0].ravel(), pixel, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")

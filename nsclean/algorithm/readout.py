@@ -100,7 +100,7 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
     dtype = dms_image.dtype if dms_image.dtype in (np.float32, np.float64) else np.float64
     level, sigma = _level_and_sigma(dms_image, valid)
     if full_frame:
-        layout = _LineLayout(dms_image.shape, detector, full_frame)
+        layout = _LineLayout(dms_image.shape, detector)
     else:
         layout = _ChunkLayout(dms_image.shape, detector, int(opts["chunk_length"]))
     data, mask = layout.segments(dms_image, valid, level)
@@ -130,9 +130,7 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
         shared = solver.share_neighbours(coef)
         coef = solver.solve()
 
-    model_segments = solver.evaluate(coef, dtype)
-    model_segments += level
-    model = layout.to_dms(model_segments, dtype)
+    model = layout.to_dms(solver.evaluate(coef, dtype), dtype, offset=level)
     pixel_variance = None
     if variance:
         pixel_variance = layout.to_dms(solver.pixel_variance(), np.float32)
@@ -144,14 +142,14 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
         "n_background": n_background,
         # Segments without a background pixel: their model is the prior mean alone
         # (the reference lines of a full frame are not cleaned at all).
-        "n_predicted": int(np.count_nonzero(~mask.any(axis=(1, 2))))
+        "n_predicted": int(np.count_nonzero(~mask.any(axis=(0, 1))))
         - (2 * REFERENCE_BORDER if full_frame else 0),
         "common_modes": int(prior.n_common),
         "output_modes": int(max(prior.n_output - 1, 0)),  # DCT modes (+ alternating)
         "white_sigma": float(math.sqrt(prior.white)),
         "common_fraction": prior.common_fraction(),
         "shared_coefficients": 0 if shared is None else int(np.count_nonzero(shared)),
-        "segments": int(data.shape[0]),
+        "segments": int(data.shape[2]),
     }
     return model, info, pixel_variance
 
@@ -162,32 +160,38 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
 
 
 class _LineLayout:
-    """One segment per fast-scan line: (line, output, tick).
+    """Full frame: one segment per fast-scan line, arrays (output, tick, line).
 
-    A full frame has four outputs of 512 ticks per line (odd outputs flipped so that
-    every pixel sits on its tick); a subarray is read through one output, so a line is
-    one output of ``n_fast`` ticks.
+    A DMS column is one fast-scan line and the four outputs are 512-row blocks of it,
+    so ``dms.reshape(4, 512, 2048)`` is already (output, pixel, line) with no copy.
+    Alternate outputs read in opposite directions: flipping blocks 1 and 3 along the
+    rows puts every pixel on its clock tick.  The same blocks flip on NRS2, whose
+    detector frame is the DMS frame rotated by 180 degrees (the outputs are met in the
+    opposite order and the lines read in reverse, neither of which matters here).
     """
 
-    def __init__(self, shape, detector, full_frame):
+    def __init__(self, shape, detector):
         self.shape = shape
-        self.detector = detector
-        self.full_frame = full_frame
         self.n_lines = shape[1]
-        self.n_out = N_OUTPUTS if full_frame else 1
-        self.length = shape[0] // self.n_out
+        self.n_out = N_OUTPUTS
+        self.length = shape[0] // N_OUTPUTS
+
+    def _tick_views(self, dms_array):
+        grid = dms_array.view()
+        grid.shape = (self.n_out, self.length, self.n_lines)  # a view: never a copy
+        return [(slice(0, None, 2), grid[0::2]), (slice(1, None, 2), grid[1::2, ::-1])]
 
     def segments(self, dms_image, valid, level):
-        lines = dms_to_detector(dms_image, self.detector)  # (lines, fast) view
-        shape = (self.n_lines, self.n_out, self.length)
+        shape = (self.n_out, self.length, self.n_lines)
         data = np.empty(shape, dtype=np.float32)
-        data[...] = lines.reshape(shape)
-        mask = np.ascontiguousarray(dms_to_detector(valid, self.detector).reshape(shape))
-        if self.n_out > 1:
-            # Odd outputs read in the opposite direction: put every pixel on its tick.
-            data[:, 1::2] = data[:, 1::2, ::-1]
-            mask[:, 1::2] = mask[:, 1::2, ::-1]
-        data -= np.float32(level)
+        mask = np.empty(shape, dtype=bool)
+        for (outputs, view), (_, valid_view) in zip(
+            self._tick_views(np.ascontiguousarray(dms_image)),
+            self._tick_views(np.ascontiguousarray(valid)),
+            strict=True,
+        ):
+            np.subtract(view, np.float32(level), out=data[outputs], casting="unsafe")
+            mask[outputs] = valid_view
         data[~mask] = 0.0
         return data, mask
 
@@ -195,17 +199,13 @@ class _LineLayout:
         """The segments for the prior (which removes the mean over lines itself)."""
         return data
 
-    def to_dms(self, segments, dtype):
-        out = np.empty(segments.shape, dtype=dtype)
-        out[...] = segments
-        if self.n_out > 1:
-            out[:, 1::2] = out[:, 1::2, ::-1]
-        lines = out.reshape(out.shape[0], -1)
-        dms = np.ascontiguousarray(detector_to_dms(lines, self.detector))
-        if self.full_frame:
-            b = REFERENCE_BORDER
-            dms[:b] = dms[-b:] = 0
-            dms[:, :b] = dms[:, -b:] = 0
+    def to_dms(self, segments, dtype, offset=0.0):
+        dms = np.empty(self.shape, dtype=dtype)
+        for outputs, view in self._tick_views(dms):
+            np.add(segments[outputs], offset, out=view, casting="unsafe")
+        b = REFERENCE_BORDER
+        dms[:b] = dms[-b:] = 0
+        dms[:, :b] = dms[:, -b:] = 0
         return dms
 
 
@@ -243,8 +243,9 @@ class _ChunkLayout:
         return series
 
     def _chunks(self, series):
-        index = (np.arange(self.n_chunks) * self.hop)[:, None] + np.arange(self.chunk)
-        return series[index][:, None, :]
+        # (1, tick, chunk): the segments-last layout of the solver.
+        index = np.arange(self.chunk)[:, None] + (np.arange(self.n_chunks) * self.hop)
+        return series[index][None]
 
     def segments(self, dms_image, valid, level):
         lines = dms_to_detector(dms_image, self.detector).astype(np.float32) - np.float32(level)
@@ -266,10 +267,14 @@ class _ChunkLayout:
         """The segments without the pattern common to all lines (for the prior)."""
         return np.where(mask, data - self._pattern, 0.0).astype(np.float32)
 
-    def to_dms(self, segments, dtype):
+    def to_dms(self, segments, dtype, offset=0.0):
         series = np.zeros(self.padded)
+        weight = np.zeros(self.padded)
         for i in range(self.n_chunks):
-            series[i * self.hop : i * self.hop + self.chunk] += self.window * segments[i, 0]
+            series[i * self.hop : i * self.hop + self.chunk] += self.window * segments[0, :, i]
+            weight[i * self.hop : i * self.hop + self.chunk] += self.window
+        # The windows sum to one where chunks overlap; the ends have one chunk only.
+        series = series / np.maximum(weight, 1e-12) + float(offset)
         lines = series[: self.total].reshape(self.n_lines, self.stride)[:, : self.n_fast]
         return np.ascontiguousarray(detector_to_dms(lines, self.detector), dtype=dtype)
 
@@ -332,12 +337,13 @@ def _empirical_prior(data, mask, opts, remove_pattern=True, max_modes=None):
     """
     from scipy.optimize import nnls
 
-    n_seg, n_out, length = data.shape
-    used = np.flatnonzero(mask.any(axis=(1, 2)))
+    n_out, length, n_seg = data.shape
+    used = np.flatnonzero(mask.any(axis=(0, 1)))
     if used.size > _COVARIANCE_LINES:
-        used = used[np.linspace(0, used.size - 1, _COVARIANCE_LINES).astype(int)]
-    m = mask[used]
-    z = data[used].astype(np.float64)
+        used = used[np.round(np.linspace(0, used.size - 1, _COVARIANCE_LINES)).astype(int)]
+    # (segment, output, tick) for the sample.
+    m = mask[:, :, used].transpose(2, 0, 1)
+    z = data[:, :, used].transpose(2, 0, 1).astype(np.float64)
     # A pattern that is the same in every line (light past the mask edges, sky, a fixed
     # bias pattern) is not noise; summed over lines it would pass for a strong mode.
     if remove_pattern and used.size > 8:
@@ -399,7 +405,8 @@ def _empirical_prior(data, mask, opts, remove_pattern=True, max_modes=None):
         lam_output = np.append(lam_output[:n_output], lam_alt)
     prior = _Prior(np.maximum(lam_common[:n_common], floor), np.maximum(lam_output, floor),
                    white, 0.0)
-    solver = _Solver(z.astype(np.float32), m.copy(), prior)
+    solver = _Solver(np.ascontiguousarray(z.transpose(1, 2, 0), dtype=np.float32),
+                     np.ascontiguousarray(m.transpose(1, 2, 0)), prior)
     n_u = prior.n_output
     for _ in range(_EM_ITERATIONS):
         coef = solver.solve()
@@ -495,6 +502,10 @@ class _GramMaker:
         """Masked cosine sums, (..., 2J - 1), from a 0/1 mask (..., L)."""
         return (mask.astype(np.float32) @ self.cosines).astype(np.float64)
 
+    def sums_along_ticks(self, mask):
+        """Masked cosine sums (S, O, 2J - 1) from a 0/1 mask (O, L, S)."""
+        return (self.cosines.T @ mask).transpose(2, 0, 1).astype(np.float64)
+
     def from_sums(self, sums, rows=None):
         """Gram matrices (..., rows, J) from cosine sums; ``rows`` leading rows only."""
         from numpy.lib.stride_tricks import sliding_window_view
@@ -532,10 +543,12 @@ class _Solver:
     """
 
     def __init__(self, data, mask, prior):
+        # The pixel arrays are (output, tick, segment): the DMS layout of a full frame.
+        # The small per-segment matrices are (segment, ...).
         self.data = data
         self.mask = mask
         self.prior = prior
-        n_seg, n_out, length = data.shape
+        n_out, length, n_seg = data.shape
         self.n_out = n_out
         self.length = length
         self.jc = prior.n_common
@@ -559,26 +572,28 @@ class _Solver:
     def _build(self, segments):
         """Gram matrices and right-hand sides of these segments (white variance units)."""
         maker, ju, ku = self._gram_maker, self.ju, self.ku
-        mask = self.mask[segments]
-        sums = maker.sums(mask)  # (S, O, 2Jc - 1)
+        mask = self.mask[:, :, segments].astype(np.float32)  # (O, L, S)
+        sums = maker.sums_along_ticks(mask)  # (S, O, 2Jc - 1)
         self.gram_total[segments] = maker.from_sums(sums.sum(axis=1)) / self.white
-        values = self.data[segments]
-        self.rhs[segments] = (values @ self._basis32).astype(np.float64) / self.white
+        values = self.data[:, :, segments]
+        projected = (self._basis32.T @ values).transpose(2, 0, 1)  # (S, O, Jc)
+        self.rhs[segments] = projected.astype(np.float64) / self.white
         if not ku:
             return
-        rows = np.empty((*mask.shape[:2], ku, self.jc))
+        n = projected.shape[0]
+        rows = np.empty((n, self.n_out, ku, self.jc))
         rows[..., :ju, :] = maker.from_sums(sums, rows=ju)
-        alt_mask = (mask * self.alternating.astype(np.float32)).astype(np.float32)
-        rows[..., ju, :] = alt_mask @ self._basis32
+        alt_mask = mask * self.alternating.astype(np.float32)[:, None]
+        rows[..., ju, :] = (self._basis32.T @ alt_mask).transpose(2, 0, 1)
         self.gram_rows[segments] = rows / self.white
-        gram_u = np.empty((*mask.shape[:2], ku, ku))
+        gram_u = np.empty((n, self.n_out, ku, ku))
         gram_u[..., :ju, :ju] = rows[..., :ju, :ju]
         gram_u[..., ju, :ju] = gram_u[..., :ju, ju] = rows[..., ju, :ju]
-        gram_u[..., ju, ju] = mask.sum(axis=-1) / self.length
+        gram_u[..., ju, ju] = mask.sum(axis=1).T / self.length
         self.gram_u[segments] = gram_u / self.white
-        rhs_u = np.empty((*mask.shape[:2], ku))
-        rhs_u[..., :ju] = self.rhs[segments][..., :ju] * self.white
-        rhs_u[..., ju] = values.astype(np.float64) @ self.alternating
+        rhs_u = np.empty((n, self.n_out, ku))
+        rhs_u[..., :ju] = projected[..., :ju]
+        rhs_u[..., ju] = (self.alternating.astype(np.float32) @ values).T
         self.rhs_u[segments] = rhs_u / self.white
 
     def solve(self):
@@ -615,15 +630,15 @@ class _Solver:
         return np.concatenate([a, b.reshape(len(a), -1)], axis=1)
 
     def evaluate(self, coef, dtype=np.float64):
-        """Model of every segment, (segments, outputs, length)."""
+        """Model of every segment, (outputs, length, segments)."""
         jc, ku = self.jc, self.ku
         basis = self._basis32 if dtype == np.float32 else self.basis
         a = coef[:, :jc].astype(basis.dtype)
         model = np.empty(self.data.shape, dtype=dtype)
-        model[...] = (a @ basis.T)[:, None, :]
+        model[...] = (basis @ a.T)[None]
         if ku:
             b = coef[:, jc:].reshape(len(coef), self.n_out, ku).astype(basis.dtype)
-            model += b @ self.basis_u.T.astype(basis.dtype)
+            model += self.basis_u.astype(basis.dtype) @ b.transpose(1, 2, 0)
         return model
 
     def reject_outliers(self, coef, threshold):
@@ -636,10 +651,10 @@ class _Solver:
         model -= self.data
         bad = np.abs(model) > threshold * math.sqrt(self.prior.white)
         bad &= self.mask
-        seg, out, tick = np.nonzero(bad)
+        out, tick, seg = np.nonzero(bad)
         if seg.size == 0:
             return 0
-        values = self.data[seg, out, tick].astype(np.float64) / self.white
+        values = self.data[out, tick, seg].astype(np.float64) / self.white
         d = self.basis[tick]  # (n, Jc)
         np.add.at(self.gram_total, seg, -(d[:, :, None] * d[:, None, :]) / self.white)
         np.add.at(self.rhs, (seg, out), -d * values[:, None])
@@ -672,7 +687,7 @@ class _Solver:
         by the law of total variance, the mean squared prediction error plus the mean
         posterior variance of the estimates.  Returns the coefficients that share.
         """
-        has_data = self.mask.any(axis=(1, 2)).astype(np.float64)
+        has_data = self.mask.any(axis=(0, 1)).astype(np.float64)
         n_seg = coef.shape[0]
         weighted = coef * has_data[:, None]
         best_error = (weighted * coef).sum(axis=0)
@@ -751,7 +766,7 @@ class _Solver:
                 v += (r / self.length)[..., None]
             else:
                 v = (p.reshape(len(p), 1, jc * jc) @ reducer) @ cos_t
-            out[s0:s1] = v + self.prior.excluded
+            out[:, :, s0:s1] = (v + self.prior.excluded).transpose(1, 2, 0)
         return out
 
 
