@@ -105,10 +105,11 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
         layout = _ChunkLayout(dms_image.shape, detector, int(opts["chunk_length"]))
     data, mask = layout.segments(dms_image, valid, level)
     # Far outliers never enter the covariances or the fit.
-    far = np.abs(data) > _FAR * sigma
-    n_far = int(np.count_nonzero(far & mask))
-    mask &= ~far
-    data[~mask] = 0.0
+    near = np.abs(data) <= _FAR * sigma
+    n_far = int(np.count_nonzero(mask))
+    mask &= near
+    n_far -= int(np.count_nonzero(mask))
+    np.copyto(data, 0.0, where=~mask)
 
     prior = _empirical_prior(
         layout.pattern_free(data, mask), mask, opts, remove_pattern=full_frame,
@@ -192,7 +193,7 @@ class _LineLayout:
         ):
             np.subtract(view, np.float32(level), out=data[outputs], casting="unsafe")
             mask[outputs] = valid_view
-        data[~mask] = 0.0
+        np.copyto(data, 0.0, where=~mask)  # NaN pixels too
         return data, mask
 
     def pattern_free(self, data, mask):
