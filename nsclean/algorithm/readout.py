@@ -112,7 +112,7 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
     np.copyto(data, 0.0, where=~mask)
 
     prior = _empirical_prior(
-        layout.pattern_free(data, mask), mask, opts, remove_pattern=full_frame,
+        layout.pattern_free(data, mask), mask, opts,
         max_modes=getattr(layout, "max_modes", None),
     )
     solver = _Solver(data, mask, prior)
@@ -316,7 +316,7 @@ class _Prior:
         return float(self.common.sum() / total) if total > 0 and self.n_output else 1.0
 
 
-def _empirical_prior(data, mask, opts, remove_pattern=True, max_modes=None):
+def _empirical_prior(data, mask, opts, max_modes=None):
     """Prior variances of the common and per-output DCT modes, from the background.
 
     Estimated on a sample of lines, in three steps:
@@ -345,14 +345,10 @@ def _empirical_prior(data, mask, opts, remove_pattern=True, max_modes=None):
     # (segment, output, tick) for the sample.
     m = mask[:, :, used].transpose(2, 0, 1)
     z = data[:, :, used].transpose(2, 0, 1).astype(np.float64)
-    # A pattern that is the same in every line (light past the mask edges, sky, a fixed
-    # bias pattern) is not noise; summed over lines it would pass for a strong mode.
-    if remove_pattern and used.size > 8:
-        counts = m.sum(axis=0)
-        pattern = np.divide(z.sum(axis=0), counts, out=np.zeros(counts.shape),
-                            where=counts > 0)
-        z -= pattern
-        z *= m
+    # What is the same in every line (the picture frame's mean shape, a fixed pattern)
+    # is left in: it is part of what the model must follow (its mean over lines is the
+    # prior mean the neighbouring lines give; taking it out made the per-output modes
+    # too weak to follow a strong picture frame, docs/benchmarks.md).
     white = _white_level(z, m)
 
     if max_modes is None:
