@@ -392,7 +392,10 @@ def _empirical_prior(data, mask, opts, max_modes=None):
     n_common = worth(lam_common, noise_common, error_common, n_common)
     floor = 1e-6 * white
     if n_out > 1:
-        n_output = min(worth(lam_output, noise_output, error_output, n_output), n_common)
+        n_output = worth(lam_output, noise_output, error_output, n_output)
+        # The per-output modes are the leading modes of the common basis: the common
+        # part gets at least as many (their own prior keeps the extra ones small).
+        n_common = max(n_common, n_output)
         # The alternating-column mode: first guess from its masked projections,
         # E[(psi^T m z)^2] = lacn c^2 + white c with c = sum(m) / L.
         psi = (-1.0) ** np.arange(length) / math.sqrt(length)
@@ -418,13 +421,15 @@ def _empirical_prior(data, mask, opts, max_modes=None):
             break
     lam_common, lam_output = prior.common, prior.output
     keep_common = worth(lam_common, noise_common, error_common, n_common)
-    excluded = float(lam_common[keep_common:].sum()) / length
+    excluded = 0.0
     if n_u:
         dct_output = lam_output[:-1]
-        keep_output = min(worth(dct_output, noise_output, error_output, n_u - 1),
-                          keep_common) if dct_output.size else 0
+        keep_output = worth(dct_output, noise_output, error_output, n_u - 1) \
+            if dct_output.size else 0
+        keep_common = max(keep_common, keep_output)
         excluded += float(dct_output[keep_output:].sum()) / length
         lam_output = np.append(dct_output[:keep_output], lam_output[-1])
+    excluded += float(lam_common[keep_common:].sum()) / length
     return _Prior(lam_common[:keep_common], lam_output, white + excluded, excluded)
 
 
