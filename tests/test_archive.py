@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,6 @@ from archive_helpers import EXPOSURES, make_program, run_child
 from nsclean.archive import archive
 from nsclean.testing.mastserver import MastServer
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TOKEN = "tok-3f9c1d7e-SECRET-do-not-log"
 RATE = "jw01345062001_03101_00001_nrs1_rate.fits"
 FAST = {"timeout": (2.0, 0.5), "backoff": 0.01, "max_backoff": 0.05}
@@ -407,48 +404,45 @@ except archive.ArchiveError as exc:
 
 
 # ---------------------------------------------------------------------------------------
-# rule scripts, run as the rules' shell commands run them
+# the steps of the rule scripts, run in this process with the arguments the scripts pass
 # ---------------------------------------------------------------------------------------
-def run_rule_script(script, job, log):
-    """``scripts/<script> JOB --log LOG`` in a child process, as the rule's shell command
-    runs it (here without warm workers)."""
-    job = {"params": {}, "wildcards": {}, "input": {}, **job, "warm_workers": False}
-    return subprocess.run([sys.executable, str(SCRIPTS / script), json.dumps(job),
-                           "--log", str(log)], capture_output=True, text=True,
-                          timeout=120, check=False)
+def run_step(name, job, log):
+    """``nsclean.workflow.steps.<name>`` as its rule script calls it."""
+    from nsclean.workflow import steps
+
+    job = {"params": {}, "wildcards": {}, "input": {}, **job}
+    getattr(steps, name)(**job, log=str(log))
 
 
-def test_rule_scripts_with_local_source(program_dir, tmp_path):
+@pytest.mark.usefixtures("restore_streams")
+def test_rule_steps_with_local_source(program_dir, tmp_path):
     log = tmp_path / "fetch_manifest.log"
     manifest = tmp_path / "01345" / "manifest.tsv"
     config = {"archive": {"source": "local", "local_dir": str(program_dir)}}
-    done = run_rule_script("fetch_manifest.py", {
+    run_step("fetch_manifest", {
         "output": {"manifest": str(manifest)}, "params": {"archive": config["archive"]},
         "wildcards": {"program": "01345"}}, log)
-    assert done.returncode == 0, done.stderr + log.read_text()
     rows = archive.read_manifest(manifest)
     assert {r.program for r in rows} == {"01345"} and len(rows) == 5
     assert "5 exposures to process" in log.read_text()
 
     target = tmp_path / "01345" / "archive" / rows[0].cal_file
     status = tmp_path / "01345" / "downloads" / f"{rows[0].cal_file}.json"
-    # As the rule's shell command runs it (here without a warm worker).
-    done = run_fetch_file_script(str(manifest), target, status, tmp_path / "f.log",
-                                 config["archive"])
-    assert done.returncode == 0, done.stderr
+    run_fetch_file_step(str(manifest), target, status, tmp_path / "f.log", config["archive"])
     assert target.read_bytes() == (program_dir / rows[0].cal_file).read_bytes()
     assert "fetched" in (tmp_path / "f.log").read_text()
     assert json.loads(status.read_text())["status"] == "ok"
 
 
-def run_fetch_file_script(manifest, target, status, log, archive_settings):
-    return run_rule_script("fetch_file.py", {
+def run_fetch_file_step(manifest, target, status, log, archive_settings):
+    run_step("fetch_file", {
         "input": {"manifest": str(manifest)},
         "output": {"file": str(target), "status": str(status)},
         "params": {"archive": archive_settings}}, log)
 
 
-def test_fetch_file_script_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("restore_streams")
+def test_fetch_file_step_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MAST_API_TOKEN", raising=False)
     products = [p for p in archive.scan_local(program_dir) if p["productFilename"] == RATE]
     for product in products:  # the same file as MAST would list it
@@ -461,16 +455,13 @@ def test_fetch_file_script_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
         settings = {"url": server.url}
         # A refusal fails this exposure only: a status record says why, the file is an
         # empty placeholder (never partial data), and the job succeeds.
-        done = run_fetch_file_script(manifest, tmp_path / "archive" / RATE, status, log,
-                                     settings)
-        assert done.returncode == 0, done.stderr
+        run_fetch_file_step(manifest, tmp_path / "archive" / RATE, status, log, settings)
         record = json.loads(status.read_text())
         assert record["status"] == "failed"
         assert "a MAST API token is needed" in record["reason"]
         # A file the manifest does not list is a bug of the workflow: the job fails.
-        done = run_fetch_file_script(manifest, tmp_path / "archive" / "unknown_rate.fits",
-                                     status, log, settings)
-        assert done.returncode == 1
-        assert "unknown_rate.fits is not listed in" in log.read_text()
+        with pytest.raises(archive.ArchiveError, match="unknown_rate.fits is not listed in"):
+            run_fetch_file_step(manifest, tmp_path / "archive" / "unknown_rate.fits",
+                                status, log, settings)
     assert "a MAST API token is needed" in log.read_text()
     assert (tmp_path / "archive" / RATE).stat().st_size == 0

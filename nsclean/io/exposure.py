@@ -1050,6 +1050,7 @@ def clean_exposure(
     overwrite: bool = False,
     fsync: bool = False,
     extra_cards: Sequence[tuple] = (),
+    arrays: dict | None = None,
 ) -> dict:
     """Clean one rate file and write the cleaned product (and optional extras).
 
@@ -1073,7 +1074,9 @@ def clean_exposure(
         the mask file alone (``"replace"``). With only ``mask_path`` the mask
         is used as it is.
     mask_options : MaskOptions or mapping, optional
-        Automatic-mask options.
+        Automatic-mask options.  With a mask file and no cal file they set the
+        weak-column guard of the summary (default: the options the mask file records,
+        as :func:`make_mask` writes them).
     fit_options : mapping, optional
         Options of :func:`nsclean.algorithm.core.fit` (``method``, ``cutoff`` ...).
     save_model, save_mask : bool
@@ -1090,6 +1093,10 @@ def clean_exposure(
     extra_cards : sequence of (keyword, value, comment)
         More primary-header cards for the cleaned file (the workflow records the
         input checksums this way).
+    arrays : dict, optional
+        Filled in with the arrays of the exposure, in native byte order, for a caller
+        that measures the result without reading the files again: ``sci`` (the input
+        SCI), ``cleaned`` (the SCI written) and ``mask`` (the background mask used).
 
     Returns
     -------
@@ -1130,13 +1137,15 @@ def clean_exposure(
     try:
         if cal is None:
             mask = user_mask
+            options_record = _options_from_header(user_header)
+            guard_options = options_record if mask_options is None else mask_options
             info = {
                 "source": "user",
                 "n_background": int(mask.sum()),
                 "background_fraction": float(mask.mean()),
-                "guard": masklib.guard_report(mask, _as_options(mask_options), origin=rate.origin),
+                "guard": masklib.guard_report(mask, _as_options(guard_options),
+                                              origin=rate.origin),
             }
-            options_record = _options_from_header(user_header)
         else:
             mask, info = build_exposure_mask(
                 rate,
@@ -1165,6 +1174,10 @@ def clean_exposure(
         fsync=fsync,
     )
     written = [str(output_path)]
+    if arrays is not None:
+        native = rate.sci.dtype.newbyteorder("=")
+        arrays.update(sci=rate.sci.astype(native, copy=False),
+                      cleaned=cleaned.astype(native, copy=False), mask=mask)
     if model_path is not None:
         model_cards = [*cards, ("NSCPROD", "MODEL", "SCI holds the fitted noise model")]
         model_cards = [c for c in model_cards if c[0] != STATUS_KEYWORD]

@@ -284,8 +284,7 @@ def step_timings(benchmark_paths: Iterable[str | os.PathLike]) -> dict[str, dict
     -------
     dict
         ``{stem: {rule: seconds}}``.  Wall times are measured by Snakemake around each
-        job, so they are right whether the step ran in the job's process or in a warm
-        worker.
+        job.
     """
     timings: dict[str, dict[str, float]] = {}
     for path in benchmark_paths:
