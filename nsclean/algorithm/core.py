@@ -544,28 +544,6 @@ def _fit_timeseries(lines, valid_lines, opts):
     return np.ascontiguousarray(model_lines), info
 
 
-def _fast_fft_length(n):
-    """Smallest 5-smooth number (2^a 3^b 5^c) >= ``n``: a fast real FFT length.
-
-    numpy's pocketfft has dedicated real-FFT passes for the factors 2, 3, 4 and 5 only
-    (7 and 11 go through its generic pass); this is exactly what
-    ``scipy.fft.next_fast_len(n, real=True)`` returns.
-    """
-    n = max(int(n), 1)
-    best = 1 << (n - 1).bit_length()  # the power of two
-    power5 = 1
-    while power5 < best:
-        power35 = power5
-        while power35 < best:
-            candidate = power35
-            while candidate < n:
-                candidate *= 2
-            best = min(best, candidate)
-            power35 *= 3
-        power5 *= 5
-    return best
-
-
 @functools.lru_cache(maxsize=8)
 def _fourier_basis(period, n_freq):
     """Real Fourier basis (P x K): 1, cos(2 pi k x/P), sin(2 pi k x/P) for k = 1..n_freq.
@@ -600,7 +578,9 @@ class _DensityFilter:
         self.n_bins = n // self.bin
         s = sigma / self.bin
         radius = int(math.ceil(4.0 * s))
-        self.size = _fast_fft_length(self.n_bins + 2 * radius)
+        from scipy.fft import next_fast_len
+
+        self.size = next_fast_len(self.n_bins + 2 * radius, real=True)
         offsets = np.arange(-radius, radius + 1)
         kernel = np.exp(-0.5 * (offsets / s) ** 2)
         kernel /= kernel.sum() * self.bin  # bin sums -> fractions

@@ -186,7 +186,7 @@ def _lowfreq_power(series, valid, cutoff):
 @functools.lru_cache(maxsize=4)
 def _frame_norm(shape):
     """Smoothed array of ones on the block grid (the same for every image of a shape)."""
-    from ._smooth import gaussian_filter
+    from scipy.ndimage import gaussian_filter
 
     norm = gaussian_filter(np.ones(shape), _FRAME_SIGMA_BLOCKS, mode="constant")
     norm.flags.writeable = False  # shared between calls
@@ -201,7 +201,7 @@ def _smoothed_background(zeroed, use):
     weighted fraction of background pixels, used to leave out areas with too
     little background to say anything.
     """
-    from ._smooth import gaussian_filter
+    from scipy.ndimage import gaussian_filter
 
     weighted = block_sum(zeroed, (_FRAME_BLOCK, _FRAME_BLOCK))
     counts = block_count(use, (_FRAME_BLOCK, _FRAME_BLOCK))
@@ -299,7 +299,7 @@ def _length_weights(use):
     background blocks at the top and bottom no longer outvote the thin gaps
     between the slices, where the science is.
     """
-    from ._smooth import gaussian_filter1d
+    from scipy.ndimage import gaussian_filter1d
 
     ny, nx = use.shape
     block = min(_DENSITY_BLOCK, ny)
