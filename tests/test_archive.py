@@ -133,9 +133,9 @@ def test_download_then_cache_hit_makes_no_request(program_dir, tmp_path):
         # a file of the wrong size on disk is fetched again, and the temporary file of
         # an attempt that was killed mid-transfer is cleared away
         (tmp_path / RATE).write_bytes(b"partial")
-        killed = tmp_path / f".{RATE}.abc123.part"
+        killed = tmp_path / f".{RATE}.abc123.tmp"
         killed.write_bytes(b"half a file")
-        other = tmp_path / ".other_rate.fits.abc123.part"
+        other = tmp_path / ".other_rate.fits.abc123.tmp"
         other.write_bytes(b"another file's download")
         assert archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
                                      archive_url=server.url, token="", **FAST).fetched

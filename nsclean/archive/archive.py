@@ -851,23 +851,17 @@ def write_manifest(manifest: Manifest | Sequence[ManifestRow], path: str | Path)
     Path
     """
     rows = manifest.rows if isinstance(manifest, Manifest) else list(manifest)
+    from ..io.atomic import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", newline="", dir=path.parent, delete=False,
-                                         prefix=f".{path.name}.", suffix=".part")
-    try:
-        with handle:
-            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS,
-                                    delimiter=_delimiter(path))
-            writer.writeheader()
-            for row in rows:
-                record = dataclasses.asdict(row)
-                writer.writerow({k: "" if record[k] is None else record[k]
-                                 for k in MANIFEST_COLUMNS})
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS,
+                                delimiter=_delimiter(path))
+        writer.writeheader()
+        for row in rows:
+            record = dataclasses.asdict(row)
+            writer.writerow({k: "" if record[k] is None else record[k]
+                             for k in MANIFEST_COLUMNS})
     return path
 
 
@@ -923,7 +917,7 @@ def _copy_local(uri: str, destination: Path, expected_size: int | None, started:
     if destination.resolve() == source.resolve():
         return DownloadResult(destination, False, 0, size, time.monotonic() - started)
     handle = tempfile.NamedTemporaryFile(dir=destination.parent, delete=False,
-                                         prefix=f".{destination.name}.", suffix=".part")
+                                         prefix=f".{destination.name}.", suffix=".tmp")
     handle.close()
     try:
         try:  # a hard link costs no space; the rename below is still atomic
@@ -1007,7 +1001,7 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
 
     # Temporary files of an earlier attempt that was killed (SIGKILL, a batch time
     # limit) are never complete; this download replaces them.
-    for stale in destination.parent.glob(f".{glob_escape(name)}.*.part"):
+    for stale in destination.parent.glob(f".{glob_escape(name)}.*.tmp"):
         stale.unlink(missing_ok=True)
     token = _token_from_env(token)
     own_session = session is None
@@ -1100,22 +1094,16 @@ def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size
         if expected_size is not None and length != expected_size:
             raise _Retryable(f"the archive sends {length} bytes but the catalogue size is "
                              f"{expected_size}")
-        handle = tempfile.NamedTemporaryFile(dir=destination.parent, delete=False,
-                                             prefix=f".{name}.", suffix=".part")
-        try:
-            received = 0
-            with handle:
-                for block in response.iter_content(chunk_size):
-                    handle.write(block)
-                    received += len(block)
-                if fsync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
+        from ..io.atomic import atomic_file
+
+        received = 0
+        # A short body raises inside the block: the destination is left as it was.
+        with atomic_file(destination, fsync=fsync) as handle:
+            for block in response.iter_content(chunk_size):
+                handle.write(block)
+                received += len(block)
             if received != length:
                 raise _Retryable(f"received {received} of {length} bytes")
-            os.replace(handle.name, destination)
-        finally:
-            Path(handle.name).unlink(missing_ok=True)
     return received
 
 

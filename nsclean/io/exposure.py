@@ -30,7 +30,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import textwrap
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,7 +42,9 @@ from astropy.io import fits
 from .. import __version__
 from ..algorithm import masks as masklib
 from ..algorithm.nirspec import DETECTORS, FULL_FRAME
+from .atomic import EXISTS_MESSAGE, atomic_write_bytes
 from .errors import NSCleanInputError
+from .jsonable import jsonable
 
 __all__ = [
     "CalExposure",
@@ -66,7 +67,6 @@ __all__ = [
 ]
 
 STATUS_KEYWORD = "S_NSCLEN"
-_EXISTS = "output exists (replace it with --overwrite, or overwrite=True in Python)"
 IFU_EXP_TYPES = ("NRS_IFU",)
 SLIT_EXP_TYPES = ("NRS_MSASPEC", "NRS_FIXEDSLIT", "NRS_BRIGHTOBJ")
 # NIRSpec values allowed for SUBARRAY by the stdatamodels 6.0 schema.
@@ -763,7 +763,7 @@ def write_mask(
         )
     buffer = io.BytesIO()
     fits.HDUList(hdus).writeto(buffer, output_verify="exception")
-    _atomic_write(path, [buffer.getvalue()], overwrite=overwrite, fsync=fsync)
+    atomic_write_bytes(path, [buffer.getvalue()], overwrite=overwrite, fsync=fsync)
     return path
 
 
@@ -799,7 +799,7 @@ def write_mask_png(
     rgb = masklib.quicklook_rgb(shown, mask)
     buffer = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
-    _atomic_write(path, [buffer.getvalue()], overwrite=overwrite)
+    atomic_write_bytes(path, [buffer.getvalue()], overwrite=overwrite)
     return path
 
 
@@ -884,7 +884,7 @@ def write_cleaned_rate(
         sci_bytes,
         unchanged[sci_end:],
     ]
-    _atomic_write(output_path, chunks, overwrite=overwrite, fsync=fsync)
+    atomic_write_bytes(output_path, chunks, overwrite=overwrite, fsync=fsync)
     return output_path
 
 
@@ -915,43 +915,6 @@ def _encode_image(path: Path, header: fits.Header, data: np.ndarray) -> bytes:
     encoded = data.astype(dtype, copy=False).tobytes()
     padding = -len(encoded) % 2880
     return encoded + b"\0" * padding
-
-
-def _atomic_write(path: Path, chunks: Iterable[bytes], *, overwrite: bool,
-                  fsync: bool = False) -> None:
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: {_EXISTS}")
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-            if fsync:
-                out.flush()
-                os.fsync(out.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            # A hard link fails if the name was taken meanwhile: no silent clobbering.
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path}: {_EXISTS}") from None
-            except OSError:
-                os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 # --------------------------------------------------------------------------------------
@@ -1211,7 +1174,7 @@ def clean_exposure(
         "background_fraction": round(float(info["background_fraction"]), 6),
         "n_weak_columns": int(info["guard"]["n_weak_columns"]),
         "weak_columns": list(info["guard"]["weak_columns"]),
-        "fit": {key: _jsonable(fit_info.get(key)) for key in _FIT_INFO_KEYWORDS},
+        "fit": {key: jsonable(fit_info.get(key)) for key in _FIT_INFO_KEYWORDS},
         "fit_method": fit_info.get("method"),
         "fit_mode": fit_info.get("mode"),
         "fit_options": result.options,
@@ -1358,14 +1321,6 @@ def _card_value(value):
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)[:68]
     return str(value)[:68]
-
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # --------------------------------------------------------------------------------------
@@ -1531,7 +1486,7 @@ def _refuse_existing(paths, overwrite: bool) -> None:
         return
     for path in paths:
         if path is not None and Path(path).exists():
-            raise FileExistsError(f"{path}: {_EXISTS}")
+            raise FileExistsError(f"{path}: {EXISTS_MESSAGE}")
 
 
 def _digits(value, width: int) -> str:

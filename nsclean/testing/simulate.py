@@ -41,8 +41,6 @@ Approximations
 from __future__ import annotations
 
 import dataclasses
-import os
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -54,6 +52,7 @@ from nsclean import __version__
 from nsclean.algorithm import nirspec as dqflags
 from nsclean.algorithm.nirspec import FIXED_SLIT_ROWS, FULL_FRAME, N_CHANNELS, REFERENCE_BORDER
 from nsclean.algorithm.orientation import detector_to_dms
+from nsclean.io.atomic import atomic_file
 
 __all__ = [
     "DEFAULT_AMPLITUDES",
@@ -1043,17 +1042,9 @@ def _cal_hdus(sim, filename):
 
 
 def _write_atomic(hdulist, path):
-    path = Path(path)
-    # a hidden name in the same directory: os.replace is then atomic, and the file gets the
-    # usual permissions (mkstemp would make it private)
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        hdulist.writeto(tmp_path, overwrite=False)
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path, overwrite=True) as handle:
+        hdulist.writeto(handle)
+    return Path(path)
 
 
 def write_exposure(sim, directory):

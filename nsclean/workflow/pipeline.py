@@ -21,12 +21,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .. import __version__
 from ..io.atomic import atomic_write_text
 from ..io.errors import NSCleanInputError
+from ..io.jsonable import json_default
 
 __all__ = [
     "CLEANED",
@@ -140,7 +141,7 @@ def write_status(path: str | os.PathLike, status: str, reason: str = "", **field
         The record as written.
     """
     record = {"status": status, "reason": reason, "nsclean_version": __version__, **fields}
-    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=_jsonable)
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=json_default)
                       + "\n")
     return record
 
@@ -343,15 +344,3 @@ def program_records(program: str, manifest_path: str | os.PathLike,
             records.append({"program": program, "stem": row.stem, "status": SKIPPED,
                             "reason": row.reason or "skipped by the archive step"})
     return records
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"not JSON-serialisable: {value!r}")
