@@ -23,7 +23,6 @@ from workflow_helpers import read_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
-SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 # Bounds on the subprocesses (a 2-core machine shared with other jobs).
 LINT_TIMEOUT = 180
 DRY_RUN_TIMEOUT = 120
@@ -70,18 +69,6 @@ def test_snakefmt_is_clean():
     result = subprocess.run([snakefmt, "--check", *files], capture_output=True, text=True,
                             timeout=LINT_TIMEOUT, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_schema_defaults_match_the_library():
-    """The defaults the config schema fills in are the library's own defaults."""
-    from nsclean.algorithm import core
-    from nsclean.algorithm.masks import MaskOptions
-
-    schema = yaml.safe_load(SCHEMA.read_text())["properties"]
-    clean_defaults = {k: v["default"] for k, v in schema["clean"]["properties"].items()}
-    mask_defaults = {k: v["default"] for k, v in schema["mask"]["properties"].items()}
-    assert clean_defaults == core._DEFAULTS
-    assert mask_defaults == MaskOptions().to_dict()
 
 
 @pytest.mark.parametrize(

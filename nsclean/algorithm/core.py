@@ -29,26 +29,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .nirspec import CHANNEL_ROWS, FULL_FRAME, REFERENCE_BORDER
+from .options import CLEAN_OPTIONS, defaults
 from .orientation import detector_to_dms, dms_to_detector, normalize_detector
 
 #: Pause between fast-scan lines, in pixel clock ticks (10 us each), used to place
 #: subarray pixels on the read-out time axis.
 LINE_OVERHEAD_TICKS = 12
 
-_DEFAULTS = {
-    "method": "fft",
-    "cutoff": 1.0 / 256.0,
-    "rolloff": 1.0 / 1024.0,
-    "weight_sigma": 32.0,
-    "outlier_sigma": 3.0,
-    "outlier_iterations": 1,
-    "max_model_variance": 0.25,
-    "smooth_sigma": 0.0,
-    "per_channel": False,
-    "mode": "auto",
-    "chunk_length": 2048,
-    "adaptive": True,
-}
+# Every option of fit(), its default and help: nsclean.algorithm.options.CLEAN_OPTIONS.
+_DEFAULTS = defaults(CLEAN_OPTIONS)
 
 # Largest condition number of a (diagonally scaled) normal matrix that is solved.
 _MAX_CONDITION = 1e10
@@ -133,7 +122,7 @@ def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
         Background pixels whose residual from the fit exceeds this many robust sigma
         are dropped and the line refitted (default 3).  None disables rejection.
     outlier_iterations : int
-        Number of reject-and-refit passes (default 2).
+        Number of reject-and-refit passes (default 1).
     max_model_variance : float or None
         Guard: largest variance the fit may add to any pixel of a line, in units of
         the per-pixel white-noise variance (default 0.25).  Lines above it are
@@ -151,6 +140,10 @@ def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
         pixels or more and "timeseries" otherwise.
     chunk_length : int
         Chunk length in ticks for the time-series mode (default 2048).
+    adaptive : bool
+        Scale each fitted frequency by a Wiener gain from the correlated power this
+        exposure has there, so that poorly constrained terms are shrunk instead of
+        subtracted (default True); False gives the paper's plain apodizer.
 
     Returns
     -------

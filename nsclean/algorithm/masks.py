@@ -27,6 +27,7 @@ import numpy as np
 
 from . import nirspec as dqflags
 from .nirspec import FIXED_SLIT_ROWS, FULL_FRAME, REFERENCE_BORDER
+from .options import MASK_OPTIONS
 
 __all__ = [
     "MaskOptions",
@@ -48,77 +49,20 @@ __all__ = [
     "slit_footprint",
 ]
 
-_FOOTPRINT_MODES = ("trace", "box")
-_BAND_MODES = ("auto", "always", "never")
+_CHOICES = {option.name: option.choices for option in MASK_OPTIONS}
+_FOOTPRINT_MODES = _CHOICES["footprint_mode"]
+_BAND_MODES = _CHOICES["fixed_slit_band"]
 # Modes whose full frames carry fixed-slit light on top of the science
 # footprint (the fixed slits are always open).
 _BAND_EXP_TYPES = ("NRS_IFU", "NRS_MSASPEC")
 _MAD_TO_SIGMA = 1.4826
 
 
-@dataclass(frozen=True)
-class MaskOptions:
-    """Options of the automatic background mask; every step can be switched off.
+class _MaskOptionsMethods:
+    """Validation and conversions of :class:`MaskOptions` (its fields come from
+    :data:`nsclean.algorithm.options.MASK_OPTIONS`)."""
 
-    Parameters
-    ----------
-    use_footprint : bool
-        Remove the science footprint taken from the cal product.
-    footprint_mode : {"trace", "box"}
-        For slit products (MOS, fixed slit, BOTS): ``"trace"`` removes the
-        pixels the pipeline calibrated (finite in the slit's SCI cutout),
-        ``"box"`` removes the slit's whole bounding box. IFU footprints are
-        always the finite pixels of the full-frame SCI.
-    dilation_radius : int
-        Radius in pixels of the disk by which the footprint is grown, to keep
-        light scattered past the footprint edge out of the fit (0 = none).
-    fixed_slit_band : {"auto", "always", "never"}
-        Remove DMS rows ``fixed_slit_rows``. ``"auto"`` does so for IFU and
-        MOS full frames, where the always-open fixed slits add light that the
-        cal product does not describe.
-    fixed_slit_rows : tuple of int
-        First and last (inclusive) full-frame DMS row of the fixed-slit band.
-    mask_nan : bool
-        Remove pixels that are NaN in the rate image.
-    mask_do_not_use : bool
-        Remove pixels flagged DO_NOT_USE in DQ.
-    mask_reference_pixels : bool
-        Remove the 4-pixel reference border (by position and by the
-        REFERENCE_PIXEL flag): those pixels do not see light or dark current.
-    mask_failed_open : bool
-        Remove pixels flagged MSA_FAILED_OPEN (light from stuck-open shutters).
-    mask_jump : bool
-        Remove pixels flagged JUMP_DET (cosmic-ray hits and snowball halos,
-        which leave positive residuals in the rate); see ``docs/masks.md``
-        for the measurement behind the default.
-    jump_fallback : bool
-        Keep the jump pixels of any column that masking them would leave weak
-        (see ``guard_min_pixels``, ``guard_max_gap``).
-    clip_sigma : float or None
-        Remove pixels more than this many robust sigma above the background
-        level of their column (``None`` or 0 = no clipping).
-    guard_min_pixels : int
-        Columns with fewer background pixels than this are reported as weak
-        (capped at a quarter of the column length for short subarrays).
-    guard_max_gap : int
-        Columns whose longest run of masked pixels exceeds this are reported
-        as weak: the fitted model is poorly constrained inside long gaps.
-    """
-
-    use_footprint: bool = True
-    footprint_mode: str = "trace"
-    dilation_radius: int = 2
-    fixed_slit_band: str = "auto"
-    fixed_slit_rows: tuple[int, int] = FIXED_SLIT_ROWS
-    mask_nan: bool = True
-    mask_do_not_use: bool = True
-    mask_reference_pixels: bool = True
-    mask_failed_open: bool = True
-    mask_jump: bool = True
-    jump_fallback: bool = True
-    clip_sigma: float | None = 4.0
-    guard_min_pixels: int = 34
-    guard_max_gap: int = 500
+    __slots__ = ()
 
     def __post_init__(self):
         if self.footprint_mode not in _FOOTPRINT_MODES:
@@ -172,6 +116,32 @@ class MaskOptions:
         out = dataclasses.asdict(self)
         out["fixed_slit_rows"] = list(self.fixed_slit_rows)
         return out
+
+
+def _mask_options_class():
+    """:class:`MaskOptions`, a frozen dataclass with one field per entry of
+    :data:`~nsclean.algorithm.options.MASK_OPTIONS` (name, type, default, help)."""
+    fields, lines = [], []
+    for option in MASK_OPTIONS:
+        annotation = option.type
+        default = option.default
+        if option.length is not None:
+            annotation, default = tuple[int, int], tuple(default)
+        elif option.nullable:
+            annotation = option.type | None
+        name = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+        fields.append((option.name, annotation, field(default=default)))
+        lines.append(f"{option.name} : {name}\n    {option.help}")
+    doc = ("Options of the automatic background mask; every step can be switched off.\n\n"
+           "Parameters\n----------\n" + "\n".join(lines) + "\n")
+    return dataclasses.make_dataclass(
+        "MaskOptions", fields, bases=(_MaskOptionsMethods,), frozen=True,
+        namespace={"__module__": __name__, "__doc__": doc})
+
+
+#: Options of the automatic background mask (one field per entry of
+#: :data:`nsclean.algorithm.options.MASK_OPTIONS`; ``MaskOptions.__doc__`` lists them).
+MaskOptions = _mask_options_class()
 
 
 @dataclass(frozen=True)

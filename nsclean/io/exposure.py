@@ -42,6 +42,7 @@ from astropy.io import fits
 from .. import __version__
 from ..algorithm import masks as masklib
 from ..algorithm.nirspec import DETECTORS, FULL_FRAME
+from ..algorithm.options import CLEAN_OPTIONS, MASK_OPTIONS
 from .atomic import EXISTS_MESSAGE, atomic_write_bytes
 from .errors import NSCleanInputError
 from .jsonable import jsonable
@@ -123,35 +124,9 @@ _IDENTITY_KEYWORDS = (
 
 # Mask option -> (keyword, comment); the same keywords go into mask files and
 # into cleaned rate files, so a cleaned file says how its mask was built.
-_MASK_KEYWORDS = {
-    "use_footprint": ("NSCMFOOT", "science footprint from cal removed"),
-    "footprint_mode": ("NSCMFMOD", "slit footprint: trace or box"),
-    "dilation_radius": ("NSCMDIL", "[pix] footprint dilation radius"),
-    "fixed_slit_band": ("NSCMFSB", "fixed-slit band: auto, always, never"),
-    "mask_nan": ("NSCMNAN", "NaN pixels removed"),
-    "mask_do_not_use": ("NSCMDNU", "DO_NOT_USE pixels removed"),
-    "mask_reference_pixels": ("NSCMREF", "reference border removed"),
-    "mask_failed_open": ("NSCMMSA", "MSA_FAILED_OPEN pixels removed"),
-    "mask_jump": ("NSCMJUMP", "JUMP_DET pixels removed"),
-    "jump_fallback": ("NSCMJFB", "jumps kept where masking them weakens a column"),
-    "clip_sigma": ("NSCMCLIP", "bright clip [robust sigma], 0 = off"),
-    "guard_min_pixels": ("NSCMGMIN", "guard: min background pixels per column"),
-    "guard_max_gap": ("NSCMGGAP", "[pix] guard: longest masked run allowed"),
-}
-_FIT_KEYWORDS = {
-    "method": ("NSCFMETH", "fit method"),
-    "mode": ("NSCFMODE", "fit mode: auto, line, timeseries"),
-    "cutoff": ("NSCFCUT", "[1/pix] apodizer cut-off frequency"),
-    "rolloff": ("NSCFROLL", "[1/pix] apodizer roll-off width"),
-    "weight_sigma": ("NSCFWSIG", "[pix] density-weight Gaussian sigma"),
-    "outlier_sigma": ("NSCFOSIG", "outlier rejection [robust sigma]"),
-    "outlier_iterations": ("NSCFOITR", "outlier reject-and-refit passes"),
-    "max_model_variance": ("NSCFMVAR", "guard: max model variance [sigma^2]"),
-    "smooth_sigma": ("NSCFSMOO", "[lines] model smoothing sigma"),
-    "per_channel": ("NSCFPCH", "median method: per output channel"),
-    "chunk_length": ("NSCFCHNK", "[ticks] time-series chunk length"),
-    "adaptive": ("NSCFADPT", "Wiener gains per frequency (adaptive)"),
-}
+# FITS keyword and card comment of each option recorded in masks and cleaned files.
+_MASK_KEYWORDS = {o.name: (o.keyword, o.comment) for o in MASK_OPTIONS if o.keyword}
+_FIT_KEYWORDS = {o.name: (o.keyword, o.comment) for o in CLEAN_OPTIONS if o.keyword}
 _FIT_INFO_KEYWORDS = {
     "n_lines": ("NSCNLINE", "lines or chunks fitted"),
     "n_guarded": ("NSCNGRD", "lines fitted with fewer frequencies"),
