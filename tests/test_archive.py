@@ -68,8 +68,7 @@ def test_local_source_pairs_by_stem_and_applies_policy(program_dir, tmp_path):
     assert ok.rate_size == (program_dir / ok.rate_file).stat().st_size
     assert (ok.program, ok.observation, ok.visit, ok.detector) == ("01345", "062", "001", "NRS1")
 
-    kept = archive.build_manifest(products, missing_cal="user_mask")
-    assert (kept.rows[-1].status, kept.rows[-1].mask_source) == ("ok", "user")
+    assert manifest.rows[-1].mask_source == "user"
     with pytest.raises(archive.ArchiveError, match="jw02222001001_04102_00001_nrs1"):
         archive.build_manifest(products, missing_cal="error")
 
@@ -447,7 +446,8 @@ def test_fetch_file_step_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
     products = [p for p in archive.scan_local(program_dir) if p["productFilename"] == RATE]
     for product in products:  # the same file as MAST would list it
         product.update(dataURI=uri(RATE), dataRights="EXCLUSIVE_ACCESS")
-    manifest = archive.write_manifest(archive.build_manifest(products, missing_cal="user_mask"),
+    # A rate without its cal: skipped, but listed, so the file can be fetched.
+    manifest = archive.write_manifest(archive.build_manifest(products),
                                       tmp_path / "manifest.csv")
     log = tmp_path / "fetch_file.log"
     with MastServer(program_dir, exclusive=[RATE]) as server:
@@ -465,3 +465,20 @@ def test_fetch_file_step_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
                                 status, log, settings)
     assert "a MAST API token is needed" in log.read_text()
     assert (tmp_path / "archive" / RATE).stat().st_size == 0
+
+
+def test_missing_cal_policies_are_those_the_config_schema_offers():
+    """archive.missing_cal: the library accepts exactly the values the workflow's schema
+    allows (the library once offered 'user_mask', which the schema rejected and the
+    workflow could not carry out)."""
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow" / "schemas"
+                             / "config.schema.yaml").read_text())
+    offered = schema["properties"]["archive"]["properties"]["missing_cal"]
+    assert tuple(offered["enum"]) == archive.MISSING_CAL_POLICIES
+    assert offered["default"] == "skip"
+    for policy in archive.MISSING_CAL_POLICIES:
+        archive.build_manifest([], missing_cal=policy)
+    with pytest.raises(ValueError, match="missing_cal must be one of skip, error"):
+        archive.build_manifest([], missing_cal="user_mask")

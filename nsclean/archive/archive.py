@@ -160,9 +160,9 @@ class ManifestRow:
 
     ``status`` is ``"ok"`` (to be processed) or ``"skipped"``, with ``reason`` saying
     why (no cal file under the ``skip`` policy, or no rate file).  ``cal_file`` is
-    empty when the archive has no cal file for the exposure; with the ``user_mask``
-    policy such a row is ``ok`` with ``mask_source="user"`` (it needs a user mask),
-    otherwise ``mask_source`` is ``"cal"``.
+    empty when the archive has no cal file for the exposure (such a row is skipped, with
+    ``mask_source="user"``: only a mask of your own could clean it, with ``nsclean clean
+    --mask``); otherwise ``mask_source`` is ``"cal"``.
     ``data_rights`` is ``EXCLUSIVE_ACCESS`` if either file is, ``PUBLIC`` otherwise,
     ``LOCAL`` for the local source.  ``subarray`` is empty for MAST rows (CAOM does not
     carry it; the rate header is authoritative).
@@ -642,6 +642,10 @@ def _size(product: dict | None) -> int | None:
     return None if size is None else int(size)
 
 
+#: What to do with an exposure that has a rate but no cal file (config archive.missing_cal).
+MISSING_CAL_POLICIES = ("skip", "error")
+
+
 def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Manifest:
     """Pair rate and cal products by exposure stem.
 
@@ -651,7 +655,7 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
         As returned by :func:`query_mast` (or built by :func:`scan_local`): each with
         ``productFilename``, ``dataURI``, ``size``, ``dataRights``, ``stem``, the stem
         parts, ``exp_type``, ``grating``, ``filter`` and optionally ``subarray``.
-    missing_cal : {"skip", "user_mask", "error"}
+    missing_cal : {"skip", "error"}
         What to do with an exposure that has no cal file (it cannot get an automatic
         mask): list it as ``status="skipped"``, keep it (``status="ok"``,
         ``mask_source="user"``), or raise.
@@ -667,8 +671,8 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
     ArchiveError
         With ``missing_cal="error"`` when an exposure has no cal file.
     """
-    if missing_cal not in ("skip", "user_mask", "error"):
-        raise ValueError(f"missing_cal must be 'skip', 'user_mask' or 'error', "
+    if missing_cal not in MISSING_CAL_POLICIES:
+        raise ValueError(f"missing_cal must be one of {', '.join(MISSING_CAL_POLICIES)}, "
                          f"not {missing_cal!r}")
     by_stem: dict[str, dict[str, dict]] = {}
     for product in products:
@@ -688,13 +692,9 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
         elif cal is None:
             manifest.without_cal.append(stem)
             mask_source = "user"
-            if missing_cal == "skip":
-                status, reason = "skipped", "no cal file, so no automatic mask"
-                log.warning("%s: no cal file, so no automatic mask; skipped (set "
-                            "missing_cal to 'user_mask' to clean it with a user mask)", stem)
-            else:
-                reason = "no cal file: needs a user mask"
-                log.warning("%s: no cal file; kept, it needs a user mask", stem)
+            status, reason = "skipped", "no cal file, so no automatic mask"
+            log.warning("%s: no cal file, so no automatic mask; skipped (nsclean clean "
+                        "--mask cleans it with a mask of your own)", stem)
         known = rate or cal
         rights = {f["dataRights"] for f in (rate, cal) if f is not None}
         data_rights = ("EXCLUSIVE_ACCESS" if "EXCLUSIVE_ACCESS" in rights
@@ -804,7 +804,7 @@ def fetch_manifest(programs=None, *, source: str = "mast", local_dir=None, obser
         The directory for ``source="local"``.
     observations, modes, detectors, gratings, filters
         Selections, see :func:`query_mast`.
-    missing_cal : {"skip", "user_mask", "error"}
+    missing_cal : {"skip", "error"}
         Policy for exposures without a cal file, see :func:`build_manifest`.
     archive_url, pagesize, timeout, retries, backoff
         Passed to :func:`query_mast`.
