@@ -337,7 +337,7 @@ def test_sigkill_of_a_job_then_rerun_gives_the_uninterrupted_products(reference,
         stop_group(process)
     log = (tmp_path / "interrupted.log").read_text()
     assert process.returncode != 0, f"killed {script}, yet the run succeeded:\n{log[-3000:]}"
-    assert "Error in rule" in log
+    assert "Exiting because a job execution failed" in log
     assert not (results / "run_status.json").exists()
 
     again = run_workflow(tmp_path, config)

@@ -178,3 +178,20 @@ def test_the_fsync_setting_decides_whether_products_are_flushed(fsync, exposure,
             assert name.startswith(f".{product}."), (name, product)
     else:
         assert flushed == []
+
+
+def test_a_crashing_job_says_so_on_the_console(tmp_path):
+    """A rule script's uncaught exception: the traceback in the rule's log, one line on
+    the console (which the default profile keeps free of job error blocks)."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "logs" / "clean.log"
+    code = ("import sys; from nsclean.workflow.pipeline import script_logging;"
+            f"script_logging({str(log)!r}); raise ValueError('a bug, not bad data')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"nsclean: ValueError: a bug, not bad data (log: {log})"
+    text = log.read_text()
+    assert "Traceback" in text and "ValueError: a bug, not bad data" in text

@@ -97,7 +97,8 @@ def test_invalid_config_stops_at_once_naming_the_key(tmp_path, config, expected)
 def test_minimal_config_gets_the_defaults(tmp_path):
     """A config with only the interface keys is valid: a dry run plans the fetch."""
     path = write_yaml(tmp_path / "config.yaml", {"programs": [1345]})
-    result = snakemake("-n", "--configfile", str(path), cwd=tmp_path)
+    # --quiet host: the jobs' descriptions, which the default profile leaves out
+    result = snakemake("-n", "--quiet", "host", "--configfile", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "fetch_manifest" in result.stdout
     assert "results/01345/manifest.csv" in result.stdout
@@ -149,6 +150,16 @@ def test_demo_run_cleans_every_exposure(demo_run):
         assert list((results / "logs" / rule).rglob("*.log")), rule
     # the files came through the archive protocol, not from the disk
     assert demo_run["server"].count("Mast.Caom.Filtered") >= 1
+
+
+@pytest.mark.slow
+def test_the_console_shows_progress_not_every_job(demo_run):
+    """The default profile is quiet: progress lines, no per-job descriptions."""
+    output = demo_run["first"].stdout + demo_run["first"].stderr
+    assert "steps (100%) done" in output
+    assert "wildcards:" not in output and "output:" not in output
+    jobs = 1 + 2 * DEMO_EXPOSURES + 2 * DEMO_EXPOSURES + 4  # + program/run report, verify, all
+    assert len(output.splitlines()) < 6 * jobs + 40, len(output.splitlines())
 
 
 @pytest.mark.slow

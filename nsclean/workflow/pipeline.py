@@ -40,6 +40,7 @@ __all__ = [
     "require_ok",
     "require_product",
     "script_logging",
+    "to_console",
     "input_checksums",
     "program_records",
     "read_benchmark_seconds",
@@ -72,14 +73,36 @@ def script_logging(log_path: str | os.PathLike, name: str = "nsclean") -> loggin
     logging.Logger
         Logger writing to the log file.
     """
+    global _CONSOLE
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     stream = open(log_path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    _CONSOLE = sys.stderr
     # Library warnings (astropy, numpy) and prints belong in the log, not the console.
     sys.stdout = sys.stderr = stream
     logging.basicConfig(stream=stream, level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
-    return logging.getLogger(name)
+    logger = logging.getLogger(name)
+
+    def report_crash(kind, error, traceback):
+        # The traceback goes to the log; one line to the console, which the default
+        # profile's quiet output (no job error blocks) would otherwise not show.
+        logger.error("job failed", exc_info=(kind, error, traceback))
+        to_console(f"{kind.__name__}: {error} (log: {log_path})")
+
+    sys.excepthook = report_crash
+    return logger
+
+
+#: Where the job's standard error went before :func:`script_logging` took it over.
+_CONSOLE = None
+
+
+def to_console(text: str) -> None:
+    """Print one line to the console Snakemake shows (not the rule's log): for what a
+    user must see even with the default profile's quiet output, such as the run's
+    verdict or a crashed job."""
+    print(f"nsclean: {text}", file=_CONSOLE or sys.__stderr__, flush=True)
 
 
 class StepFailed(Exception):
