@@ -761,29 +761,7 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     >>> sim.rate.shape, sim.meta["stem"]
     ((2048, 2048), 'jw09999001001_03101_00001_nrs2')
     """
-    kind = str(kind).strip().lower()
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
-    detector = str(detector).strip().upper()
-    if detector not in GAIN:
-        raise ValueError(f"detector must be 'NRS1' or 'NRS2'; got {detector!r}")
-    if subarray is None:
-        subarray = "SUB2048" if kind == "bots" else "FULL"
-    subarray = str(subarray).strip().upper()
-    if subarray not in SUBARRAYS:
-        raise ValueError(f"subarray must be one of {', '.join(SUBARRAYS)}; got {subarray!r}")
-    if kind in ("ifu", "mos") and subarray != "FULL":
-        raise ValueError(f"{kind!r} exposures are full frame; got subarray {subarray!r}")
-    unknown = set(amplitudes) - set(DEFAULT_AMPLITUDES)
-    if unknown:
-        raise ValueError(
-            f"unknown noise option(s) {sorted(unknown)}; expected some of "
-            f"{sorted(DEFAULT_AMPLITUDES)}"
-        )
-    amp = {**DEFAULT_AMPLITUDES, **{k: float(v) for k, v in amplitudes.items()}}
-    if amp["effective_time"] <= 0:
-        raise ValueError(f"effective_time must be > 0 s; got {amp['effective_time']}")
-
+    kind, detector, subarray, amp = _checked_arguments(kind, detector, subarray, amplitudes)
     sub_x, sub_y, sub_nx, sub_ny = SUBARRAYS[subarray]
     region = (sub_x - 1, sub_y - 1, sub_nx, sub_ny)
     full_frame = subarray == "FULL"
@@ -801,21 +779,9 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     traces = _SCENES[kind](scene_rng, detector)
     signal, footprint, illuminated, scene_flags, boxes = _render(traces, region)
 
-    # --- noise, electrons of one effective frame, assembled in the detector frame
     n_outputs = N_CHANNELS if full_frame else 1
-    detector_noise = _correlated_noise_detector(
-        noise_rng, n_lines=sub_nx, n_fast=sub_ny, n_outputs=n_outputs, irs2=irs2, amp=amp)
-    frame_rms = amp["picture_frame"] * (amp["picture_frame_nrs2_factor"]
-                                        if detector == "NRS2" else 1.0)
-    row_terms, col_terms = _picture_frame_factors(frame_rng, sub_ny, sub_nx, region[1],
-                                                  region[0], frame_rms)
-    # (row_terms @ col_terms).T seen from the detector: lines = DMS columns
-    lines_factor, pixels_factor = col_terms.T, row_terms.T
-    if detector == "NRS2":
-        lines_factor, pixels_factor = lines_factor[::-1], pixels_factor[:, ::-1]
-    detector_noise += lines_factor @ pixels_factor
-    detector_noise *= np.float32(to_rate)
-    noise_correlated = np.ascontiguousarray(detector_to_dms(detector_noise, detector))
+    noise_correlated = _correlated_noise(noise_rng, frame_rng, detector, region, n_outputs,
+                                         irs2, amp, to_rate)
 
     # reference pixels: the 4-pixel full-frame border that falls inside the region
     rows = np.arange(region[1], region[1] + sub_ny)
@@ -857,22 +823,12 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     err = np.sqrt(var_poisson + var_rnoise)
     err[do_not_use] = np.nan
 
-    grating, filt, (lam0, lam1), template = _OPTICS[kind]
-    wavelength = np.full((sub_ny, sub_nx), np.nan, dtype=np.float32)
-    if footprint.any():
-        # a nearly linear dispersion across the full detector width
-        u = cols / (FULL_FRAME - 1)
-        lam = lam0 + (lam1 - lam0) * (u + 0.05 * u * (1 - u))
-        if detector == "NRS2":
-            lam = lam + (lam1 - lam0) * 0.02
-        wavelength = np.where(footprint, lam.astype(np.float32)[None, :], np.float32(np.nan))
-
-    fxd_slit = {"fs": "S200A1", "bots": "S1600A1"}.get(kind, "NONE")
-    stem = make_stem(program, observation, visit, exposure, detector)
+    wavelength = _wavelength(kind, detector, footprint, cols)
     tframe = (IRS2_ROW_TICKS if irs2 else sub_ny // n_outputs + ROW_OVERHEAD) \
         * (sub_nx + 1) * PIXEL_TIME
+    grating, filt, _, template = _OPTICS[kind]
     meta = {
-        "stem": stem,
+        "stem": make_stem(program, observation, visit, exposure, detector),
         "kind": kind,
         "detector": detector,
         "exp_type": _EXP_TYPE[kind],
@@ -894,7 +850,7 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
         "exposure": int(exposure),
         "grating": grating,
         "filter": filt,
-        "fxd_slit": fxd_slit,
+        "fxd_slit": {"fs": "S200A1", "bots": "S1600A1"}.get(kind, "NONE"),
         "template": template,
         "cal_model": _CAL_MODEL.get(kind),
         "seed": int(seed),
@@ -907,6 +863,66 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
         var_poisson=var_poisson, var_rnoise=var_rnoise, wavelength=wavelength,
         meta=meta, slits=boxes,
     )
+
+
+def _checked_arguments(kind, detector, subarray, amplitudes):
+    """The arguments of :func:`simulate_exposure`, normalised, or a ValueError."""
+    kind = str(kind).strip().lower()
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    detector = str(detector).strip().upper()
+    if detector not in GAIN:
+        raise ValueError(f"detector must be 'NRS1' or 'NRS2'; got {detector!r}")
+    if subarray is None:
+        subarray = "SUB2048" if kind == "bots" else "FULL"
+    subarray = str(subarray).strip().upper()
+    if subarray not in SUBARRAYS:
+        raise ValueError(f"subarray must be one of {', '.join(SUBARRAYS)}; got {subarray!r}")
+    if kind in ("ifu", "mos") and subarray != "FULL":
+        raise ValueError(f"{kind!r} exposures are full frame; got subarray {subarray!r}")
+    unknown = set(amplitudes) - set(DEFAULT_AMPLITUDES)
+    if unknown:
+        raise ValueError(
+            f"unknown noise option(s) {sorted(unknown)}; expected some of "
+            f"{sorted(DEFAULT_AMPLITUDES)}"
+        )
+    amp = {**DEFAULT_AMPLITUDES, **{k: float(v) for k, v in amplitudes.items()}}
+    if amp["effective_time"] <= 0:
+        raise ValueError(f"effective_time must be > 0 s; got {amp['effective_time']}")
+    return kind, detector, subarray, amp
+
+
+def _correlated_noise(noise_rng, frame_rng, detector, region, n_outputs, irs2, amp,
+                      to_rate):
+    """1/f, alternating-column and picture-frame noise of one effective frame, in DN/s,
+    assembled in the detector frame and returned in the DMS frame."""
+    sub_nx, sub_ny = region[2], region[3]
+    detector_noise = _correlated_noise_detector(
+        noise_rng, n_lines=sub_nx, n_fast=sub_ny, n_outputs=n_outputs, irs2=irs2, amp=amp)
+    frame_rms = amp["picture_frame"] * (amp["picture_frame_nrs2_factor"]
+                                        if detector == "NRS2" else 1.0)
+    row_terms, col_terms = _picture_frame_factors(frame_rng, sub_ny, sub_nx, region[1],
+                                                  region[0], frame_rms)
+    # (row_terms @ col_terms).T seen from the detector: lines = DMS columns
+    lines_factor, pixels_factor = col_terms.T, row_terms.T
+    if detector == "NRS2":
+        lines_factor, pixels_factor = lines_factor[::-1], pixels_factor[:, ::-1]
+    detector_noise += lines_factor @ pixels_factor
+    detector_noise *= np.float32(to_rate)
+    return np.ascontiguousarray(detector_to_dms(detector_noise, detector))
+
+
+def _wavelength(kind, detector, footprint, cols):
+    """WAVELENGTH of the footprint's pixels (NaN elsewhere): a nearly linear dispersion
+    across the full detector width."""
+    _, _, (lam0, lam1), _ = _OPTICS[kind]
+    if not footprint.any():
+        return np.full(footprint.shape, np.nan, dtype=np.float32)
+    u = cols / (FULL_FRAME - 1)
+    lam = lam0 + (lam1 - lam0) * (u + 0.05 * u * (1 - u))
+    if detector == "NRS2":
+        lam = lam + (lam1 - lam0) * 0.02
+    return np.where(footprint, lam.astype(np.float32)[None, :], np.float32(np.nan))
 
 
 # ------------------------------------------------------------------------------------------
