@@ -1053,46 +1053,17 @@ def clean_exposure(
     """
     from ..algorithm.core import fit
 
-    if cal_path is None and mask_path is None:
-        raise NSCleanInputError(
-            rate_path,
-            "no background mask: give a cal file (automatic mask) or a mask file",
-        )
-    output_path = Path(output_path)
-    rate_path = Path(rate_path)
-    if output_path.resolve() == rate_path.resolve():
-        raise NSCleanInputError(output_path, "output would overwrite the input rate file")
-    rate = read_rate(rate_path)
-    cal = read_cal(cal_path) if cal_path is not None else None
-    user_mask, user_header = None, None
-    if mask_path is not None:
-        user_mask, user_header = _read_user_mask(mask_path, rate, with_header=True)
+    output_path, rate_path = Path(output_path), Path(rate_path)
+    rate, cal, user_mask, user_header = _read_clean_inputs(rate_path, output_path, cal_path,
+                                                           mask_path)
     directory = Path(product_dir) if product_dir is not None else output_path.parent
     model_path = product_path(directory, rate.stem, MODEL_SUFFIX) if save_model else None
     saved_mask_path = product_path(directory, rate.stem, MASK_SUFFIX) if save_mask else None
     _refuse_existing([output_path, model_path, saved_mask_path], overwrite)
 
     try:
-        if cal is None:
-            mask = user_mask
-            options_record = _options_from_header(user_header)
-            guard_options = options_record if mask_options is None else mask_options
-            info = {
-                "source": "user",
-                "n_background": int(mask.sum()),
-                "background_fraction": float(mask.mean()),
-                "guard": masklib.guard_report(mask, _as_options(guard_options),
-                                              origin=rate.origin),
-            }
-        else:
-            mask, info = build_exposure_mask(
-                rate,
-                cal,
-                user_mask=user_mask,
-                user_mask_mode=user_mask_mode,
-                options=mask_options,
-            )
-            options_record = info["options"]
+        mask, info, options_record = _mask_for_cleaning(
+            rate, cal, user_mask, user_header, user_mask_mode, mask_options)
         if not mask.any():
             raise NSCleanInputError(mask_path or rate_path, "mask has no background pixel")
         result = fit(rate.sci, mask, rate.detector, **dict(fit_options or {}))
@@ -1111,29 +1082,71 @@ def clean_exposure(
         rate.path, output_path, cleaned, cards=cards, history=history, overwrite=overwrite,
         fsync=fsync,
     )
-    written = [str(output_path)]
     if arrays is not None:
         native = rate.sci.dtype.newbyteorder("=")
         arrays.update(sci=rate.sci.astype(native, copy=False),
                       cleaned=cleaned.astype(native, copy=False), mask=mask)
+    written = [str(output_path), *_write_extras(rate, model, mask, info, cards, history,
+                                                model_path, saved_mask_path,
+                                                overwrite=overwrite, fsync=fsync)]
+    return _clean_summary(rate, cal, mask_path, written, info, result, options_record)
+
+
+def _write_extras(rate, model, mask, info, cards, history, model_path, mask_path, *,
+                  overwrite, fsync) -> list[str]:
+    """The optional products of :func:`clean_exposure`: the model and the mask used."""
+    written = []
     if model_path is not None:
         model_cards = [*cards, ("NSCPROD", "MODEL", "SCI holds the fitted noise model")]
         model_cards = [c for c in model_cards if c[0] != STATUS_KEYWORD]
-        write_cleaned_rate(
-            rate.path,
-            model_path,
-            model.astype(rate.sci.dtype, copy=False),
-            cards=model_cards,
-            history=history,
-            overwrite=overwrite,
-            fsync=fsync,
-        )
+        write_cleaned_rate(rate.path, model_path, model.astype(rate.sci.dtype, copy=False),
+                           cards=model_cards, history=history, overwrite=overwrite,
+                           fsync=fsync)
         written.append(str(model_path))
-    if saved_mask_path is not None:
-        write_mask(saved_mask_path, mask, info, reference_header=rate.header, overwrite=overwrite,
+    if mask_path is not None:
+        write_mask(mask_path, mask, info, reference_header=rate.header, overwrite=overwrite,
                    fsync=fsync)
-        written.append(str(saved_mask_path))
+        written.append(str(mask_path))
+    return written
 
+
+def _read_clean_inputs(rate_path: Path, output_path: Path, cal_path, mask_path):
+    """The rate, cal and user mask (with its header) of :func:`clean_exposure`, checked."""
+    if cal_path is None and mask_path is None:
+        raise NSCleanInputError(
+            rate_path,
+            "no background mask: give a cal file (automatic mask) or a mask file",
+        )
+    if output_path.resolve() == rate_path.resolve():
+        raise NSCleanInputError(output_path, "output would overwrite the input rate file")
+    rate = read_rate(rate_path)
+    cal = read_cal(cal_path) if cal_path is not None else None
+    user_mask, user_header = None, None
+    if mask_path is not None:
+        user_mask, user_header = _read_user_mask(mask_path, rate, with_header=True)
+    return rate, cal, user_mask, user_header
+
+
+def _mask_for_cleaning(rate, cal, user_mask, user_header, user_mask_mode, mask_options):
+    """The mask :func:`clean_exposure` fits with, its info and the options it records."""
+    if cal is not None:
+        mask, info = build_exposure_mask(rate, cal, user_mask=user_mask,
+                                         user_mask_mode=user_mask_mode, options=mask_options)
+        return mask, info, info["options"]
+    options_record = _options_from_header(user_header)
+    guard_options = options_record if mask_options is None else mask_options
+    info = {
+        "source": "user",
+        "n_background": int(user_mask.sum()),
+        "background_fraction": float(user_mask.mean()),
+        "guard": masklib.guard_report(user_mask, _as_options(guard_options),
+                                      origin=rate.origin),
+    }
+    return user_mask, info, options_record
+
+
+def _clean_summary(rate, cal, mask_path, written, info, result, options_record) -> dict:
+    """The JSON-able summary :func:`clean_exposure` returns."""
     fit_info = result.info
     return {
         "stem": rate.stem,
