@@ -803,18 +803,8 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     on_reference(artifacts, 0.0)
     on_reference(dq, dqflags.REFERENCE_PIXEL | dqflags.DO_NOT_USE)
 
-    read_sigma = np.full((sub_ny, sub_nx), amp["white"] * to_rate, dtype=np.float32)
-    on_reference(read_sigma, np.float32(amp["white"] * to_rate * amp["reference_ratio"]))
-    var_rnoise = read_sigma**2
-    # photon noise: electrons = rate * gain * t, so var(rate in DN/s) = rate / (gain * t)
-    var_poisson = signal + artifacts
-    np.clip(var_poisson, 0.0, None, out=var_poisson)
-    var_poisson *= np.float32(to_rate)
-    noise_white = white_rng.standard_normal((sub_ny, sub_nx), dtype=np.float32)
-    noise_white *= read_sigma
-    lit = var_poisson > 0
-    noise_white[lit] += np.sqrt(var_poisson[lit]) * white_rng.standard_normal(
-        np.count_nonzero(lit), dtype=np.float32)
+    noise_white, var_poisson, var_rnoise = _white_noise(white_rng, signal + artifacts, amp,
+                                                        to_rate, on_reference)
     noise_total = noise_white + noise_correlated
 
     do_not_use = (dq & dqflags.DO_NOT_USE) != 0
@@ -824,10 +814,29 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     err[do_not_use] = np.nan
 
     wavelength = _wavelength(kind, detector, footprint, cols)
+    meta = _meta(kind, detector, subarray, readpatt, irs2, n_outputs, amp,
+                 dict(program=program, observation=observation, visit=visit,
+                      exposure=exposure, seed=seed))
+    return SimulatedExposure(
+        rate=rate, signal=signal, artifacts=artifacts, noise_total=noise_total,
+        noise_correlated=noise_correlated, noise_white=noise_white, footprint=footprint,
+        illuminated=illuminated | footprint, dq=dq, err=err,
+        var_poisson=var_poisson, var_rnoise=var_rnoise, wavelength=wavelength,
+        meta=meta, slits=boxes,
+    )
+
+
+def _meta(kind, detector, subarray, readpatt, irs2, n_outputs, amp, ids):
+    """The header values of a simulated exposure (``SimulatedExposure.meta``)."""
+    program, observation, visit, exposure, seed = (ids[k] for k in (
+        "program", "observation", "visit", "exposure", "seed"))
+    sub_x, sub_y, sub_nx, sub_ny = SUBARRAYS[subarray]
+    full_frame = subarray == "FULL"
+    gain = GAIN[detector]
+    grating, filt, _, template = _OPTICS[kind]
     tframe = (IRS2_ROW_TICKS if irs2 else sub_ny // n_outputs + ROW_OVERHEAD) \
         * (sub_nx + 1) * PIXEL_TIME
-    grating, filt, _, template = _OPTICS[kind]
-    meta = {
+    return {
         "stem": make_stem(program, observation, visit, exposure, detector),
         "kind": kind,
         "detector": detector,
@@ -856,13 +865,24 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
         "seed": int(seed),
         "noise_options": amp,
     }
-    return SimulatedExposure(
-        rate=rate, signal=signal, artifacts=artifacts, noise_total=noise_total,
-        noise_correlated=noise_correlated, noise_white=noise_white, footprint=footprint,
-        illuminated=illuminated | footprint, dq=dq, err=err,
-        var_poisson=var_poisson, var_rnoise=var_rnoise, wavelength=wavelength,
-        meta=meta, slits=boxes,
-    )
+
+
+def _white_noise(white_rng, light, amp, to_rate, on_reference):
+    """White read noise (weaker on reference pixels) plus the photon noise of ``light``,
+    in DN/s, and the two variances."""
+    read_sigma = np.full(light.shape, amp["white"] * to_rate, dtype=np.float32)
+    on_reference(read_sigma, np.float32(amp["white"] * to_rate * amp["reference_ratio"]))
+    var_rnoise = read_sigma**2
+    # photon noise: electrons = rate * gain * t, so var(rate in DN/s) = rate / (gain * t)
+    var_poisson = light
+    np.clip(var_poisson, 0.0, None, out=var_poisson)
+    var_poisson *= np.float32(to_rate)
+    noise_white = white_rng.standard_normal(light.shape, dtype=np.float32)
+    noise_white *= read_sigma
+    lit = var_poisson > 0
+    noise_white[lit] += np.sqrt(var_poisson[lit]) * white_rng.standard_normal(
+        np.count_nonzero(lit), dtype=np.float32)
+    return noise_white, var_poisson, var_rnoise
 
 
 def _checked_arguments(kind, detector, subarray, amplitudes):
