@@ -574,18 +574,8 @@ def build_background_mask(
     >>> bool(mask[31, 20]), bool(mask[29, 20]), bool(mask[28, 20])
     (False, False, True)
     """
-    if isinstance(options, MaskOptions):
-        opts = dataclasses.replace(options, **option_overrides) if option_overrides else options
-    else:
-        opts = MaskOptions.from_mapping(options, **option_overrides)
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {image.shape}")
+    opts, image = _checked_mask_inputs(image, dq, footprint, options, option_overrides)
     shape = image.shape
-    if dq is not None and np.shape(dq) != shape:
-        raise ValueError(f"dq shape {np.shape(dq)} differs from image shape {shape}")
-    if footprint is not None and np.shape(footprint) != shape:
-        raise ValueError(f"footprint shape {np.shape(footprint)} differs from image shape {shape}")
     if full_frame is None:
         full_frame = shape == (FULL_FRAME, FULL_FRAME)
     exp_type = (exp_type or "").strip().upper()
@@ -604,50 +594,24 @@ def build_background_mask(
     remove("nan", opts.mask_nan, ~np.isfinite(image) if opts.mask_nan else None)
     dq_bits_on = (opts.mask_do_not_use, opts.mask_failed_open, opts.mask_reference_pixels)
     use_dq = dq is not None and any(dq_bits_on)
-    flagged = (
-        flagged_pixels(
-            dq,
-            do_not_use=opts.mask_do_not_use,
-            failed_open=opts.mask_failed_open,
-            reference_pixels=opts.mask_reference_pixels,
-        )
-        if use_dq
-        else None
-    )
-    remove(
-        "dq",
-        use_dq,
-        flagged,
-        do_not_use=opts.mask_do_not_use,
-        failed_open=opts.mask_failed_open,
-        reference_pixel_flag=opts.mask_reference_pixels,
-    )
-    remove(
-        "reference_border",
-        opts.mask_reference_pixels,
-        reference_pixel_border(shape, origin=origin) if opts.mask_reference_pixels else None,
-    )
-    if opts.fixed_slit_band == "auto":
-        band_on = full_frame and exp_type in _BAND_EXP_TYPES
-    else:
-        band_on = opts.fixed_slit_band == "always"
-    remove(
-        "fixed_slit_band",
-        band_on,
-        fixed_slit_band(shape, opts.fixed_slit_rows, origin=origin) if band_on else None,
-        rows=list(opts.fixed_slit_rows),
-        mode=opts.fixed_slit_band,
-    )
+    flagged = flagged_pixels(dq, do_not_use=opts.mask_do_not_use,
+                             failed_open=opts.mask_failed_open,
+                             reference_pixels=opts.mask_reference_pixels) if use_dq else None
+    remove("dq", use_dq, flagged, do_not_use=opts.mask_do_not_use,
+           failed_open=opts.mask_failed_open, reference_pixel_flag=opts.mask_reference_pixels)
+    remove("reference_border", opts.mask_reference_pixels,
+           reference_pixel_border(shape, origin=origin) if opts.mask_reference_pixels else None)
+    band_on = (full_frame and exp_type in _BAND_EXP_TYPES if opts.fixed_slit_band == "auto"
+               else opts.fixed_slit_band == "always")
+    remove("fixed_slit_band", band_on,
+           fixed_slit_band(shape, opts.fixed_slit_rows, origin=origin) if band_on else None,
+           rows=list(opts.fixed_slit_rows), mode=opts.fixed_slit_band)
     use_footprint = opts.use_footprint and footprint is not None
-    remove(
-        "footprint",
-        use_footprint,
-        dilate_footprint(footprint, opts.dilation_radius) if use_footprint else None,
-        dilation_radius=opts.dilation_radius,
-        footprint_mode=opts.footprint_mode,
-        footprint_given=footprint is not None,
-        n_footprint=int(np.count_nonzero(footprint)) if footprint is not None else 0,
-    )
+    remove("footprint", use_footprint,
+           dilate_footprint(footprint, opts.dilation_radius) if use_footprint else None,
+           dilation_radius=opts.dilation_radius, footprint_mode=opts.footprint_mode,
+           footprint_given=footprint is not None,
+           n_footprint=int(np.count_nonzero(footprint)) if footprint is not None else 0)
     _remove_jumps(mask, dq, opts, origin, steps)
     clip_on = bool(opts.clip_sigma)
     sigma_value = None
@@ -658,21 +622,32 @@ def build_background_mask(
     else:
         remove("clip", False, n_sigma=opts.clip_sigma)
 
-    guard = guard_report(mask, opts, origin=origin)
     n_background = int(mask.sum())
     info = {
-        "options": opts.to_dict(),
-        "exp_type": exp_type,
-        "shape": list(shape),
-        "origin": [int(origin[0]), int(origin[1])],
-        "full_frame": bool(full_frame),
-        "steps": steps,
-        "n_background": n_background,
+        "options": opts.to_dict(), "exp_type": exp_type, "shape": list(shape),
+        "origin": [int(origin[0]), int(origin[1])], "full_frame": bool(full_frame),
+        "steps": steps, "n_background": n_background,
         "background_fraction": n_background / mask.size if mask.size else 0.0,
-        "clip_sigma_value": sigma_value,
-        "guard": guard,
+        "clip_sigma_value": sigma_value, "guard": guard_report(mask, opts, origin=origin),
     }
     return mask, info
+
+
+def _checked_mask_inputs(image, dq, footprint, options, option_overrides):
+    """The options and the image of :func:`build_background_mask`, or a ValueError."""
+    if isinstance(options, MaskOptions):
+        opts = dataclasses.replace(options, **option_overrides) if option_overrides else options
+    else:
+        opts = MaskOptions.from_mapping(options, **option_overrides)
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {image.shape}")
+    shape = image.shape
+    if dq is not None and np.shape(dq) != shape:
+        raise ValueError(f"dq shape {np.shape(dq)} differs from image shape {shape}")
+    if footprint is not None and np.shape(footprint) != shape:
+        raise ValueError(f"footprint shape {np.shape(footprint)} differs from image shape {shape}")
+    return opts, image
 
 
 def _remove_jumps(mask, dq, opts, origin, steps) -> None:
