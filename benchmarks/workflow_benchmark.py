@@ -34,6 +34,8 @@ from pathlib import Path
 from nsclean.testing.demo import simulate_program, workflow_snakefile, write_config
 from nsclean.testing.mastserver import MastServer
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Rules in pipeline order (the table follows it).
 RULES = ("fetch_manifest", "fetch_file", "mask", "clean", "program_report", "run_report",
          "verify_run")
@@ -111,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         config = write_config(workdir / "benchmark.yaml", url=server.url, results=results)
         with open(config, "a", encoding="utf-8") as handle:
             handle.write(f"fsync: {args.fsync}\n")
-        command = [sys.executable, "-m", "snakemake", "--snakefile", str(workflow_snakefile()),
-                   "--configfile", str(config), "--cores", str(args.cores), ]
+        snakefile = workflow_snakefile(ROOT / "Snakefile")
+        command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile),
+                   "--configfile", str(config), "--cores", str(args.cores)]
         started, cpu_before = time.perf_counter(), machine_cpu_seconds()
         self_before = process_cpu_seconds(resource.RUSAGE_SELF)
         status = subprocess.run(command, cwd=workdir, timeout=3600,

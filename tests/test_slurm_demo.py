@@ -44,6 +44,7 @@ GROUPED_RULES = ("fetch_file", "mask", "clean")
 def demo_command(workdir, cores, *snakemake_args):
     return [sys.executable, "-m", "nsclean.testing.demo", "--workdir", str(workdir), "--exposures",
             str(EXPOSURES), "--cores", str(cores), "--timeout", str(SLURM_TIMEOUT - 30),
+            "--snakefile", str(REPO / "Snakefile"),
             "--", *snakemake_args]
 
 
