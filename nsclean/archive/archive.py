@@ -553,20 +553,7 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
     client = _observations_client(archive_url, timeout)
     token = _token_from_env(token)
     if token:
-        from astroquery.exceptions import LoginError
-
-        def login():
-            try:
-                client.login(token=token)
-            except KeyError as exc:  # astroquery reads whoami without checking the status
-                raise _Retryable("whoami answered without the 'anon' field (a server "
-                                 "error page?)") from exc
-            except LoginError as exc:
-                raise ArchiveError(f"MAST did not accept the token from {TOKEN_ENV} "
-                                   "(whoami answered anonymous)") from exc
-
-        _retrying(login, "MAST login", retries=retries, backoff=backoff)
-        log.info("logged in to %s with the token from %s", archive_url, TOKEN_ENV)
+        _login(client, token, archive_url, retries=retries, backoff=backoff)
 
     instruments = sorted({_CAOM_MODE[e][0] for e in exp_types}
                          | {name for name, e in _CAOM_ALIASES.items() if e in exp_types})
@@ -579,20 +566,7 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
         f"observation query for programs {','.join(proposal_ids)}",
         retries=retries, backoff=backoff)
 
-    obs_by_id: dict[str, dict] = {}
-    for row in obs_table:
-        caom = (str(row["instrument_name"]).upper(), str(row["dataproduct_type"]).lower())
-        exp_type = (_CAOM_ALIASES.get(caom[0])
-                    or next((e for e, m in _CAOM_MODE.items() if m == caom), None))
-        if exp_type is None:  # e.g. NIRSPEC/SLIT with an unexpected product type
-            exp_type = next((e for e, m in _CAOM_MODE.items() if m[0] == caom[0]), "")
-        if exp_type not in exp_types:
-            continue
-        grating, filt = _split_filters(row["filters"])
-        if not (_wanted(grating, wanted_gratings) and _wanted(filt, wanted_filters)):
-            continue
-        obs_by_id[str(row["obsid"])] = {"exp_type": exp_type, "grating": grating,
-                                        "filter": filt}
+    obs_by_id = _observations_by_id(obs_table, exp_types, wanted_gratings, wanted_filters)
     if not obs_by_id:
         log.warning("no NIRSpec observations match in programs %s", proposal_ids)
         return []
@@ -635,6 +609,43 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
     log.info("%d rate/cal products selected from %d observations", len(selected),
              len(obs_by_id))
     return sorted(selected.values(), key=lambda p: p["productFilename"])
+
+
+def _login(client, token, archive_url, *, retries, backoff) -> None:
+    """Log the astroquery client in with the token (retrying server errors)."""
+    from astroquery.exceptions import LoginError
+
+    def login():
+        try:
+            client.login(token=token)
+        except KeyError as exc:  # astroquery reads whoami without checking the status
+            raise _Retryable("whoami answered without the 'anon' field (a server "
+                             "error page?)") from exc
+        except LoginError as exc:
+            raise ArchiveError(f"MAST did not accept the token from {TOKEN_ENV} "
+                               "(whoami answered anonymous)") from exc
+
+    _retrying(login, "MAST login", retries=retries, backoff=backoff)
+    log.info("logged in to %s with the token from %s", archive_url, TOKEN_ENV)
+
+
+def _observations_by_id(obs_table, exp_types, wanted_gratings, wanted_filters) -> dict:
+    """``{obsid: {exp_type, grating, filter}}`` of the observations that are selected."""
+    obs_by_id: dict[str, dict] = {}
+    for row in obs_table:
+        caom = (str(row["instrument_name"]).upper(), str(row["dataproduct_type"]).lower())
+        exp_type = (_CAOM_ALIASES.get(caom[0])
+                    or next((e for e, m in _CAOM_MODE.items() if m == caom), None))
+        if exp_type is None:  # e.g. NIRSPEC/SLIT with an unexpected product type
+            exp_type = next((e for e, m in _CAOM_MODE.items() if m[0] == caom[0]), "")
+        if exp_type not in exp_types:
+            continue
+        grating, filt = _split_filters(row["filters"])
+        if not (_wanted(grating, wanted_gratings) and _wanted(filt, wanted_filters)):
+            continue
+        obs_by_id[str(row["obsid"])] = {"exp_type": exp_type, "grating": grating,
+                                        "filter": filt}
+    return obs_by_id
 
 
 def _size(product: dict | None) -> int | None:
