@@ -1,7 +1,7 @@
 """How long Snakemake takes to plan a large program: the dry run of N exposures.
 
 Writes a ``local`` archive of N exposures as small placeholder files (a FITS primary
-header with the keywords the manifest reads, no data: 5.6 kB each instead of ~85 MB),
+header with the keywords the manifest reads, no data: 2880 bytes each instead of ~85 MB),
 lets the workflow write the manifest (the checkpoint; timed separately), then times
 ``snakemake -n`` (the whole DAG built, nothing executed) with the repository's
 Snakefile and default profile.  Prints a Markdown table for docs/benchmarks.md.
