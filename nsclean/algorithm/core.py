@@ -29,26 +29,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .nirspec import CHANNEL_ROWS, FULL_FRAME, LINE_OVERHEAD_TICKS, REFERENCE_BORDER
+from .options import CLEAN_OPTIONS, defaults
 from .orientation import detector_to_dms, dms_to_detector, normalize_detector
 
-_DEFAULTS = {
-    "method": "auto",
-    "cutoff": 1.0 / 256.0,
-    "rolloff": 1.0 / 1024.0,
-    "weight_sigma": 32.0,
-    "outlier_sigma": 3.0,
-    "outlier_iterations": 1,
-    "max_model_variance": 0.25,
-    "smooth_sigma": 0.0,
-    "per_channel": False,
-    "mode": "auto",
-    "chunk_length": 2048,
-    "adaptive": True,
-    "max_modes": 32,
-    "share_lines": True,
-}
+# Every option of fit(), its default and help: nsclean.algorithm.options.CLEAN_OPTIONS.
+_DEFAULTS = defaults(CLEAN_OPTIONS)
 
-_METHODS = ("auto", "readout", "fft", "median")
+_METHODS = next(o.choices for o in CLEAN_OPTIONS if o.name == "method")
 # Largest condition number of a (diagonally scaled) normal matrix that is solved.
 _MAX_CONDITION = 1e10
 # Median of a chi-square variable with one degree of freedom.
@@ -116,10 +103,24 @@ def fit(image, background_mask, detector="NRS1", *, variance=True, **options) ->
         Same shape; True marks a dark (background) pixel usable for the fit.
     detector : {"NRS1", "NRS2"}
         Detector, case-insensitive; sets the read-out direction.
-    method : {"fft", "median"}
-        "fft" is the paper's Fourier model.  "median" subtracts the median of the
-        background pixels of each DMS column (for comparison; it cannot follow
-        structure along the column).
+    method : {"auto", "readout", "fft", "median"}
+        "readout" is the conditional mean of the correlated noise at every pixel given
+        the background, with each line put on its (output, clock tick) grid and a
+        prior measured on the exposure (:mod:`nsclean.algorithm.readout`; it also
+        returns the posterior variance).  "fft" is the paper's Fourier model.
+        "median" subtracts the median of the background pixels of each DMS column
+        (for comparison; it cannot follow structure along the column).  "auto"
+        (default) is "readout" on full frames and "fft" on subarrays.
+    max_modes : int
+        Readout method: most common DCT modes per line (default 32; the per-output
+        part gets half).  The data choose fewer where the prior has no useful power.
+    share_lines : bool
+        Readout method: give every line a prior mean from its neighbouring lines
+        (default True).
+    variance : bool
+        Return the posterior variance of the noise model in ``FitResult.variance``
+        (readout method; default True).  :func:`clean` and :func:`fit_background` do
+        not compute it.
     cutoff : float
         Apodizer cut-off in cycles per pixel along a line (default 1/256: gain 1 up to
         frequency 7 of a 2048-pixel line, 0.5 at 8, 0 from 9, i.e. 9 frequencies and
@@ -133,7 +134,7 @@ def fit(image, background_mask, detector="NRS1", *, variance=True, **options) ->
         Background pixels whose residual from the fit exceeds this many robust sigma
         are dropped and the line refitted (default 3).  None disables rejection.
     outlier_iterations : int
-        Number of reject-and-refit passes (default 2).
+        Number of reject-and-refit passes (default 1).
     max_model_variance : float or None
         Guard: largest variance the fit may add to any pixel of a line, in units of
         the per-pixel white-noise variance (default 0.25).  Lines above it are
@@ -151,6 +152,10 @@ def fit(image, background_mask, detector="NRS1", *, variance=True, **options) ->
         pixels or more and "timeseries" otherwise.
     chunk_length : int
         Chunk length in ticks for the time-series mode (default 2048).
+    adaptive : bool
+        Scale each fitted frequency by a Wiener gain from the correlated power this
+        exposure has there, so that poorly constrained terms are shrunk instead of
+        subtracted (default True); False gives the paper's plain apodizer.
 
     Returns
     -------
@@ -563,28 +568,6 @@ def _fit_timeseries(lines, valid_lines, opts):
     return np.ascontiguousarray(model_lines), info
 
 
-def _fast_fft_length(n):
-    """Smallest 5-smooth number (2^a 3^b 5^c) >= ``n``: a fast real FFT length.
-
-    numpy's pocketfft has dedicated real-FFT passes for the factors 2, 3, 4 and 5 only
-    (7 and 11 go through its generic pass); this is exactly what
-    ``scipy.fft.next_fast_len(n, real=True)`` returns.
-    """
-    n = max(int(n), 1)
-    best = 1 << (n - 1).bit_length()  # the power of two
-    power5 = 1
-    while power5 < best:
-        power35 = power5
-        while power35 < best:
-            candidate = power35
-            while candidate < n:
-                candidate *= 2
-            best = min(best, candidate)
-            power35 *= 3
-        power5 *= 5
-    return best
-
-
 @functools.lru_cache(maxsize=8)
 def _fourier_basis(period, n_freq):
     """Real Fourier basis (P x K): 1, cos(2 pi k x/P), sin(2 pi k x/P) for k = 1..n_freq.
@@ -619,7 +602,9 @@ class _DensityFilter:
         self.n_bins = n // self.bin
         s = sigma / self.bin
         radius = int(math.ceil(4.0 * s))
-        self.size = _fast_fft_length(self.n_bins + 2 * radius)
+        from scipy.fft import next_fast_len
+
+        self.size = next_fast_len(self.n_bins + 2 * radius, real=True)
         offsets = np.arange(-radius, radius + 1)
         kernel = np.exp(-0.5 * (offsets / s) ** 2)
         kernel /= kernel.sum() * self.bin  # bin sums -> fractions

@@ -160,9 +160,9 @@ class ManifestRow:
 
     ``status`` is ``"ok"`` (to be processed) or ``"skipped"``, with ``reason`` saying
     why (no cal file under the ``skip`` policy, or no rate file).  ``cal_file`` is
-    empty when the archive has no cal file for the exposure; with the ``user_mask``
-    policy such a row is ``ok`` with ``mask_source="user"`` (it needs a user mask),
-    otherwise ``mask_source`` is ``"cal"``.
+    empty when the archive has no cal file for the exposure (such a row is skipped, with
+    ``mask_source="user"``: only a mask of your own could clean it, with ``nsclean clean
+    --mask``); otherwise ``mask_source`` is ``"cal"``.
     ``data_rights`` is ``EXCLUSIVE_ACCESS`` if either file is, ``PUBLIC`` otherwise,
     ``LOCAL`` for the local source.  ``subarray`` is empty for MAST rows (CAOM does not
     carry it; the rate header is authoritative).
@@ -553,20 +553,7 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
     client = _observations_client(archive_url, timeout)
     token = _token_from_env(token)
     if token:
-        from astroquery.exceptions import LoginError
-
-        def login():
-            try:
-                client.login(token=token)
-            except KeyError as exc:  # astroquery reads whoami without checking the status
-                raise _Retryable("whoami answered without the 'anon' field (a server "
-                                 "error page?)") from exc
-            except LoginError as exc:
-                raise ArchiveError(f"MAST did not accept the token from {TOKEN_ENV} "
-                                   "(whoami answered anonymous)") from exc
-
-        _retrying(login, "MAST login", retries=retries, backoff=backoff)
-        log.info("logged in to %s with the token from %s", archive_url, TOKEN_ENV)
+        _login(client, token, archive_url, retries=retries, backoff=backoff)
 
     instruments = sorted({_CAOM_MODE[e][0] for e in exp_types}
                          | {name for name, e in _CAOM_ALIASES.items() if e in exp_types})
@@ -579,20 +566,7 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
         f"observation query for programs {','.join(proposal_ids)}",
         retries=retries, backoff=backoff)
 
-    obs_by_id: dict[str, dict] = {}
-    for row in obs_table:
-        caom = (str(row["instrument_name"]).upper(), str(row["dataproduct_type"]).lower())
-        exp_type = (_CAOM_ALIASES.get(caom[0])
-                    or next((e for e, m in _CAOM_MODE.items() if m == caom), None))
-        if exp_type is None:  # e.g. NIRSPEC/SLIT with an unexpected product type
-            exp_type = next((e for e, m in _CAOM_MODE.items() if m[0] == caom[0]), "")
-        if exp_type not in exp_types:
-            continue
-        grating, filt = _split_filters(row["filters"])
-        if not (_wanted(grating, wanted_gratings) and _wanted(filt, wanted_filters)):
-            continue
-        obs_by_id[str(row["obsid"])] = {"exp_type": exp_type, "grating": grating,
-                                        "filter": filt}
+    obs_by_id = _observations_by_id(obs_table, exp_types, wanted_gratings, wanted_filters)
     if not obs_by_id:
         log.warning("no NIRSpec observations match in programs %s", proposal_ids)
         return []
@@ -637,9 +611,50 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
     return sorted(selected.values(), key=lambda p: p["productFilename"])
 
 
+def _login(client, token, archive_url, *, retries, backoff) -> None:
+    """Log the astroquery client in with the token (retrying server errors)."""
+    from astroquery.exceptions import LoginError
+
+    def login():
+        try:
+            client.login(token=token)
+        except KeyError as exc:  # astroquery reads whoami without checking the status
+            raise _Retryable("whoami answered without the 'anon' field (a server "
+                             "error page?)") from exc
+        except LoginError as exc:
+            raise ArchiveError(f"MAST did not accept the token from {TOKEN_ENV} "
+                               "(whoami answered anonymous)") from exc
+
+    _retrying(login, "MAST login", retries=retries, backoff=backoff)
+    log.info("logged in to %s with the token from %s", archive_url, TOKEN_ENV)
+
+
+def _observations_by_id(obs_table, exp_types, wanted_gratings, wanted_filters) -> dict:
+    """``{obsid: {exp_type, grating, filter}}`` of the observations that are selected."""
+    obs_by_id: dict[str, dict] = {}
+    for row in obs_table:
+        caom = (str(row["instrument_name"]).upper(), str(row["dataproduct_type"]).lower())
+        exp_type = (_CAOM_ALIASES.get(caom[0])
+                    or next((e for e, m in _CAOM_MODE.items() if m == caom), None))
+        if exp_type is None:  # e.g. NIRSPEC/SLIT with an unexpected product type
+            exp_type = next((e for e, m in _CAOM_MODE.items() if m[0] == caom[0]), "")
+        if exp_type not in exp_types:
+            continue
+        grating, filt = _split_filters(row["filters"])
+        if not (_wanted(grating, wanted_gratings) and _wanted(filt, wanted_filters)):
+            continue
+        obs_by_id[str(row["obsid"])] = {"exp_type": exp_type, "grating": grating,
+                                        "filter": filt}
+    return obs_by_id
+
+
 def _size(product: dict | None) -> int | None:
     size = None if product is None else product.get("size")
     return None if size is None else int(size)
+
+
+#: What to do with an exposure that has a rate but no cal file (config archive.missing_cal).
+MISSING_CAL_POLICIES = ("skip", "error")
 
 
 def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Manifest:
@@ -651,7 +666,7 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
         As returned by :func:`query_mast` (or built by :func:`scan_local`): each with
         ``productFilename``, ``dataURI``, ``size``, ``dataRights``, ``stem``, the stem
         parts, ``exp_type``, ``grating``, ``filter`` and optionally ``subarray``.
-    missing_cal : {"skip", "user_mask", "error"}
+    missing_cal : {"skip", "error"}
         What to do with an exposure that has no cal file (it cannot get an automatic
         mask): list it as ``status="skipped"``, keep it (``status="ok"``,
         ``mask_source="user"``), or raise.
@@ -667,8 +682,8 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
     ArchiveError
         With ``missing_cal="error"`` when an exposure has no cal file.
     """
-    if missing_cal not in ("skip", "user_mask", "error"):
-        raise ValueError(f"missing_cal must be 'skip', 'user_mask' or 'error', "
+    if missing_cal not in MISSING_CAL_POLICIES:
+        raise ValueError(f"missing_cal must be one of {', '.join(MISSING_CAL_POLICIES)}, "
                          f"not {missing_cal!r}")
     by_stem: dict[str, dict[str, dict]] = {}
     for product in products:
@@ -688,13 +703,9 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
         elif cal is None:
             manifest.without_cal.append(stem)
             mask_source = "user"
-            if missing_cal == "skip":
-                status, reason = "skipped", "no cal file, so no automatic mask"
-                log.warning("%s: no cal file, so no automatic mask; skipped (set "
-                            "missing_cal to 'user_mask' to clean it with a user mask)", stem)
-            else:
-                reason = "no cal file: needs a user mask"
-                log.warning("%s: no cal file; kept, it needs a user mask", stem)
+            status, reason = "skipped", "no cal file, so no automatic mask"
+            log.warning("%s: no cal file, so no automatic mask; skipped (nsclean clean "
+                        "--mask cleans it with a mask of your own)", stem)
         known = rate or cal
         rights = {f["dataRights"] for f in (rate, cal) if f is not None}
         data_rights = ("EXCLUSIVE_ACCESS" if "EXCLUSIVE_ACCESS" in rights
@@ -804,7 +815,7 @@ def fetch_manifest(programs=None, *, source: str = "mast", local_dir=None, obser
         The directory for ``source="local"``.
     observations, modes, detectors, gratings, filters
         Selections, see :func:`query_mast`.
-    missing_cal : {"skip", "user_mask", "error"}
+    missing_cal : {"skip", "error"}
         Policy for exposures without a cal file, see :func:`build_manifest`.
     archive_url, pagesize, timeout, retries, backoff
         Passed to :func:`query_mast`.
@@ -851,23 +862,17 @@ def write_manifest(manifest: Manifest | Sequence[ManifestRow], path: str | Path)
     Path
     """
     rows = manifest.rows if isinstance(manifest, Manifest) else list(manifest)
+    from ..io.atomic import atomic_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", newline="", dir=path.parent, delete=False,
-                                         prefix=f".{path.name}.", suffix=".part")
-    try:
-        with handle:
-            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS,
-                                    delimiter=_delimiter(path))
-            writer.writeheader()
-            for row in rows:
-                record = dataclasses.asdict(row)
-                writer.writerow({k: "" if record[k] is None else record[k]
-                                 for k in MANIFEST_COLUMNS})
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS,
+                                delimiter=_delimiter(path))
+        writer.writeheader()
+        for row in rows:
+            record = dataclasses.asdict(row)
+            writer.writerow({k: "" if record[k] is None else record[k]
+                             for k in MANIFEST_COLUMNS})
     return path
 
 
@@ -923,7 +928,7 @@ def _copy_local(uri: str, destination: Path, expected_size: int | None, started:
     if destination.resolve() == source.resolve():
         return DownloadResult(destination, False, 0, size, time.monotonic() - started)
     handle = tempfile.NamedTemporaryFile(dir=destination.parent, delete=False,
-                                         prefix=f".{destination.name}.", suffix=".part")
+                                         prefix=f".{destination.name}.", suffix=".tmp")
     handle.close()
     try:
         try:  # a hard link costs no space; the rename below is still atomic
@@ -1007,7 +1012,7 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
 
     # Temporary files of an earlier attempt that was killed (SIGKILL, a batch time
     # limit) are never complete; this download replaces them.
-    for stale in destination.parent.glob(f".{glob_escape(name)}.*.part"):
+    for stale in destination.parent.glob(f".{glob_escape(name)}.*.tmp"):
         stale.unlink(missing_ok=True)
     token = _token_from_env(token)
     own_session = session is None
@@ -1100,22 +1105,16 @@ def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size
         if expected_size is not None and length != expected_size:
             raise _Retryable(f"the archive sends {length} bytes but the catalogue size is "
                              f"{expected_size}")
-        handle = tempfile.NamedTemporaryFile(dir=destination.parent, delete=False,
-                                             prefix=f".{name}.", suffix=".part")
-        try:
-            received = 0
-            with handle:
-                for block in response.iter_content(chunk_size):
-                    handle.write(block)
-                    received += len(block)
-                if fsync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
+        from ..io.atomic import atomic_file
+
+        received = 0
+        # A short body raises inside the block: the destination is left as it was.
+        with atomic_file(destination, fsync=fsync) as handle:
+            for block in response.iter_content(chunk_size):
+                handle.write(block)
+                received += len(block)
             if received != length:
                 raise _Retryable(f"received {received} of {length} bytes")
-            os.replace(handle.name, destination)
-        finally:
-            Path(handle.name).unlink(missing_ok=True)
     return received
 
 

@@ -1,4 +1,5 @@
-# Fit and subtract the correlated read noise of one exposure (nsclean.fit).
+# Fit and subtract the correlated read noise of one exposure (nsclean.fit), and
+# measure the result (QA metrics and figures) from the arrays the job holds.
 
 
 rule clean:
@@ -9,10 +10,22 @@ rule clean:
     output:
         cleaned=results_path("{program}", "{stem}", "{stem}_nsclean_rate.fits"),
         status=results_path("{program}", "{stem}", "{stem}_clean.json"),
+        metrics=results_path("{program}", "{stem}", "{stem}_qa.json"),
+        figures=report(
+            directory(results_path("{program}", "{stem}", "figures")),
+            patterns=["{figure}.png"],
+            caption="../report/exposure_figures.rst",
+            category="Exposures",
+            subcategory="{program}",
+            labels={"exposure": "{stem}", "figure": "{figure}"},
+        ),
     log:
         log_path("clean", "{program}", "{stem}"),
     benchmark:
         benchmark_path("clean", "{program}", "{stem}")
+    # On a cluster, one submission per exposure: its downloads, mask and clean.
+    group:
+        "exposure"
     conda:
         "../../envs/nsclean.yaml"
     # One thread per exposure: the fit is vectorised numpy, and pinning the
@@ -23,10 +36,7 @@ rule clean:
         runtime=10,
     params:
         options=CLEAN_OPTIONS,
+        qa_options=QA_OPTIONS,
         software=NSCLEAN_VERSION,
-        # The job for the script (the same options; not itself a rerun trigger).
-        command=step_command(
-            "clean_exposure.py", options=CLEAN_OPTIONS, software=NSCLEAN_VERSION
-        ),
-    shell:
-        "{params.command} --log {log:q}"
+    script:
+        "../../scripts/clean_exposure.py"

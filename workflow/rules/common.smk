@@ -1,8 +1,5 @@
 # Configuration validation, output paths and input functions shared by all rules.
-import json
 import os
-import shlex
-import sys
 
 from snakemake.utils import validate
 
@@ -67,47 +64,6 @@ CLEAN_OPTIONS = config["clean"]
 QA_OPTIONS = config["qa"]
 
 
-def step_python():
-    """The Python of the rules' shell commands: the rule's conda environment's
-    with --software-deployment-method conda (as Snakemake's script: would), else the
-    one running Snakemake (which imports nsclean above, so it has the package)."""
-    from snakemake.settings.types import DeploymentMethod
-
-    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-        return "python"
-    return sys.executable
-
-
-STEP_PYTHON = step_python()
-
-
-def step_command(script, **params):
-    """Param ``command`` of the rules that use shell (``python scripts/<script> JOB``).
-
-    The manifest, download, mask, clean and QA rules run their scripts with shell:
-    instead of script:, which would first unpickle Snakemake's job object in every job
-    (~0.2 CPU-s, as much as the step's own start in a warm worker).  JOB is the job's
-    named files, params, wildcards and the warm_workers setting as JSON.  The param is
-    a function of the job's files, so Snakemake does not count it as a rerun trigger:
-    the rule's other params (the options a step uses) are.  The steps get the rule's
-    params and the fsync setting.
-    """
-    path = os.path.join(workflow.basedir, "scripts", script)
-
-    def command(wildcards, input, output):
-        job = {
-            "input": dict(input.items()),
-            "output": dict(output.items()),
-            # fsync changes how files are written, not what is in them: no rerun.
-            "params": {**params, "fsync": config["fsync"]},
-            "wildcards": dict(wildcards.items()),
-            "warm_workers": config["warm_workers"],
-        }
-        return shlex.join([STEP_PYTHON, path, json.dumps(job)])
-
-    return command
-
-
 wildcard_constraints:
     program=r"\d{5}",
     stem=r"[A-Za-z0-9][A-Za-z0-9_\-]*",
@@ -148,11 +104,11 @@ def program_qa_records(wildcards):
 
 
 def step_benchmarks(program):
-    """Benchmark files of the mask, clean and QA jobs of a program's exposures: the
-    reports show their wall times (the QA records themselves carry no time)."""
+    """Benchmark files of the mask and clean (with QA) jobs of a program's exposures:
+    the reports show their wall times (the QA records themselves carry no time)."""
     return expand(
         benchmark_path("{step}", "{program}", "{stem}"),
-        step=("mask", "clean", "qa"),
+        step=("mask", "clean"),
         program=program,
         stem=processed_stems(program),
     )
