@@ -15,7 +15,6 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/fetch.smk"
 include: "workflow/rules/mask.smk"
 include: "workflow/rules/clean.smk"
-include: "workflow/rules/qa.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/stage2.smk"
 

@@ -8,7 +8,11 @@ the peak of numpy allocations during one call above what was allocated before it
 (``tracemalloc``; numpy reports its buffers to it).
 
 Cases: a full 2048 x 2048 IFU frame with its automatic mask (~15-25 % background), a
-MOS frame, and a SUB2048 (32 x 2048) BOTS subarray.
+MOS frame, an IFU frame with traditional readout (the data choose more modes), and a
+SUB2048 (32 x 2048) BOTS subarray.  ``nsclean s`` is the default method (readout on full
+frames, fft on subarrays), ``fft s`` the paper's method in the same run, ``fit+var s``
+the default ``nsclean.fit`` that also returns the posterior variance (what the
+workflow's clean step calls).
 
 Run: ``python benchmarks/speed_benchmark.py [--repeat 7]``.
 """
@@ -30,8 +34,8 @@ from nsclean.algorithm import masks
 from nsclean.testing import simulate
 
 
-def _case(kind, detector="NRS1"):
-    sim = simulate.simulate_exposure(kind, detector, seed=5)
+def _case(kind, detector="NRS1", **options):
+    sim = simulate.simulate_exposure(kind, detector, seed=5, **options)
     mask, _ = masks.build_background_mask(
         sim.rate, sim.dq, sim.footprint, exp_type=sim.meta["exp_type"]
     )
@@ -86,12 +90,13 @@ def main(argv=None):
         f"{os.cpu_count()} CPUs, numpy {np.__version__}, load average "
         f"{os.getloadavg()[0]:.2f}"
     )
-    print("| case | shape | bkg fraction | nsclean s | nsclean 1 thread s | jwst s | speed-up "
-          "| nsclean extra MB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, kind in (("ifu full frame", "ifu"), ("mos full frame", "mos"),
-                       ("bots SUB2048", "bots")):
-        image, mask, detector = _case(kind)
+    print("| case | shape | bkg fraction | nsclean s | nsclean 1 thread s | fft s | fit+var s "
+          "| jwst s | speed-up | nsclean extra MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, kind, options in (("ifu full frame", "ifu", {}), ("mos full frame", "mos", {}),
+                                ("ifu traditional", "ifu", {"readout": "NRS"}),
+                                ("bots SUB2048", "bots", {})):
+        image, mask, detector = _case(kind, **options)
 
         def ours(image=image, mask=mask, detector=detector):
             return nsclean.clean(image, mask, detector)
@@ -108,6 +113,15 @@ def main(argv=None):
             # Interleave so both see the same machine load.
             t_jwst = _median_time(theirs, args.jwst_repeat)
             t_ours = min(t_ours, _median_time(ours, args.repeat))
+        def fft(image=image, mask=mask, detector=detector):
+            return nsclean.clean(image, mask, detector, method="fft")
+
+        def with_variance(image=image, mask=mask, detector=detector):
+            return nsclean.fit(image, mask, detector)
+
+        fft()
+        t_fft = _median_time(fft, args.repeat)
+        t_variance = _median_time(with_variance, max(1, args.repeat // 2))
         memory = _peak_extra_mb(ours)
         # The same call on one thread (what a workflow job with threads: 1 gets).
         saved = os.environ.get("NSCLEAN_THREADS")
@@ -123,7 +137,8 @@ def main(argv=None):
         ratio = f"{t_jwst / t_ours:.1f}x" if t_jwst else "n/a"
         print(
             f"| {name} | {image.shape[0]}x{image.shape[1]} | {mask.mean():.3f} | "
-            f"{t_ours:.3f} | {t_single:.3f} | {jwst_text} | {ratio} | {memory:.0f} |",
+            f"{t_ours:.3f} | {t_single:.3f} | {t_fft:.3f} | {t_variance:.3f} | {jwst_text} | "
+            f"{ratio} | {memory:.0f} |",
             flush=True,
         )
 

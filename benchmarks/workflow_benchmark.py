@@ -8,12 +8,12 @@ files (Markdown, ready for docs/benchmarks.md).
 Usage::
 
     .venv/bin/python benchmarks/workflow_benchmark.py [--exposures 24] [--cores 2]
-        [--workdir DIR] [--warm-workers auto|true|false] [--fsync true|false]
+        [--workdir DIR] [--fsync true|false]
 
-Every run starts without a warm-worker server (a fresh socket directory), so the
-server's start-up is counted.  Steps run by a warm worker appear in the ``benchmark:``
-files with the small client's CPU only; the table adds the workers' CPU time, read from
-the rule logs (``nsclean.workflow.warm``), and the machine's CPU time over the run.
+Every job runs in its own process (Snakemake's ``script:``), so the ``benchmark:`` files
+measure the whole job, start-up included.  The summary line adds the machine's CPU time
+over the run (everything on the machine: Snakemake, its jobs, the loopback MAST) and
+that divided by the number of exposures: the CPU cost of one exposure, all in.
 """
 
 from __future__ import annotations
@@ -22,13 +22,11 @@ import argparse
 import csv
 import os
 import platform
-import re
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -36,9 +34,11 @@ from pathlib import Path
 from nsclean.testing.demo import simulate_program, workflow_snakefile, write_config
 from nsclean.testing.mastserver import MastServer
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Rules in pipeline order (the table follows it).
-RULES = ("fetch_manifest", "fetch_file", "mask", "clean", "qa", "program_report",
-         "run_report")
+RULES = ("fetch_manifest", "fetch_file", "mask", "clean", "program_report", "run_report",
+         "verify_run")
 
 
 def rule_times(results: Path) -> dict[str, list[dict[str, float]]]:
@@ -63,19 +63,6 @@ def process_cpu_seconds(who: int) -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-WORKER_LINE = re.compile(r"nsclean\.warm: step \w+ ran in warm worker \d+: ([0-9.]+) CPU-s")
-
-
-def worker_cpu(results: Path) -> dict[str, float]:
-    """CPU seconds spent in warm workers per rule, from the rule logs."""
-    cpu: dict[str, float] = defaultdict(float)
-    for path in (results / "logs").rglob("*.log"):
-        rule = path.relative_to(results / "logs").parts[0]
-        for match in WORKER_LINE.finditer(path.read_text(errors="replace")):
-            cpu[rule] += float(match.group(1))
-    return cpu
-
-
 def machine_cpu_seconds() -> float:
     """CPU seconds (user + system, all cores) the machine has spent since boot."""
     with open("/proc/stat") as handle:
@@ -84,14 +71,11 @@ def machine_cpu_seconds() -> float:
     return (user + nice + system) / os.sysconf("SC_CLK_TCK")
 
 
-def table(rows: dict[str, list[dict[str, float]]], n_exposures: int,
-          workers: dict[str, float] | None = None) -> str:
-    """Markdown table per rule: jobs, mean/max/total wall, CPU (job processes and warm
-    workers) and peak RSS of the job processes."""
-    workers = workers or {}
+def table(rows: dict[str, list[dict[str, float]]], n_exposures: int) -> str:
+    """Markdown table per rule: jobs, mean/max/total wall, CPU and peak RSS of the jobs."""
     lines = ["| rule | jobs | mean wall (s) | max wall (s) | sum wall (s) | sum CPU (s) "
-             "| worker CPU (s) | per exposure (s) | peak RSS (MB) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| wall per exposure (s) | peak RSS (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for rule in [*RULES, *sorted(set(rows) - set(RULES))]:
         jobs = rows.get(rule)
         if not jobs:
@@ -100,7 +84,7 @@ def table(rows: dict[str, list[dict[str, float]]], n_exposures: int,
         lines.append(
             f"| {rule} | {len(jobs)} | {statistics.mean(walls):.2f} | {max(walls):.2f} "
             f"| {sum(walls):.1f} | {sum(j['cpu'] for j in jobs):.1f} "
-            f"| {workers.get(rule, 0.0):.1f} | {sum(walls) / n_exposures:.2f} "
+            f"| {sum(walls) / n_exposures:.2f} "
             f"| {max(j['rss'] for j in jobs):.0f} |")
     return "\n".join(lines)
 
@@ -114,8 +98,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="simulated data are kept here between runs")
     parser.add_argument("--fsync", choices=("true", "false"), default="false",
                         help="the workflow's fsync setting")
-    parser.add_argument("--warm-workers", choices=("auto", "true", "false"), default="auto",
-                        help="the workflow's warm_workers setting")
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir).resolve()
@@ -130,26 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     with MastServer(archive) as server:
         config = write_config(workdir / "benchmark.yaml", url=server.url, results=results)
         with open(config, "a", encoding="utf-8") as handle:
-            handle.write(f"warm_workers: {args.warm_workers}\nfsync: {args.fsync}\n")
-        # A socket directory of its own: no server from an earlier run is reused.
-        sockets = tempfile.mkdtemp(prefix="nsc-bench-")
-        environment = {**os.environ, "XDG_RUNTIME_DIR": sockets}
-        command = [sys.executable, "-m", "snakemake", "--snakefile", str(workflow_snakefile()),
-                   "--configfile", str(config), "--cores", str(args.cores), "--quiet",
-                   "rules"]
+            handle.write(f"fsync: {args.fsync}\n")
+        snakefile = workflow_snakefile(ROOT / "Snakefile")
+        command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile),
+                   "--configfile", str(config), "--cores", str(args.cores)]
         started, cpu_before = time.perf_counter(), machine_cpu_seconds()
         self_before = process_cpu_seconds(resource.RUSAGE_SELF)
-        status = subprocess.run(command, cwd=workdir, env=environment, timeout=3600,
+        status = subprocess.run(command, cwd=workdir, timeout=3600,
                                 check=False).returncode
         wall = time.perf_counter() - started
         machine_cpu = machine_cpu_seconds() - cpu_before
         # This process is the loopback MAST (threads); its waited-for child is
-        # Snakemake with its job processes.  The warm-worker server is started detached
-        # by a job, so its CPU is in neither.
+        # Snakemake with its job processes.
         mast_cpu = process_cpu_seconds(resource.RUSAGE_SELF) - self_before
         snakemake_cpu = process_cpu_seconds(resource.RUSAGE_CHILDREN)
-    # The server, if still idling, exits on its own; its socket directory goes now.
-    shutil.rmtree(sockets, ignore_errors=True)
 
     rows = rule_times(results)
     n_jobs = sum(len(jobs) for jobs in rows.values())
@@ -157,11 +133,12 @@ def main(argv: list[str] | None = None) -> int:
           f"load average before/after {os.getloadavg()[0]:.1f}; Python {platform.python_version()}")
     print(f"{args.exposures} exposures, --cores {args.cores}: wall {wall:.1f} s end to end "
           f"(fetch included), {wall / args.exposures:.2f} s per exposure, {n_jobs} jobs, "
-          f"exit status {status}; warm_workers: {args.warm_workers}; fsync: {args.fsync}; "
-          f"machine CPU over the run {machine_cpu:.0f} s (everything on the machine), of "
+          f"exit status {status}; fsync: {args.fsync}; "
+          f"machine CPU over the run {machine_cpu:.0f} s (everything on the machine; "
+          f"{machine_cpu / args.exposures:.2f} CPU-s per exposure), of "
           f"which Snakemake with its job processes {snakemake_cpu:.0f} s and the loopback "
           f"MAST {mast_cpu:.0f} s\n")
-    print(table(rows, args.exposures, worker_cpu(results)))
+    print(table(rows, args.exposures))
     return status
 
 

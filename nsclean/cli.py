@@ -13,15 +13,13 @@ from pathlib import Path
 
 from . import __version__
 from .algorithm.masks import MaskOptions
-from .algorithm.nirspec import FIXED_SLIT_ROWS
+from .algorithm.options import CLEAN_OPTIONS, MASK_OPTIONS, Option
 from .io.errors import NSCleanInputError
 
 EXIT_OK = 0
 EXIT_INPUT = 1
 EXIT_USAGE = 2
 EXIT_INTERNAL = 3
-
-_DEFAULTS = MaskOptions()
 
 _DESCRIPTION = """\
 Remove correlated read noise (1/f vertical banding, "picture frame") from JWST
@@ -40,87 +38,55 @@ cleaned integration by integration with one mask from its _calints footprint:
 """
 
 
+def _default_text(option: Option) -> str:
+    if option.length is not None:
+        return " ".join(map(str, option.default))
+    if option.type is bool:
+        return "yes" if option.default else "no"
+    if option.name in ("cutoff", "rolloff"):
+        return f"1/{round(1 / option.default)}"
+    return f"{option.default:g}" if isinstance(option.default, float) else str(option.default)
+
+
+def _add_option(group, option: Option, *, default=None, extra_help: str = "") -> None:
+    """One command-line option from its registry entry (nsclean.algorithm.options)."""
+    help_text = option.help + extra_help
+    if option.invert:
+        help_text = f"turn off: {help_text}"
+    else:
+        help_text += f" [{_default_text(option)}]"
+    kwargs = {"dest": option.name, "default": default,
+              "help": help_text.replace("%", "%%")}
+    if option.type is bool:
+        kwargs["action"] = "store_false" if option.invert else argparse.BooleanOptionalAction
+    else:
+        kwargs.update(type=option.type, metavar=option.metavar)
+        if option.choices:
+            kwargs["choices"] = option.choices
+        if option.length is not None:
+            kwargs["nargs"] = option.length
+    group.add_argument(option.cli_flag, **kwargs)
+
+
 def _add_mask_options(parser: argparse.ArgumentParser, note: str = "") -> None:
     group = parser.add_argument_group(
         "automatic mask",
         "How the background mask is built from the cal and rate files. Defaults are in "
         "brackets." + note,
     )
-    group.add_argument(
-        "--footprint",
-        choices=("trace", "box", "none"),
-        default="trace",
-        help="science footprint removed from the background: 'trace' = pixels the pipeline "
-        "calibrated (finite in the cal file), 'box' = whole slit boxes (MOS, FS, BOTS), "
-        "'none' = do not use the cal footprint [trace]",
-    )
-    group.add_argument(
-        "--dilate",
-        type=int,
-        metavar="PIX",
-        default=_DEFAULTS.dilation_radius,
-        help="grow the footprint by this many pixels to keep light in the PSF wings out of "
-        f"the fit [{_DEFAULTS.dilation_radius}]",
-    )
-    group.add_argument(
-        "--fixed-slit-band",
-        choices=("auto", "always", "never"),
-        default="auto",
-        help="mask the rows lit by the always-open fixed slits; 'auto' = IFU and MOS full "
-        "frames only [auto]",
-    )
-    group.add_argument(
-        "--fixed-slit-rows",
-        type=int,
-        nargs=2,
-        metavar=("FIRST", "LAST"),
-        default=list(FIXED_SLIT_ROWS),
-        help="first and last full-frame row (0-indexed, as in the jwst pipeline) of the "
-        f"fixed-slit band [{FIXED_SLIT_ROWS[0]} {FIXED_SLIT_ROWS[1]}]",
-    )
-    group.add_argument(
-        "--mask-jumps",
-        action=argparse.BooleanOptionalAction,
-        default=_DEFAULTS.mask_jump,
-        help="mask pixels flagged JUMP_DET (cosmic rays, snowball halos), which leave "
-        "positive residuals in the rate [yes]",
-    )
-    group.add_argument(
-        "--jump-fallback",
-        action=argparse.BooleanOptionalAction,
-        default=_DEFAULTS.jump_fallback,
-        help="keep the jump pixels of columns that masking them would leave with too little "
-        "background [yes]",
-    )
-    group.add_argument(
-        "--keep-failed-open",
-        action="store_true",
-        help="do not mask pixels flagged MSA_FAILED_OPEN (light from stuck-open shutters)",
-    )
-    group.add_argument(
-        "--clip",
-        type=float,
-        metavar="NSIGMA",
-        default=_DEFAULTS.clip_sigma,
-        help="mask remaining pixels this many robust sigma above their column's background "
-        f"level; 0 = off [{_DEFAULTS.clip_sigma:g}]",
-    )
-    group.add_argument(
-        "--guard-min-pixels",
-        type=int,
-        metavar="N",
-        default=_DEFAULTS.guard_min_pixels,
-        help="report columns with fewer background pixels than this "
-        f"[{_DEFAULTS.guard_min_pixels}]",
-    )
-    group.add_argument(
-        "--guard-max-gap",
-        type=int,
-        metavar="PIX",
-        default=_DEFAULTS.guard_max_gap,
-        help="report columns whose longest masked run is longer than this "
-        f"[{_DEFAULTS.guard_max_gap}]",
-    )
+    for option in MASK_OPTIONS:
+        if option.cli_flag is None:
+            continue
+        default = list(option.default) if option.length else option.default
+        if option.name == "footprint_mode":
+            # One flag for two options: "none" turns use_footprint off.
+            group.add_argument(
+                option.cli_flag, dest=option.name, default=option.default,
+                choices=(*option.choices, "none"),
+                help=f"{option.help} none: do not use the cal footprint "
+                f"[{option.default}]")
+            continue
+        _add_option(group, option, default=default)
     group.add_argument(
         "--user-mask",
         metavar="FILE",
@@ -137,114 +103,23 @@ def _add_mask_options(parser: argparse.ArgumentParser, note: str = "") -> None:
 
 
 def _mask_options(args: argparse.Namespace) -> MaskOptions:
-    return MaskOptions(
-        use_footprint=args.footprint != "none",
-        footprint_mode="trace" if args.footprint == "none" else args.footprint,
-        dilation_radius=args.dilate,
-        fixed_slit_band=args.fixed_slit_band,
-        fixed_slit_rows=tuple(args.fixed_slit_rows),
-        mask_jump=args.mask_jumps,
-        jump_fallback=args.jump_fallback,
-        mask_failed_open=not args.keep_failed_open,
-        clip_sigma=args.clip if args.clip else None,
-        guard_min_pixels=args.guard_min_pixels,
-        guard_max_gap=args.guard_max_gap,
-    )
+    options = {o.name: getattr(args, o.name) for o in MASK_OPTIONS if o.cli_flag is not None}
+    options["use_footprint"] = options["footprint_mode"] != "none"
+    if options["footprint_mode"] == "none":
+        options["footprint_mode"] = MaskOptions().footprint_mode
+    options["fixed_slit_rows"] = tuple(options["fixed_slit_rows"])
+    options["clip_sigma"] = options["clip_sigma"] or None  # 0 = off
+    return MaskOptions(**options)
 
 
 def _add_fit_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
-        "fit", "Options of the noise fit; when not given, the nsclean defaults apply."
+        "fit", "Options of the noise fit; when not given, the nsclean defaults (in "
+        "brackets) apply."
     )
-    group.add_argument(
-        "--method",
-        choices=("fft", "median"),
-        help="'fft' = NSClean Fourier fit along each detector line (default); 'median' = "
-        "subtract each column's background median (cannot follow the picture frame)",
-    )
-    group.add_argument(
-        "--cutoff",
-        type=float,
-        metavar="CYCLES_PER_PIX",
-        help="highest fitted frequency along a line (default 1/256: 9 frequencies)",
-    )
-    group.add_argument(
-        "--rolloff",
-        type=float,
-        metavar="CYCLES_PER_PIX",
-        help="width of the apodizer's cosine roll-off (default 1/1024)",
-    )
-    group.add_argument(
-        "--weight-sigma",
-        type=float,
-        metavar="PIX",
-        help="Gaussian sigma of the background-density weights (default 32)",
-    )
-    group.add_argument(
-        "--outlier-sigma",
-        type=float,
-        metavar="NSIGMA",
-        help="reject background pixels this far from the fit (default 3)",
-    )
-    group.add_argument(
-        "--max-model-variance",
-        type=float,
-        metavar="FRACTION",
-        help="guard: refit lines whose model would add more than this fraction of the pixel "
-        "variance (default 0.25)",
-    )
-    group.add_argument(
-        "--smooth-sigma",
-        type=float,
-        metavar="LINES",
-        help="smooth the model across lines (default 0 = off)",
-    )
-    group.add_argument(
-        "--per-channel",
-        action="store_true",
-        default=None,
-        help="median method: one median per 512-row output channel",
-    )
-    group.add_argument(
-        "--mode",
-        choices=("auto", "line", "timeseries"),
-        help="'line' for full frames, 'timeseries' for subarrays (default auto)",
-    )
-    group.add_argument(
-        "--outlier-iterations",
-        type=int,
-        metavar="N",
-        help="reject-and-refit passes (default 1)",
-    )
-    group.add_argument(
-        "--adaptive",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="weight each frequency by the correlated power this exposure has there "
-        "(default on); --no-adaptive gives the paper's plain apodizer",
-    )
-    group.add_argument(
-        "--chunk-length",
-        type=int,
-        metavar="TICKS",
-        help="time-series mode: chunk length in pixel-clock ticks (default 2048)",
-    )
-
-
-_FIT_FLAGS = (
-    "method",
-    "cutoff",
-    "rolloff",
-    "weight_sigma",
-    "outlier_sigma",
-    "max_model_variance",
-    "smooth_sigma",
-    "per_channel",
-    "mode",
-    "outlier_iterations",
-    "adaptive",
-    "chunk_length",
-)
+    for option in CLEAN_OPTIONS:
+        if option.cli_flag is not None:
+            _add_option(group, option)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -321,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clean.add_argument(
         "--save-mask", action="store_true", help="also write the mask used as <stem>_mask.fits"
+    )
+    clean.add_argument(
+        "--variance",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add the model's posterior variance to VAR_RNOISE and recompute ERR "
+        "(readout method; default on)",
     )
     clean.add_argument(
         "--product-dir",
@@ -418,7 +300,9 @@ def _run_clean(args) -> dict:
     if args.user_mask is not None:
         raise NSCleanInputError(None, "with 'clean', give your own mask as --mask, not --user-mask")
     fit_options = {
-        name: getattr(args, name) for name in _FIT_FLAGS if getattr(args, name) is not None
+        option.name: getattr(args, option.name)
+        for option in CLEAN_OPTIONS
+        if option.cli_flag is not None and getattr(args, option.name) is not None
     }
     if _ints_given(args.rate):
         from .io.tso import clean_rateints
@@ -437,12 +321,14 @@ def _run_clean(args) -> dict:
         cal_path=args.cal[0] if args.cal else None,
         mask_path=args.mask,
         user_mask_mode=args.user_mask_mode,
-        mask_options=_mask_options(args),
+        # A --mask file alone is used as it is, with the options its header records.
+        mask_options=_mask_options(args) if args.cal is not None else None,
         fit_options=fit_options,
         save_model=args.save_model,
         save_mask=args.save_mask,
         product_dir=args.product_dir,
         overwrite=args.overwrite,
+        add_variance=args.variance,
     )
 
 

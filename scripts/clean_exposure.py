@@ -1,23 +1,23 @@
-"""Rule ``clean``: fit and subtract the correlated read noise of one exposure.
+"""Rule ``clean``: fit and subtract the correlated read noise of one exposure, and measure
+the result (QA) from the arrays in memory (``nsclean.workflow.steps.clean``).
 
 input:  rate        -- the exposure's ``_rate.fits``
         mask        -- its background mask (from rule ``mask``)
         mask_status -- the mask step's status record
 output: cleaned     -- cleaned rate file (empty placeholder if the exposure failed)
         status      -- JSON status record: ok/failed, reason, fit summary, provenance
+        metrics     -- the exposure's final record, in the layout of
+                       ``nsclean.report.report.write_record`` (program, stem, status
+                       cleaned/failed, reason, cleaned_file relative to the results
+                       directory, metrics of ``nsclean.algorithm.qa.exposure_metrics``,
+                       figures) plus the fit summary and the provenance
+        figures     -- directory of the PNG figures (``nsclean.report.figures``; empty if
+                       failed or turned off)
 params: options     -- the ``clean`` section of the config (options of nsclean.fit)
-Run by the rule's shell command as ``python clean_exposure.py JOB --log LOG``: JOB is the
-job's files and settings as JSON (``step_command`` in workflow/rules/common.smk).
-The step (``nsclean.workflow.steps.clean``) runs in a warm worker when one can be used
-(``nsclean.workflow.warm``).
+        qa_options  -- the ``qa`` section of the config
+Logs to the rule's log file.
 """
 
-import os
-import sys
+from nsclean.workflow.steps import clean, snakemake_job
 
-# As for a Snakemake script: the workflow's own nsclean is importable when none is
-# installed (an installed one comes first).
-sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nsclean.workflow.warm import run_command_step  # noqa: E402
-
-run_command_step("clean")
+clean(**snakemake_job(snakemake))  # noqa: F821 (injected by Snakemake)

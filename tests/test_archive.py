@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,6 @@ from archive_helpers import EXPOSURES, make_program, run_child
 from nsclean.archive import archive
 from nsclean.testing.mastserver import MastServer
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 TOKEN = "tok-3f9c1d7e-SECRET-do-not-log"
 RATE = "jw01345062001_03101_00001_nrs1_rate.fits"
 FAST = {"timeout": (2.0, 0.5), "backoff": 0.01, "max_backoff": 0.05}
@@ -71,8 +68,7 @@ def test_local_source_pairs_by_stem_and_applies_policy(program_dir, tmp_path):
     assert ok.rate_size == (program_dir / ok.rate_file).stat().st_size
     assert (ok.program, ok.observation, ok.visit, ok.detector) == ("01345", "062", "001", "NRS1")
 
-    kept = archive.build_manifest(products, missing_cal="user_mask")
-    assert (kept.rows[-1].status, kept.rows[-1].mask_source) == ("ok", "user")
+    assert manifest.rows[-1].mask_source == "user"
     with pytest.raises(archive.ArchiveError, match="jw02222001001_04102_00001_nrs1"):
         archive.build_manifest(products, missing_cal="error")
 
@@ -136,9 +132,9 @@ def test_download_then_cache_hit_makes_no_request(program_dir, tmp_path):
         # a file of the wrong size on disk is fetched again, and the temporary file of
         # an attempt that was killed mid-transfer is cleared away
         (tmp_path / RATE).write_bytes(b"partial")
-        killed = tmp_path / f".{RATE}.abc123.part"
+        killed = tmp_path / f".{RATE}.abc123.tmp"
         killed.write_bytes(b"half a file")
-        other = tmp_path / ".other_rate.fits.abc123.part"
+        other = tmp_path / ".other_rate.fits.abc123.tmp"
         other.write_bytes(b"another file's download")
         assert archive.download_file(uri(RATE), tmp_path / RATE, expected_size=size,
                                      archive_url=server.url, token="", **FAST).fetched
@@ -407,52 +403,50 @@ except archive.ArchiveError as exc:
 
 
 # ---------------------------------------------------------------------------------------
-# rule scripts, run as the rules' shell commands run them
+# the steps of the rule scripts, run in this process with the arguments the scripts pass
 # ---------------------------------------------------------------------------------------
-def run_rule_script(script, job, log):
-    """``scripts/<script> JOB --log LOG`` in a child process, as the rule's shell command
-    runs it (here without warm workers)."""
-    job = {"params": {}, "wildcards": {}, "input": {}, **job, "warm_workers": False}
-    return subprocess.run([sys.executable, str(SCRIPTS / script), json.dumps(job),
-                           "--log", str(log)], capture_output=True, text=True,
-                          timeout=120, check=False)
+def run_step(name, job, log):
+    """``nsclean.workflow.steps.<name>`` as its rule script calls it."""
+    from nsclean.workflow import steps
+
+    job = {"params": {}, "wildcards": {}, "input": {}, **job}
+    getattr(steps, name)(**job, log=str(log))
 
 
-def test_rule_scripts_with_local_source(program_dir, tmp_path):
+@pytest.mark.usefixtures("restore_streams")
+def test_rule_steps_with_local_source(program_dir, tmp_path):
     log = tmp_path / "fetch_manifest.log"
     manifest = tmp_path / "01345" / "manifest.tsv"
     config = {"archive": {"source": "local", "local_dir": str(program_dir)}}
-    done = run_rule_script("fetch_manifest.py", {
+    run_step("fetch_manifest", {
         "output": {"manifest": str(manifest)}, "params": {"archive": config["archive"]},
         "wildcards": {"program": "01345"}}, log)
-    assert done.returncode == 0, done.stderr + log.read_text()
     rows = archive.read_manifest(manifest)
     assert {r.program for r in rows} == {"01345"} and len(rows) == 5
     assert "5 exposures to process" in log.read_text()
 
     target = tmp_path / "01345" / "archive" / rows[0].cal_file
     status = tmp_path / "01345" / "downloads" / f"{rows[0].cal_file}.json"
-    # As the rule's shell command runs it (here without a warm worker).
-    done = run_fetch_file_script(str(manifest), target, status, tmp_path / "f.log",
-                                 config["archive"])
-    assert done.returncode == 0, done.stderr
+    run_fetch_file_step(str(manifest), target, status, tmp_path / "f.log", config["archive"])
     assert target.read_bytes() == (program_dir / rows[0].cal_file).read_bytes()
     assert "fetched" in (tmp_path / "f.log").read_text()
     assert json.loads(status.read_text())["status"] == "ok"
 
 
-def run_fetch_file_script(manifest, target, status, log, archive_settings):
-    return run_rule_script("fetch_file.py", {
+def run_fetch_file_step(manifest, target, status, log, archive_settings):
+    run_step("fetch_file", {
         "input": {"manifest": str(manifest)},
         "output": {"file": str(target), "status": str(status)},
         "params": {"archive": archive_settings}}, log)
 
 
-def test_fetch_file_script_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
+@pytest.mark.usefixtures("restore_streams")
+def test_fetch_file_step_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
     monkeypatch.delenv("MAST_API_TOKEN", raising=False)
     products = [p for p in archive.scan_local(program_dir) if p["productFilename"] == RATE]
     for product in products:  # the same file as MAST would list it
         product.update(dataURI=uri(RATE), dataRights="EXCLUSIVE_ACCESS")
+    # A rate without its cal, kept for a user mask (missing_cal: user_mask): fetched.
     manifest = archive.write_manifest(archive.build_manifest(products, missing_cal="user_mask"),
                                       tmp_path / "manifest.csv")
     log = tmp_path / "fetch_file.log"
@@ -461,16 +455,30 @@ def test_fetch_file_script_logs_a_clear_401(program_dir, tmp_path, monkeypatch):
         settings = {"url": server.url}
         # A refusal fails this exposure only: a status record says why, the file is an
         # empty placeholder (never partial data), and the job succeeds.
-        done = run_fetch_file_script(manifest, tmp_path / "archive" / RATE, status, log,
-                                     settings)
-        assert done.returncode == 0, done.stderr
+        run_fetch_file_step(manifest, tmp_path / "archive" / RATE, status, log, settings)
         record = json.loads(status.read_text())
         assert record["status"] == "failed"
         assert "a MAST API token is needed" in record["reason"]
         # A file the manifest does not list is a bug of the workflow: the job fails.
-        done = run_fetch_file_script(manifest, tmp_path / "archive" / "unknown_rate.fits",
-                                     status, log, settings)
-        assert done.returncode == 1
-        assert "unknown_rate.fits is not listed in" in log.read_text()
+        with pytest.raises(archive.ArchiveError, match="unknown_rate.fits is not listed in"):
+            run_fetch_file_step(manifest, tmp_path / "archive" / "unknown_rate.fits",
+                                status, log, settings)
     assert "a MAST API token is needed" in log.read_text()
     assert (tmp_path / "archive" / RATE).stat().st_size == 0
+
+
+def test_missing_cal_policies_are_those_the_config_schema_offers():
+    """archive.missing_cal: the library accepts exactly the values the workflow's schema
+    allows (the library once offered 'user_mask' when the schema rejected it and the
+    workflow could not carry it out; the workflow now can, through user_masks)."""
+    import yaml
+
+    schema = yaml.safe_load((Path(__file__).resolve().parents[1] / "workflow" / "schemas"
+                             / "config.schema.yaml").read_text())
+    offered = schema["properties"]["archive"]["properties"]["missing_cal"]
+    assert tuple(offered["enum"]) == archive.MISSING_CAL_POLICIES
+    assert offered["default"] == "skip"
+    for policy in archive.MISSING_CAL_POLICIES:
+        archive.build_manifest([], missing_cal=policy)
+    with pytest.raises(ValueError, match="missing_cal must be one of skip, error, user_mask"):
+        archive.build_manifest([], missing_cal="ignore")

@@ -331,44 +331,6 @@ def test_density_weights_are_centred_and_symmetric():
     assert w[1000, 0] > w[320, 0]
 
 
-def test_fast_fft_length_is_the_smallest_5_smooth_number_not_below_n():
-    def five_smooth(m):
-        for p in (2, 3, 5):
-            while m % p == 0:
-                m //= p
-        return m == 1
-
-    expected = 1
-    for n in range(1, 5000):
-        if expected < n:
-            expected = next(m for m in range(n, 2 * n + 1) if five_smooth(m))
-        assert core._fast_fft_length(n) == expected, n
-    for n in (65537, 1_000_001, 3**13 + 1):
-        m = core._fast_fft_length(n)
-        assert five_smooth(m) and m >= n
-        assert not any(five_smooth(k) for k in range(n, m))
-    # The lengths the density filter used with scipy.fft.
-    scipy_fft = pytest.importorskip("scipy.fft")
-    for n in list(range(1, 3000)) + [65537, 1_000_001, 3**13 + 1]:
-        assert core._fast_fft_length(n) == scipy_fft.next_fast_len(n, real=True), n
-
-
-def test_cleaning_imports_no_scipy():
-    # Every clean job of the workflow is a fresh process: scipy.fft alone cost ~0.4 s.
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, numpy as np, nsclean.io.exposure, nsclean.algorithm.core;"
-        "img = np.random.default_rng(0).normal(size=(2048, 64)).astype(np.float32);"
-        "nsclean.algorithm.core.clean(img, np.ones(img.shape, bool));"
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
-
-
 def test_density_filter_is_the_direct_convolution_in_single_precision():
     rng = np.random.default_rng(22)
     valid = rng.random((N, 6)) < 0.4
@@ -422,7 +384,8 @@ def test_result_does_not_depend_on_block_size(monkeypatch):
     np.testing.assert_allclose(b, nsclean.fit_background(image, mask), rtol=0, atol=1e-6)
 
 
-def test_bit_identical_whatever_the_number_of_threads(tmp_path):
+@pytest.mark.parametrize("method", ["readout", "fft"])
+def test_bit_identical_whatever_the_number_of_threads(tmp_path, method):
     import os
     import subprocess
     import sys
@@ -432,7 +395,8 @@ def test_bit_identical_whatever_the_number_of_threads(tmp_path):
         "rng = np.random.default_rng(0);"
         "img = rng.normal(size=(2048, 2048)).astype(np.float32) + rng.normal(size=2048);"
         "mask = np.repeat(((np.arange(2048) % 50) < 10)[:, None], 2048, axis=1);"
-        "print(hashlib.sha256(nsclean.clean(img, mask).tobytes()).hexdigest())"
+        f"print(hashlib.sha256(nsclean.clean(img, mask, method={method!r}).tobytes())"
+        ".hexdigest())"
     )
     digests = set()
     for threads in ("1", "2", "3"):

@@ -191,7 +191,7 @@ def test_display_ignores_nans_and_keeps_empty_blocks_empty():
     np.testing.assert_array_equal(display[3:, 3:], plain[3:, 3:])
     # Smoothing (8 px = 2 blocks): normalised convolution around the empty block, a
     # plain Gaussian of the block means without one.
-    from nsclean.algorithm._smooth import gaussian_filter
+    from scipy.ndimage import gaussian_filter
 
     smoothed = figures._display(holed, (4, 4), 8.0)
     assert np.isnan(smoothed[0, 0]) and np.isfinite(smoothed[1:, 1:]).all()

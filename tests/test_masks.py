@@ -78,8 +78,8 @@ def test_dilation_is_a_euclidean_disk(radius):
 
 @pytest.mark.parametrize("radius", [1, 2, 3, 8])
 def test_dilation_equals_scikit_image_disk_dilation(radius):
-    # The dilation is done in numpy (no import at run time); scikit-image's dilation
-    # with its disk (on a boolean image) is the reference (a test dependency).
+    # The dilation is scikit-image's dilation by its disk; the brute-force disk
+    # (brute_force_disk_dilation) checks the edges below.
     from skimage.morphology import dilation, disk
 
     rng = np.random.default_rng(40 + radius)

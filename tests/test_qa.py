@@ -342,26 +342,6 @@ def test_flatten_metrics_order_and_values():
     assert all(v is None for v in qa.flatten_metrics(None).values())
 
 
-@pytest.mark.parametrize("shape", [(1,), (7,), (2048,), (5, 3), (8, 512), (128, 64)])
-@pytest.mark.parametrize("mode", ["reflect", "nearest", "constant"])
-def test_numpy_gaussian_filters_equal_scipy_to_the_bit(shape, mode):
-    # nsclean.algorithm._smooth replaces scipy.ndimage in the QA job (its import costs ~0.4 s).
-    ndimage = pytest.importorskip("scipy.ndimage")
-    from nsclean.algorithm import _smooth
-
-    data = np.random.default_rng(len(shape)).normal(3.0, 10.0, shape)
-    for sigma in (0.3, 0.5, 2.0, 4.0, 32.0):
-        for axis in range(data.ndim):
-            np.testing.assert_array_equal(
-                _smooth.gaussian_filter1d(data, sigma, axis=axis, mode=mode),
-                ndimage.gaussian_filter1d(data, sigma, axis=axis, mode=mode))
-        np.testing.assert_array_equal(_smooth.gaussian_filter(data, sigma, mode=mode),
-                                      ndimage.gaussian_filter(data, sigma, mode=mode))
-    if data.ndim == 2:
-        np.testing.assert_array_equal(_smooth.gaussian_filter(data, [0.0, 0.5], mode=mode),
-                                      ndimage.gaussian_filter(data, [0.0, 0.5], mode=mode))
-
-
 def test_spectra_handed_back_are_those_of_the_spectrum_functions():
     white, stripes, _ = _scene(stripe=2.0)
     mask = _mask()

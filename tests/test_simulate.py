@@ -524,9 +524,8 @@ def test_write_is_atomic(tmp_path, bots, monkeypatch):
     rate_path, cal_path = write_exposure(bots, tmp_path)
     before = rate_path.read_bytes()
 
-    def broken_writeto(self, name, **kwargs):
-        with open(name, "wb") as handle:
-            handle.write(b"SIMPLE  = half a file")
+    def broken_writeto(self, fileobj, **kwargs):  # half a file, then the disk is full
+        fileobj.write(b"SIMPLE  = half a file")
         raise OSError("disk full")
 
     monkeypatch.setattr(fits.HDUList, "writeto", broken_writeto)

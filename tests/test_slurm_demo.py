@@ -7,10 +7,11 @@ this machine, once submitting its jobs to the single-node test Slurm
 snakemake-executor-plugin-slurm.  The Slurm run must leave sbatch job records for its
 rules, and its products must equal the local run's bit for bit.
 
-To keep the test within a few minutes (snakemake takes 15-20 s to start inside every
-job on the 2-core test machine), each exposure's download, mask, clean and QA jobs
-form one Slurm job (`--groups`); the manifest query is a Slurm job of its own, and the
-report rules are local rules.  Every process is bounded by ``timeout -s KILL``.
+Each exposure's downloads, mask and clean (with QA) form one Slurm job: the rules'
+``group: "exposure"`` with the profile's ``group-components``, as a user runs it (snakemake
+takes 15-20 s to start inside every job on the 2-core test machine); the manifest query is
+a Slurm job of its own, and the report rules are local rules.  Every process is bounded by
+``timeout -s KILL``.
 """
 
 from __future__ import annotations
@@ -37,12 +38,13 @@ EXPOSURES = 2
 PROGRAM = "09999"
 LOCAL_TIMEOUT = 600
 SLURM_TIMEOUT = 600
-GROUPED_RULES = ("fetch_file", "mask", "clean", "qa")
+GROUPED_RULES = ("fetch_file", "mask", "clean")
 
 
 def demo_command(workdir, cores, *snakemake_args):
     return [sys.executable, "-m", "nsclean.testing.demo", "--workdir", str(workdir), "--exposures",
             str(EXPOSURES), "--cores", str(cores), "--timeout", str(SLURM_TIMEOUT - 30),
+            "--snakefile", str(REPO / "Snakefile"),
             "--", *snakemake_args]
 
 
@@ -66,9 +68,7 @@ def test_demo_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):  # noqa
             # two run side by side on the 2-CPU test node.
             proc = slurm_cluster.run(
                 demo_command(remote, 1, *slurm_cluster.snakemake_cmd[3:], "--profile",
-                             PROFILE, "--groups", *(f"{rule}=exposure" for rule in
-                                                    GROUPED_RULES),
-                             "--retries", "0", "--latency-wait", "10",
+                             PROFILE, "--retries", "0", "--latency-wait", "10",
                              "--slurm-keep-successful-logs"),
                 cwd=tmp_path, timeout=SLURM_TIMEOUT)
             slurm_seconds = time.monotonic() - started
@@ -101,7 +101,7 @@ def test_demo_through_slurm_equals_a_local_run(slurm_cluster, tmp_path):  # noqa
     completed = {r.get("JobId") for r in slurm_cluster.jobcomp_records()}
     assert set(job_ids) <= completed
 
-    # Inside each exposure's job, its downloads, mask, clean and QA ran (Slurm logs).
+    # Inside each exposure's job, its downloads, mask and clean ran (Slurm logs).
     stems = sorted(row["stem"] for row in read_report(remote / "results"))
     logs = {job: next((remote / ".snakemake" / "slurm_logs").rglob(f"{job}.log"))
             for job in job_ids}

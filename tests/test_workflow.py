@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,6 @@ from workflow_helpers import read_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
-SCHEMA = ROOT / "workflow" / "schemas" / "config.schema.yaml"
 # Bounds on the subprocesses (a 2-core machine shared with other jobs).
 LINT_TIMEOUT = 180
 DRY_RUN_TIMEOUT = 120
@@ -73,18 +71,6 @@ def test_snakefmt_is_clean():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_schema_defaults_match_the_library():
-    """The defaults the config schema fills in are the library's own defaults."""
-    from nsclean.algorithm import core
-    from nsclean.algorithm.masks import MaskOptions
-
-    schema = yaml.safe_load(SCHEMA.read_text())["properties"]
-    clean_defaults = {k: v["default"] for k, v in schema["clean"]["properties"].items()}
-    mask_defaults = {k: v["default"] for k, v in schema["mask"]["properties"].items()}
-    assert clean_defaults == core._DEFAULTS
-    assert mask_defaults == MaskOptions().to_dict()
-
-
 @pytest.mark.parametrize(
     ("config", "expected"),
     [
@@ -111,7 +97,8 @@ def test_invalid_config_stops_at_once_naming_the_key(tmp_path, config, expected)
 def test_minimal_config_gets_the_defaults(tmp_path):
     """A config with only the interface keys is valid: a dry run plans the fetch."""
     path = write_yaml(tmp_path / "config.yaml", {"programs": [1345]})
-    result = snakemake("-n", "--configfile", str(path), cwd=tmp_path)
+    # --quiet host: the jobs' descriptions, which the default profile leaves out
+    result = snakemake("-n", "--quiet", "host", "--configfile", str(path), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "fetch_manifest" in result.stdout
     assert "results/01345/manifest.csv" in result.stdout
@@ -131,15 +118,10 @@ def demo_run(tmp_path_factory):
     with MastServer(workdir / "archive") as server:
         config = write_config(workdir / "demo.yaml", url=server.url,
                               results=workdir / "results")
-        # Sockets of its own: the run starts its warm-worker server (none is left from
-        # another test's run).
-        sockets = tempfile.mkdtemp(prefix="nscd-", dir="/tmp")
         first = snakemake("--cores", "2", "--configfile", str(config), cwd=workdir,
-                          timeout=RUN_TIMEOUT,
-                          env={**os.environ, "XDG_RUNTIME_DIR": sockets})
+                          timeout=RUN_TIMEOUT)
         yield {"workdir": workdir, "config": config, "first": first, "server": server,
                "results": workdir / "results"}
-    shutil.rmtree(sockets, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -162,7 +144,7 @@ def test_demo_run_cleans_every_exposure(demo_run):
     assert json.loads((results / "run_status.json").read_text())["counts"] == {
         "cleaned": DEMO_EXPOSURES}
     # every rule left a benchmark and a log
-    for rule in ("fetch_manifest", "fetch_file", "mask", "clean", "qa", "program_report",
+    for rule in ("fetch_manifest", "fetch_file", "mask", "clean", "program_report",
                  "run_report"):
         assert list((results / "benchmarks" / rule).rglob("*.tsv")), rule
         assert list((results / "logs" / rule).rglob("*.log")), rule
@@ -171,13 +153,23 @@ def test_demo_run_cleans_every_exposure(demo_run):
 
 
 @pytest.mark.slow
+def test_the_console_shows_progress_not_every_job(demo_run):
+    """The default profile is quiet: progress lines, no per-job descriptions."""
+    output = demo_run["first"].stdout + demo_run["first"].stderr
+    assert "steps (100%) done" in output
+    assert "wildcards:" not in output and "output:" not in output
+    jobs = 1 + 2 * DEMO_EXPOSURES + 2 * DEMO_EXPOSURES + 4  # + program/run report, verify, all
+    assert len(output.splitlines()) < 6 * jobs + 40, len(output.splitlines())
+
+
+@pytest.mark.slow
 def test_report_gives_the_time_taken_per_exposure(demo_run):
-    """time_s is the wall time of the exposure's mask, clean and QA jobs as Snakemake's
-    benchmark files recorded them (first column, ``s``)."""
+    """time_s is the wall time of the exposure's mask and clean (with QA) jobs as
+    Snakemake's benchmark files recorded them (first column, ``s``)."""
     results = demo_run["results"]
     for row in read_report(results, timing=True):
         expected = 0.0
-        for step in ("mask", "clean", "qa"):
+        for step in ("mask", "clean"):
             lines = (results / "benchmarks" / step / row["program"] / f"{row['stem']}.tsv"
                      ).read_text().splitlines()
             expected += float(lines[1].split("\t")[0])
@@ -187,29 +179,23 @@ def test_report_gives_the_time_taken_per_exposure(demo_run):
 
 
 @pytest.mark.slow
-def test_per_exposure_steps_ran_in_warm_workers(demo_run):
-    """On one machine (warm_workers: auto, outside Slurm) every download, mask, clean and
-    QA job handed its step to a warm worker: its log says so, with the step's CPU time,
-    and the worker's server is the one the manifest job started ahead of them."""
-    from nsclean.workflow.warm import use_warm_workers
-
-    if not use_warm_workers("auto"):
-        pytest.skip("inside a Slurm job: warm workers are off by design")
-    # The manifest job started the server, in the background, for the steps to come.
-    (manifest_log,) = (demo_run["results"] / "logs" / "fetch_manifest").rglob("*.log")
-    started = re.search(r"started warm-worker server (\d+) for the steps to come",
-                        manifest_log.read_text())
-    assert started, manifest_log.read_text()
-    for rule, jobs in (("fetch_file", 2 * DEMO_EXPOSURES), ("mask", DEMO_EXPOSURES),
-                       ("clean", DEMO_EXPOSURES), ("qa", DEMO_EXPOSURES)):
-        logs = list((demo_run["results"] / "logs" / rule).rglob("*.log"))
-        assert len(logs) == jobs, rule
-        for log in logs:
-            note = re.search(rf"step {rule} ran in warm worker \d+: [0-9.]+ CPU-s, "
-                             r"peak \d+ MB \(server (\d+)\)", log.read_text())
-            assert note, log
-            # The same server: the manifest job's server has the steps' key.
-            assert note.group(1) == started.group(1), log
+def test_benchmark_files_measure_the_whole_job(demo_run):
+    """Each mask and clean job runs its step in its own process (Snakemake's script:), so
+    its benchmark file counts the step's CPU time and memory: at least the imports of
+    numpy and astropy, and for clean the exposure's arrays."""
+    results = demo_run["results"]
+    for rule, jobs in (("mask", DEMO_EXPOSURES), ("clean", DEMO_EXPOSURES)):
+        files = sorted((results / "benchmarks" / rule).rglob("*.tsv"))
+        assert len(files) == jobs, rule
+        for path in files:
+            header, values = (line.split("\t") for line in
+                              path.read_text().splitlines()[:2])
+            row = dict(zip(header, values, strict=True))
+            assert float(row["cpu_time"]) > 0.3, (path, row)
+            assert float(row["max_rss"]) > 80, (path, row)
+        # The per-exposure QA products are the clean job's: no QA job, no QA log.
+    assert not (results / "benchmarks" / "qa").exists()
+    assert not (results / "logs" / "qa").exists()
 
 
 @pytest.mark.slow
@@ -260,39 +246,52 @@ def test_changing_a_cleaner_option_reruns_only_what_depends_on_it(demo_run):
     plan = snakemake("-n", "--configfile", str(changed), cwd=demo_run["workdir"])
     assert plan.returncode == 0, plan.stderr[-3000:]
     counts = job_counts(plan.stdout + plan.stderr)
-    assert counts == {"clean": DEMO_EXPOSURES, "qa": DEMO_EXPOSURES, "program_report": 1,
+    assert counts == {"clean": DEMO_EXPOSURES, "program_report": 1, "run_report": 1,
+                      "verify_run": 1, "all": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("section", "change", "rebuilt"), [
+    ("qa", {"figures": False}, {"clean"}),
+    ("mask", {"dilation_radius": 3}, {"mask", "clean"}),
+])
+def test_a_qa_or_mask_option_reruns_only_what_it_affects(demo_run, section, change,
+                                                          rebuilt):
+    """The QA is made by the clean job, the mask by its own: a QA option reruns the clean
+    jobs, a mask option the masks too; never the downloads."""
+    assert demo_run["first"].returncode == 0
+    config = yaml.safe_load(demo_run["config"].read_text())
+    config[section] = change
+    changed = write_yaml(demo_run["workdir"] / f"changed-{section}.yaml", config)
+    plan = snakemake("-n", "--configfile", str(changed), cwd=demo_run["workdir"])
+    assert plan.returncode == 0, plan.stderr[-3000:]
+    counts = job_counts(plan.stdout + plan.stderr)
+    assert counts == {**{rule: DEMO_EXPOSURES for rule in rebuilt}, "program_report": 1,
                       "run_report": 1, "verify_run": 1, "all": 1}
 
 
 @pytest.mark.slow
 def test_execution_settings_reach_the_steps_without_a_rerun(demo_run):
-    """fsync, warm_workers and archive.url change how the steps run, not what they
-    make: no rerun, and the jobs' commands (the JSON the rule scripts get) carry the new
-    values."""
-    import shlex
-
+    """fsync and archive.url change how the steps run, not what they make: no rerun; a
+    forced clean job then writes with fsync (its log says so) the same products."""
     assert demo_run["first"].returncode == 0
     config = yaml.safe_load(demo_run["config"].read_text())
-    config.update(fsync=True, warm_workers=False)
+    config.update(fsync=True)
     config["archive"]["url"] = "http://127.0.0.1:9"  # a mirror on another port
     changed = write_yaml(demo_run["workdir"] / "execution.yaml", config)
     plan = snakemake("-n", "--configfile", str(changed), cwd=demo_run["workdir"])
     assert plan.returncode == 0, plan.stderr[-3000:]
     assert "Nothing to be done" in plan.stdout + plan.stderr
-    forced = snakemake("-n", "-p", "--forcerun", "clean", "--configfile", str(changed),
-                       cwd=demo_run["workdir"])
+    results = demo_run["results"]
+    stem = read_report(results)[0]["stem"]
+    cleaned = results / "09999" / stem / f"{stem}_nsclean_rate.fits"
+    before = cleaned.read_bytes()
+    forced = snakemake(str(cleaned), "--cores", "1", "--force", "--configfile", str(changed),
+                       cwd=demo_run["workdir"], timeout=RUN_TIMEOUT)
     assert forced.returncode == 0, forced.stderr[-3000:]
-    jobs = []
-    for line in (forced.stdout + forced.stderr).splitlines():  # "Shell command: ..."
-        words = shlex.split(line) if "clean_exposure.py" in line else []
-        scripts = [i for i, word in enumerate(words)
-                   if word.endswith("scripts/clean_exposure.py")]
-        if scripts:
-            jobs.append(json.loads(words[scripts[0] + 1]))
-    assert len(jobs) == DEMO_EXPOSURES
-    for job in jobs:
-        assert job["params"]["fsync"] is True and job["warm_workers"] is False
-        assert job["output"]["cleaned"].endswith("_nsclean_rate.fits")
+    log = (results / "logs" / "clean" / "09999" / f"{stem}.log").read_text()
+    assert "fsync on" in log, log[-2000:]
+    assert cleaned.read_bytes() == before
 
 
 # ------------------------------------------------------------------------------------

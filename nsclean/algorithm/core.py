@@ -28,28 +28,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .nirspec import CHANNEL_ROWS, FULL_FRAME, REFERENCE_BORDER
+from .nirspec import CHANNEL_ROWS, FULL_FRAME, LINE_OVERHEAD_TICKS, REFERENCE_BORDER
+from .options import CLEAN_OPTIONS, defaults
 from .orientation import detector_to_dms, dms_to_detector, normalize_detector
 
-#: Pause between fast-scan lines, in pixel clock ticks (10 us each), used to place
-#: subarray pixels on the read-out time axis.
-LINE_OVERHEAD_TICKS = 12
+# Every option of fit(), its default and help: nsclean.algorithm.options.CLEAN_OPTIONS.
+_DEFAULTS = defaults(CLEAN_OPTIONS)
 
-_DEFAULTS = {
-    "method": "fft",
-    "cutoff": 1.0 / 256.0,
-    "rolloff": 1.0 / 1024.0,
-    "weight_sigma": 32.0,
-    "outlier_sigma": 3.0,
-    "outlier_iterations": 1,
-    "max_model_variance": 0.25,
-    "smooth_sigma": 0.0,
-    "per_channel": False,
-    "mode": "auto",
-    "chunk_length": 2048,
-    "adaptive": True,
-}
-
+_METHODS = next(o.choices for o in CLEAN_OPTIONS if o.name == "method")
 # Largest condition number of a (diagonally scaled) normal matrix that is solved.
 _MAX_CONDITION = 1e10
 # Median of a chi-square variable with one degree of freedom.
@@ -97,6 +83,7 @@ class FitResult:
     model: np.ndarray
     info: dict = field(default_factory=dict)
     options: dict = field(default_factory=dict)
+    variance: np.ndarray | None = None
 
 
 # --------------------------------------------------------------------------------------
@@ -104,7 +91,7 @@ class FitResult:
 # --------------------------------------------------------------------------------------
 
 
-def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
+def fit(image, background_mask, detector="NRS1", *, variance=True, **options) -> FitResult:
     """Fit the correlated-noise model of a NIRSpec count-rate image.
 
     Parameters
@@ -116,10 +103,24 @@ def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
         Same shape; True marks a dark (background) pixel usable for the fit.
     detector : {"NRS1", "NRS2"}
         Detector, case-insensitive; sets the read-out direction.
-    method : {"fft", "median"}
-        "fft" is the paper's Fourier model.  "median" subtracts the median of the
-        background pixels of each DMS column (for comparison; it cannot follow
-        structure along the column).
+    method : {"auto", "readout", "fft", "median"}
+        "readout" is the conditional mean of the correlated noise at every pixel given
+        the background, with each line put on its (output, clock tick) grid and a
+        prior measured on the exposure (:mod:`nsclean.algorithm.readout`; it also
+        returns the posterior variance).  "fft" is the paper's Fourier model.
+        "median" subtracts the median of the background pixels of each DMS column
+        (for comparison; it cannot follow structure along the column).  "auto"
+        (default) is "readout" on full frames and "fft" on subarrays.
+    max_modes : int
+        Readout method: most common DCT modes per line (default 32; the per-output
+        part gets half).  The data choose fewer where the prior has no useful power.
+    share_lines : bool
+        Readout method: give every line a prior mean from its neighbouring lines
+        (default True).
+    variance : bool
+        Return the posterior variance of the noise model in ``FitResult.variance``
+        (readout method; default True).  :func:`clean` and :func:`fit_background` do
+        not compute it.
     cutoff : float
         Apodizer cut-off in cycles per pixel along a line (default 1/256: gain 1 up to
         frequency 7 of a 2048-pixel line, 0.5 at 8, 0 from 9, i.e. 9 frequencies and
@@ -133,7 +134,7 @@ def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
         Background pixels whose residual from the fit exceeds this many robust sigma
         are dropped and the line refitted (default 3).  None disables rejection.
     outlier_iterations : int
-        Number of reject-and-refit passes (default 2).
+        Number of reject-and-refit passes (default 1).
     max_model_variance : float or None
         Guard: largest variance the fit may add to any pixel of a line, in units of
         the per-pixel white-noise variance (default 0.25).  Lines above it are
@@ -151,6 +152,10 @@ def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
         pixels or more and "timeseries" otherwise.
     chunk_length : int
         Chunk length in ticks for the time-series mode (default 2048).
+    adaptive : bool
+        Scale each fitted frequency by a Wiener gain from the correlated power this
+        exposure has there, so that poorly constrained terms are shrunk instead of
+        subtracted (default True); False gives the paper's plain apodizer.
 
     Returns
     -------
@@ -186,7 +191,7 @@ def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
     # slower with two OpenBLAS threads on a 2-core machine), so BLAS runs on one thread
     # and the blocks of lines are spread over threads instead (_map_blocks).
     with _blas_single_thread():
-        return _fit(dms_image, dms_mask, det, opts)
+        return _fit(dms_image, dms_mask, det, opts, want_variance=variance)
 
 
 def _blas_single_thread():
@@ -206,7 +211,7 @@ def _blas_single_thread():
 _BLAS_CONTROLLER = None
 
 
-def _fit(dms_image, dms_mask, det, opts):
+def _fit(dms_image, dms_mask, det, opts, want_variance=False):
     """:func:`fit` after validation."""
     valid = dms_mask & np.isfinite(dms_image)
     full_frame = dms_image.shape == (FULL_FRAME, FULL_FRAME)
@@ -221,7 +226,20 @@ def _fit(dms_image, dms_mask, det, opts):
     mode = opts["mode"]
     if mode == "auto":
         mode = "line" if dms_image.shape[0] >= 1024 else "timeseries"
-    if opts["method"] == "median":
+    pixel_variance = None
+    if opts["method"] == "auto":
+        # The readout-aware model wins every full-frame case of the quality benchmark;
+        # on subarrays the paper's time-series fit keeps slightly less noise in the
+        # traces (docs/benchmarks.md), so it stays the default there.
+        opts["method"] = "readout" if full_frame else "fft"
+    if opts["method"] == "readout":
+        from .readout import fit_readout
+
+        model, info, pixel_variance = fit_readout(
+            dms_image, valid, det, opts, full_frame=full_frame, variance=want_variance
+        )
+        mode = "line" if full_frame else "timeseries"
+    elif opts["method"] == "median":
         mode = "line"
         model, info = _median_model(dms_image, valid, opts)
     elif mode == "line":
@@ -243,7 +261,9 @@ def _fit(dms_image, dms_mask, det, opts):
         _set_border(model, 0.0)
     info["mode"] = mode
     info["method"] = opts["method"]
-    return FitResult(model=model, info=info, options=_json_options(opts))
+    return FitResult(
+        model=model, info=info, options=_json_options(opts), variance=pixel_variance
+    )
 
 
 def fit_background(image, background_mask, detector="NRS1", **options) -> np.ndarray:
@@ -256,7 +276,7 @@ def fit_background(image, background_mask, detector="NRS1", **options) -> np.nda
     ndarray
         The model; subtract it from the image to clean it.
     """
-    return fit(image, background_mask, detector, **options).model
+    return fit(image, background_mask, detector, variance=False, **options).model
 
 
 def clean(image, background_mask, detector="NRS1", **options) -> np.ndarray:
@@ -280,7 +300,7 @@ def clean(image, background_mask, detector="NRS1", **options) -> np.ndarray:
     >>> bool(cleaned[100:-100].mean(axis=0).std() < 0.1 * stripes.std())
     True
     """
-    result = fit(image, background_mask, detector, **options)
+    result = fit(image, background_mask, detector, variance=False, **options)
     source = np.asarray(image)
     return (source - result.model).astype(source.dtype, copy=False)
 
@@ -404,8 +424,12 @@ def _validate(image, background_mask, detector, options):
     if not mask.any():
         raise ValueError("background_mask is empty: it marks no background pixel")
 
-    if opts["method"] not in ("fft", "median"):
-        raise ValueError(f"method must be 'fft' or 'median'; got {opts['method']!r}")
+    if opts["method"] not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}; got {opts['method']!r}")
+    modes = opts["max_modes"]
+    if isinstance(modes, bool) or not isinstance(modes, (int, np.integer)) or modes < 1:
+        raise ValueError(f"max_modes must be an integer >= 1; got {modes!r}")
+    opts["share_lines"] = bool(opts["share_lines"])
     if opts["mode"] not in ("auto", "line", "timeseries"):
         raise ValueError(f"mode must be 'auto', 'line' or 'timeseries'; got {opts['mode']!r}")
     _check_positive(opts, "cutoff")
@@ -544,28 +568,6 @@ def _fit_timeseries(lines, valid_lines, opts):
     return np.ascontiguousarray(model_lines), info
 
 
-def _fast_fft_length(n):
-    """Smallest 5-smooth number (2^a 3^b 5^c) >= ``n``: a fast real FFT length.
-
-    numpy's pocketfft has dedicated real-FFT passes for the factors 2, 3, 4 and 5 only
-    (7 and 11 go through its generic pass); this is exactly what
-    ``scipy.fft.next_fast_len(n, real=True)`` returns.
-    """
-    n = max(int(n), 1)
-    best = 1 << (n - 1).bit_length()  # the power of two
-    power5 = 1
-    while power5 < best:
-        power35 = power5
-        while power35 < best:
-            candidate = power35
-            while candidate < n:
-                candidate *= 2
-            best = min(best, candidate)
-            power35 *= 3
-        power5 *= 5
-    return best
-
-
 @functools.lru_cache(maxsize=8)
 def _fourier_basis(period, n_freq):
     """Real Fourier basis (P x K): 1, cos(2 pi k x/P), sin(2 pi k x/P) for k = 1..n_freq.
@@ -600,7 +602,9 @@ class _DensityFilter:
         self.n_bins = n // self.bin
         s = sigma / self.bin
         radius = int(math.ceil(4.0 * s))
-        self.size = _fast_fft_length(self.n_bins + 2 * radius)
+        from scipy.fft import next_fast_len
+
+        self.size = next_fast_len(self.n_bins + 2 * radius, real=True)
         offsets = np.arange(-radius, radius + 1)
         kernel = np.exp(-0.5 * (offsets / s) ** 2)
         kernel /= kernel.sum() * self.bin  # bin sums -> fractions

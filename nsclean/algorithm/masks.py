@@ -20,7 +20,6 @@ Reading files (cal and rate products, user masks, PNG images) lives in
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from . import nirspec as dqflags
 from .nirspec import FIXED_SLIT_ROWS, FULL_FRAME, REFERENCE_BORDER
+from .options import MASK_OPTIONS
 
 __all__ = [
     "MaskOptions",
@@ -49,77 +49,20 @@ __all__ = [
     "slit_footprint",
 ]
 
-_FOOTPRINT_MODES = ("trace", "box")
-_BAND_MODES = ("auto", "always", "never")
+_CHOICES = {option.name: option.choices for option in MASK_OPTIONS}
+_FOOTPRINT_MODES = _CHOICES["footprint_mode"]
+_BAND_MODES = _CHOICES["fixed_slit_band"]
 # Modes whose full frames carry fixed-slit light on top of the science
 # footprint (the fixed slits are always open).
 _BAND_EXP_TYPES = ("NRS_IFU", "NRS_MSASPEC")
 _MAD_TO_SIGMA = 1.4826
 
 
-@dataclass(frozen=True)
-class MaskOptions:
-    """Options of the automatic background mask; every step can be switched off.
+class _MaskOptionsMethods:
+    """Validation and conversions of :class:`MaskOptions` (its fields come from
+    :data:`nsclean.algorithm.options.MASK_OPTIONS`)."""
 
-    Parameters
-    ----------
-    use_footprint : bool
-        Remove the science footprint taken from the cal product.
-    footprint_mode : {"trace", "box"}
-        For slit products (MOS, fixed slit, BOTS): ``"trace"`` removes the
-        pixels the pipeline calibrated (finite in the slit's SCI cutout),
-        ``"box"`` removes the slit's whole bounding box. IFU footprints are
-        always the finite pixels of the full-frame SCI.
-    dilation_radius : int
-        Radius in pixels of the disk by which the footprint is grown, to keep
-        light scattered past the footprint edge out of the fit (0 = none).
-    fixed_slit_band : {"auto", "always", "never"}
-        Remove DMS rows ``fixed_slit_rows``. ``"auto"`` does so for IFU and
-        MOS full frames, where the always-open fixed slits add light that the
-        cal product does not describe.
-    fixed_slit_rows : tuple of int
-        First and last (inclusive) full-frame DMS row of the fixed-slit band.
-    mask_nan : bool
-        Remove pixels that are NaN in the rate image.
-    mask_do_not_use : bool
-        Remove pixels flagged DO_NOT_USE in DQ.
-    mask_reference_pixels : bool
-        Remove the 4-pixel reference border (by position and by the
-        REFERENCE_PIXEL flag): those pixels do not see light or dark current.
-    mask_failed_open : bool
-        Remove pixels flagged MSA_FAILED_OPEN (light from stuck-open shutters).
-    mask_jump : bool
-        Remove pixels flagged JUMP_DET (cosmic-ray hits and snowball halos,
-        which leave positive residuals in the rate); see ``docs/masks.md``
-        for the measurement behind the default.
-    jump_fallback : bool
-        Keep the jump pixels of any column that masking them would leave weak
-        (see ``guard_min_pixels``, ``guard_max_gap``).
-    clip_sigma : float or None
-        Remove pixels more than this many robust sigma above the background
-        level of their column (``None`` or 0 = no clipping).
-    guard_min_pixels : int
-        Columns with fewer background pixels than this are reported as weak
-        (capped at a quarter of the column length for short subarrays).
-    guard_max_gap : int
-        Columns whose longest run of masked pixels exceeds this are reported
-        as weak: the fitted model is poorly constrained inside long gaps.
-    """
-
-    use_footprint: bool = True
-    footprint_mode: str = "trace"
-    dilation_radius: int = 2
-    fixed_slit_band: str = "auto"
-    fixed_slit_rows: tuple[int, int] = FIXED_SLIT_ROWS
-    mask_nan: bool = True
-    mask_do_not_use: bool = True
-    mask_reference_pixels: bool = True
-    mask_failed_open: bool = True
-    mask_jump: bool = True
-    jump_fallback: bool = True
-    clip_sigma: float | None = 4.0
-    guard_min_pixels: int = 34
-    guard_max_gap: int = 500
+    __slots__ = ()
 
     def __post_init__(self):
         if self.footprint_mode not in _FOOTPRINT_MODES:
@@ -173,6 +116,32 @@ class MaskOptions:
         out = dataclasses.asdict(self)
         out["fixed_slit_rows"] = list(self.fixed_slit_rows)
         return out
+
+
+def _mask_options_class():
+    """:class:`MaskOptions`, a frozen dataclass with one field per entry of
+    :data:`~nsclean.algorithm.options.MASK_OPTIONS` (name, type, default, help)."""
+    fields, lines = [], []
+    for option in MASK_OPTIONS:
+        annotation = option.type
+        default = option.default
+        if option.length is not None:
+            annotation, default = tuple[int, int], tuple(default)
+        elif option.nullable:
+            annotation = option.type | None
+        name = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+        fields.append((option.name, annotation, field(default=default)))
+        lines.append(f"{option.name} : {name}\n    {option.help}")
+    doc = ("Options of the automatic background mask; every step can be switched off.\n\n"
+           "Parameters\n----------\n" + "\n".join(lines) + "\n")
+    return dataclasses.make_dataclass(
+        "MaskOptions", fields, bases=(_MaskOptionsMethods,), frozen=True,
+        namespace={"__module__": __name__, "__doc__": doc})
+
+
+#: Options of the automatic background mask (one field per entry of
+#: :data:`nsclean.algorithm.options.MASK_OPTIONS`; ``MaskOptions.__doc__`` lists them).
+MaskOptions = _mask_options_class()
 
 
 @dataclass(frozen=True)
@@ -294,31 +263,11 @@ def dilate_footprint(footprint: np.ndarray, radius: int) -> np.ndarray:
         return footprint.copy()
     if footprint.ndim != 2:
         raise ValueError(f"footprint must be 2-D, got shape {footprint.shape}")
-    # The disk is the pixels (dy, dx) with dy**2 + dx**2 <= radius**2 (that of
-    # skimage.morphology.disk); outside the image counts as not science.  Each row
-    # of the disk is a run of half-width sqrt(radius**2 - dy**2), so the dilation is
-    # the union over dy of the row-wise dilations shifted by dy: a few boolean ORs
-    # per row of the disk, and no skimage/scipy import (~0.8 s of a mask job).
-    ny, nx = footprint.shape
-    row_dilated = [footprint]  # row_dilated[w]: dilated along the rows by [-w, w]
-    dilated = np.zeros_like(footprint)
-    for dy in range(-radius, radius + 1):
-        width = math.isqrt(radius * radius - dy * dy)
-        while len(row_dilated) <= width:
-            w = len(row_dilated)
-            grown = row_dilated[-1].copy()
-            if w < nx:
-                grown[:, w:] |= footprint[:, :-w]
-                grown[:, :-w] |= footprint[:, w:]
-            row_dilated.append(grown)
-        if abs(dy) >= ny:
-            continue
-        source = row_dilated[width]
-        if dy >= 0:
-            dilated[dy:] |= source[: ny - dy]
-        else:
-            dilated[:dy] |= source[-dy:]
-    return dilated
+    from skimage.morphology import dilation, disk
+
+    # The disk is the pixels (dy, dx) with dy**2 + dx**2 <= radius**2; outside the
+    # image counts as not science.
+    return dilation(footprint, disk(radius), mode="ignore")
 
 
 def fixed_slit_band(
@@ -625,18 +574,8 @@ def build_background_mask(
     >>> bool(mask[31, 20]), bool(mask[29, 20]), bool(mask[28, 20])
     (False, False, True)
     """
-    if isinstance(options, MaskOptions):
-        opts = dataclasses.replace(options, **option_overrides) if option_overrides else options
-    else:
-        opts = MaskOptions.from_mapping(options, **option_overrides)
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {image.shape}")
+    opts, image = _checked_mask_inputs(image, dq, footprint, options, option_overrides)
     shape = image.shape
-    if dq is not None and np.shape(dq) != shape:
-        raise ValueError(f"dq shape {np.shape(dq)} differs from image shape {shape}")
-    if footprint is not None and np.shape(footprint) != shape:
-        raise ValueError(f"footprint shape {np.shape(footprint)} differs from image shape {shape}")
     if full_frame is None:
         full_frame = shape == (FULL_FRAME, FULL_FRAME)
     exp_type = (exp_type or "").strip().upper()
@@ -655,50 +594,24 @@ def build_background_mask(
     remove("nan", opts.mask_nan, ~np.isfinite(image) if opts.mask_nan else None)
     dq_bits_on = (opts.mask_do_not_use, opts.mask_failed_open, opts.mask_reference_pixels)
     use_dq = dq is not None and any(dq_bits_on)
-    flagged = (
-        flagged_pixels(
-            dq,
-            do_not_use=opts.mask_do_not_use,
-            failed_open=opts.mask_failed_open,
-            reference_pixels=opts.mask_reference_pixels,
-        )
-        if use_dq
-        else None
-    )
-    remove(
-        "dq",
-        use_dq,
-        flagged,
-        do_not_use=opts.mask_do_not_use,
-        failed_open=opts.mask_failed_open,
-        reference_pixel_flag=opts.mask_reference_pixels,
-    )
-    remove(
-        "reference_border",
-        opts.mask_reference_pixels,
-        reference_pixel_border(shape, origin=origin) if opts.mask_reference_pixels else None,
-    )
-    if opts.fixed_slit_band == "auto":
-        band_on = full_frame and exp_type in _BAND_EXP_TYPES
-    else:
-        band_on = opts.fixed_slit_band == "always"
-    remove(
-        "fixed_slit_band",
-        band_on,
-        fixed_slit_band(shape, opts.fixed_slit_rows, origin=origin) if band_on else None,
-        rows=list(opts.fixed_slit_rows),
-        mode=opts.fixed_slit_band,
-    )
+    flagged = flagged_pixels(dq, do_not_use=opts.mask_do_not_use,
+                             failed_open=opts.mask_failed_open,
+                             reference_pixels=opts.mask_reference_pixels) if use_dq else None
+    remove("dq", use_dq, flagged, do_not_use=opts.mask_do_not_use,
+           failed_open=opts.mask_failed_open, reference_pixel_flag=opts.mask_reference_pixels)
+    remove("reference_border", opts.mask_reference_pixels,
+           reference_pixel_border(shape, origin=origin) if opts.mask_reference_pixels else None)
+    band_on = (full_frame and exp_type in _BAND_EXP_TYPES if opts.fixed_slit_band == "auto"
+               else opts.fixed_slit_band == "always")
+    remove("fixed_slit_band", band_on,
+           fixed_slit_band(shape, opts.fixed_slit_rows, origin=origin) if band_on else None,
+           rows=list(opts.fixed_slit_rows), mode=opts.fixed_slit_band)
     use_footprint = opts.use_footprint and footprint is not None
-    remove(
-        "footprint",
-        use_footprint,
-        dilate_footprint(footprint, opts.dilation_radius) if use_footprint else None,
-        dilation_radius=opts.dilation_radius,
-        footprint_mode=opts.footprint_mode,
-        footprint_given=footprint is not None,
-        n_footprint=int(np.count_nonzero(footprint)) if footprint is not None else 0,
-    )
+    remove("footprint", use_footprint,
+           dilate_footprint(footprint, opts.dilation_radius) if use_footprint else None,
+           dilation_radius=opts.dilation_radius, footprint_mode=opts.footprint_mode,
+           footprint_given=footprint is not None,
+           n_footprint=int(np.count_nonzero(footprint)) if footprint is not None else 0)
     _remove_jumps(mask, dq, opts, origin, steps)
     clip_on = bool(opts.clip_sigma)
     sigma_value = None
@@ -709,21 +622,32 @@ def build_background_mask(
     else:
         remove("clip", False, n_sigma=opts.clip_sigma)
 
-    guard = guard_report(mask, opts, origin=origin)
     n_background = int(mask.sum())
     info = {
-        "options": opts.to_dict(),
-        "exp_type": exp_type,
-        "shape": list(shape),
-        "origin": [int(origin[0]), int(origin[1])],
-        "full_frame": bool(full_frame),
-        "steps": steps,
-        "n_background": n_background,
+        "options": opts.to_dict(), "exp_type": exp_type, "shape": list(shape),
+        "origin": [int(origin[0]), int(origin[1])], "full_frame": bool(full_frame),
+        "steps": steps, "n_background": n_background,
         "background_fraction": n_background / mask.size if mask.size else 0.0,
-        "clip_sigma_value": sigma_value,
-        "guard": guard,
+        "clip_sigma_value": sigma_value, "guard": guard_report(mask, opts, origin=origin),
     }
     return mask, info
+
+
+def _checked_mask_inputs(image, dq, footprint, options, option_overrides):
+    """The options and the image of :func:`build_background_mask`, or a ValueError."""
+    if isinstance(options, MaskOptions):
+        opts = dataclasses.replace(options, **option_overrides) if option_overrides else options
+    else:
+        opts = MaskOptions.from_mapping(options, **option_overrides)
+    image = np.asarray(image)
+    if image.ndim != 2:
+        raise ValueError(f"image must be 2-D, got shape {image.shape}")
+    shape = image.shape
+    if dq is not None and np.shape(dq) != shape:
+        raise ValueError(f"dq shape {np.shape(dq)} differs from image shape {shape}")
+    if footprint is not None and np.shape(footprint) != shape:
+        raise ValueError(f"footprint shape {np.shape(footprint)} differs from image shape {shape}")
+    return opts, image
 
 
 def _remove_jumps(mask, dq, opts, origin, steps) -> None:

@@ -16,6 +16,9 @@ REFERENCE_BORDER = 4
 CHANNEL_ROWS = 512
 #: Number of output channels of a full frame.
 N_CHANNELS = FULL_FRAME // CHANNEL_ROWS
+#: Pause between fast-scan lines, in pixel clock ticks (10 us each): places subarray
+#: pixels on the read-out time axis.
+LINE_OVERHEAD_TICKS = 12
 #: DMS rows (0-indexed, inclusive) that the fixed slits illuminate on both detectors; the jwst
 #: pipeline masks the same rows for IFU and MOS exposures.
 FIXED_SLIT_ROWS = (922, 1115)

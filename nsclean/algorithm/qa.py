@@ -70,6 +70,7 @@ FLAT_METRIC_KEYS = (
     + ("model.rms", "model.max_abs", "model.n_nonfinite")
     + ("guard.n_lines", "guard.n_guarded", "guard.n_uncleaned")
     + ("guard.guarded_fraction", "guard.uncleaned_fraction")
+    + ("guard.n_predicted", "guard.common_modes", "guard.output_modes")
     + ("worst_columns",)
 )
 
@@ -186,7 +187,7 @@ def _lowfreq_power(series, valid, cutoff):
 @functools.lru_cache(maxsize=4)
 def _frame_norm(shape):
     """Smoothed array of ones on the block grid (the same for every image of a shape)."""
-    from ._smooth import gaussian_filter
+    from scipy.ndimage import gaussian_filter
 
     norm = gaussian_filter(np.ones(shape), _FRAME_SIGMA_BLOCKS, mode="constant")
     norm.flags.writeable = False  # shared between calls
@@ -201,7 +202,7 @@ def _smoothed_background(zeroed, use):
     weighted fraction of background pixels, used to leave out areas with too
     little background to say anything.
     """
-    from ._smooth import gaussian_filter
+    from scipy.ndimage import gaussian_filter
 
     weighted = block_sum(zeroed, (_FRAME_BLOCK, _FRAME_BLOCK))
     counts = block_count(use, (_FRAME_BLOCK, _FRAME_BLOCK))
@@ -299,7 +300,7 @@ def _length_weights(use):
     background blocks at the top and bottom no longer outvote the thin gaps
     between the slices, where the science is.
     """
-    from ._smooth import gaussian_filter1d
+    from scipy.ndimage import gaussian_filter1d
 
     ny, nx = use.shape
     block = min(_DENSITY_BLOCK, ny)
@@ -399,8 +400,23 @@ def _guard_metrics(fit_info, max_listed):
         "uncleaned_fraction": None,
         "uncleaned_lines": [],
         "guarded_lines": [],
+        # The readout method has no guard: a line without background takes the
+        # prediction of its neighbours, and the data choose how many modes to fit.
+        "n_predicted": None,
+        "common_modes": None,
+        "output_modes": None,
     }
     if not fit_info:
+        return guard
+    if fit_info.get("method") == "readout":
+        for key in ("n_predicted", "common_modes", "output_modes"):
+            if fit_info.get(key) is not None:
+                guard[key] = int(fit_info[key])
+        n_lines = fit_info.get("n_lines")
+        guard["n_lines"] = None if n_lines is None else int(n_lines)
+        guard["n_guarded"] = guard["n_uncleaned"] = 0
+        if guard["n_lines"]:
+            guard["guarded_fraction"] = guard["uncleaned_fraction"] = 0.0
         return guard
     frequencies = fit_info.get("frequencies")
     if frequencies is not None:
@@ -518,6 +534,14 @@ def _flags(metrics, thresholds):
             f"{guard['uncleaned_fraction']:.1%} of lines left uncleaned "
             f"({guard['n_uncleaned']} of {guard['n_lines']})"
         )
+    predicted = guard.get("n_predicted")
+    if predicted and guard["n_lines"]:
+        fraction = predicted / guard["n_lines"]
+        if fraction > thresholds["max_uncleaned_fraction"]:
+            flags.append(
+                f"{fraction:.1%} of lines have no background pixel: their model is the "
+                f"prediction from the neighbouring lines ({predicted} of {guard['n_lines']})"
+            )
     return flags
 
 
@@ -611,22 +635,9 @@ def exposure_metrics(
     after = _validate(after, "after", before.shape)
     mask = _validate_mask(background_mask, before.shape)
 
-    usable = mask & np.isfinite(before)
-    counts = usable.sum(axis=0)
-    ny, nx = before.shape
-    order = np.argsort(counts, kind="stable")[:n_worst_columns]
-    starved = int(np.count_nonzero(counts < effective["starved_column_fraction"] * ny))
-
-    metrics = {
-        "schema": SCHEMA_VERSION,
-        "shape": [int(ny), int(nx)],
-        "background_fraction": float(usable.sum()) / before.size if before.size else 0.0,
-        "n_background": int(usable.sum()),
-        "columns_starved": starved,
-        "worst_columns": [[int(c), int(counts[c])] for c in order],
-        "lowfreq_cutoff": float(lowfreq_cutoff),
-        "edge_width": float(edge_width),
-    }
+    metrics = {"schema": SCHEMA_VERSION,
+               **_coverage(before, mask, effective["starved_column_fraction"], n_worst_columns),
+               "lowfreq_cutoff": float(lowfreq_cutoff), "edge_width": float(edge_width)}
     options = {"lowfreq_cutoff": lowfreq_cutoff, "edge_width": edge_width}
     series = {"before": {}, "after": {}} if spectra is not None else {}
     metrics["before"] = _image_metrics(before, mask, series=series.get("before"), **options)
@@ -639,28 +650,49 @@ def exposure_metrics(
         for key in ("background_rms", "banding_rms", "frame_rms")
     }
 
-    model_metrics = {"rms": None, "max_abs": None, "n_nonfinite": 0}
-    if model is not None:
-        model = _validate(model, "model", before.shape)
-        finite = np.isfinite(model)
-        model_metrics["n_nonfinite"] = int(np.count_nonzero(~finite))
-        if finite.any():
-            # The model's overall level is the sky/dark pedestal, not noise.
-            # (a flat view when every pixel is finite: the same values in the same order)
-            values = model.ravel() if model_metrics["n_nonfinite"] == 0 else model[finite]
-            pedestal, _ = _robust_location_scale(values)
-            deviation = values - pedestal
-            # The largest |d| is that of the largest or the smallest d (no array of |d|).
-            model_metrics["max_abs"] = _as_float(
-                max(abs(float(deviation.max())), abs(float(deviation.min())))
-            )
-            np.square(deviation, out=deviation)
-            model_metrics["rms"] = _as_float(np.sqrt(np.mean(deviation, dtype=np.float64)))
-    metrics["model"] = model_metrics
+    metrics["model"] = _model_metrics(model, before.shape)
     metrics["guard"] = _guard_metrics(fit_info, max_listed_lines)
     metrics["flags"] = _flags(metrics, effective)
     metrics["thresholds"] = effective
     return metrics
+
+
+def _coverage(before, mask, starved_fraction, n_worst_columns) -> dict:
+    """How much background each column has: the fraction, starved and worst columns."""
+    usable = mask & np.isfinite(before)
+    counts = usable.sum(axis=0)
+    ny, nx = before.shape
+    order = np.argsort(counts, kind="stable")[:n_worst_columns]
+    return {
+        "shape": [int(ny), int(nx)],
+        "background_fraction": float(usable.sum()) / before.size if before.size else 0.0,
+        "n_background": int(usable.sum()),
+        "columns_starved": int(np.count_nonzero(counts < starved_fraction * ny)),
+        "worst_columns": [[int(c), int(counts[c])] for c in order],
+    }
+
+
+def _model_metrics(model, shape) -> dict:
+    """rms and largest deviation of the subtracted model from its pedestal."""
+    model_metrics = {"rms": None, "max_abs": None, "n_nonfinite": 0}
+    if model is None:
+        return model_metrics
+    model = _validate(model, "model", shape)
+    finite = np.isfinite(model)
+    model_metrics["n_nonfinite"] = int(np.count_nonzero(~finite))
+    if finite.any():
+        # The model's overall level is the sky/dark pedestal, not noise.
+        # (a flat view when every pixel is finite: the same values in the same order)
+        values = model.ravel() if model_metrics["n_nonfinite"] == 0 else model[finite]
+        pedestal, _ = _robust_location_scale(values)
+        deviation = values - pedestal
+        # The largest |d| is that of the largest or the smallest d (no array of |d|).
+        model_metrics["max_abs"] = _as_float(
+            max(abs(float(deviation.max())), abs(float(deviation.min())))
+        )
+        np.square(deviation, out=deviation)
+        model_metrics["rms"] = _as_float(np.sqrt(np.mean(deviation, dtype=np.float64)))
+    return model_metrics
 
 
 def banding_power_spectrum(image, background_mask):

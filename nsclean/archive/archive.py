@@ -35,7 +35,8 @@ Downloads
     partial file in the destination directory (resumed with an HTTP Range request after
     a broken transfer or a killed job, as astroquery 0.4.11 does), logs its progress,
     checks the byte count against both the announced and the catalogue size, and
-    renames atomically (``os.replace``); it retries server errors, timeouts, connection
+    renames it into place with :func:`nsclean.io.atomic.publish` (the one atomic
+    writer's rename, with the umask's mode); it retries server errors, timeouts, connection
     drops and size mismatches with exponential backoff and then raises :class:`DownloadError` naming
     the file.  A 401/403 is not retried: without a token it raises
     :class:`AuthenticationRequired` saying that ``MAST_API_TOKEN`` is needed.
@@ -75,13 +76,14 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from glob import escape as glob_escape
 from pathlib import Path
 from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 import urllib3
 from requests.adapters import HTTPAdapter
+
+from ..io.atomic import atomic_copy, atomic_file, publish, remove_stale_temporaries
 
 # numpy and astropy are imported where they are used (the manifest query and the
 # local scan): a download job needs requests only, and astropy.io.fits alone costs
@@ -156,6 +158,10 @@ _MAX_REDIRECTS = 10
 #: ``DEADLINE_BASE + size / MIN_RATE`` seconds in all.
 MIN_RATE = 50_000.0
 DEADLINE_BASE = 60.0
+#: Randomly named temporaries ``.<name>.<random><suffix>`` a killed writer can leave
+#: beside a download: the one atomic writer's ``.tmp``, and the ``.part`` of downloads and
+#: local copies by earlier versions.  The resumable ``.<name>.part`` does not match.
+STALE_SUFFIXES = (".tmp", ".part")
 
 
 class ArchiveError(RuntimeError):
@@ -199,7 +205,8 @@ class ManifestRow:
     plain file name, two different files listed for one product).  ``cal_file`` is
     empty when the archive has no cal file for the exposure; with the ``user_mask``
     policy such a row is ``ok`` with ``mask_source="user"`` (it needs a user mask),
-    otherwise ``mask_source`` is ``"cal"``.
+    otherwise ``mask_source`` is ``"cal"`` (a skipped one can still be cleaned by hand
+    with a mask of your own, ``nsclean clean --mask``).
     ``data_rights`` is ``EXCLUSIVE_ACCESS`` if either file is, ``PUBLIC`` otherwise,
     ``LOCAL`` for the local source.  ``subarray`` is empty for MAST rows (CAOM does not
     carry it; the rate header is authoritative).
@@ -698,20 +705,7 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
     token = _token_from_env(token)
     _check_token_transport(archive_url, token)
     if token:
-        from astroquery.exceptions import LoginError
-
-        def login():
-            try:
-                client.login(token=token)
-            except KeyError as exc:  # astroquery reads whoami without checking the status
-                raise _Retryable("whoami answered without the 'anon' field (a server "
-                                 "error page?)") from exc
-            except LoginError as exc:
-                raise ArchiveError(f"MAST did not accept the token from {TOKEN_ENV} "
-                                   "(whoami answered anonymous)") from exc
-
-        _retrying(login, "MAST login", retries=retries, backoff=backoff)
-        log.info("logged in to %s with the token from %s", archive_url, TOKEN_ENV)
+        _login(client, token, archive_url, retries=retries, backoff=backoff)
 
     instruments = sorted({_CAOM_MODE[e][0] for e in exp_types}
                          | {name for name, e in _CAOM_ALIASES.items() if e in exp_types})
@@ -724,20 +718,7 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
         f"observation query for programs {','.join(proposal_ids)}",
         retries=retries, backoff=backoff)
 
-    obs_by_id: dict[str, dict] = {}
-    for row in obs_table:
-        caom = (str(row["instrument_name"]).upper(), str(row["dataproduct_type"]).lower())
-        exp_type = (_CAOM_ALIASES.get(caom[0])
-                    or next((e for e, m in _CAOM_MODE.items() if m == caom), None))
-        if exp_type is None:  # e.g. NIRSPEC/SLIT with an unexpected product type
-            exp_type = next((e for e, m in _CAOM_MODE.items() if m[0] == caom[0]), "")
-        if exp_type not in exp_types:
-            continue
-        grating, filt = _split_filters(row["filters"])
-        if not (_wanted(grating, wanted_gratings) and _wanted(filt, wanted_filters)):
-            continue
-        obs_by_id[str(row["obsid"])] = {"exp_type": exp_type, "grating": grating,
-                                        "filter": filt}
+    obs_by_id = _observations_by_id(obs_table, exp_types, wanted_gratings, wanted_filters)
     if not obs_by_id:
         log.warning("no NIRSpec observations match in programs %s", proposal_ids)
         return []
@@ -796,6 +777,43 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
     log.info("%d rate/cal products selected from %d observations", len(selected),
              len(obs_by_id))
     return sorted(selected.values(), key=lambda p: p["productFilename"])
+
+
+def _login(client, token, archive_url, *, retries, backoff) -> None:
+    """Log the astroquery client in with the token (retrying server errors)."""
+    from astroquery.exceptions import LoginError
+
+    def login():
+        try:
+            client.login(token=token)
+        except KeyError as exc:  # astroquery reads whoami without checking the status
+            raise _Retryable("whoami answered without the 'anon' field (a server "
+                             "error page?)") from exc
+        except LoginError as exc:
+            raise ArchiveError(f"MAST did not accept the token from {TOKEN_ENV} "
+                               "(whoami answered anonymous)") from exc
+
+    _retrying(login, "MAST login", retries=retries, backoff=backoff)
+    log.info("logged in to %s with the token from %s", archive_url, TOKEN_ENV)
+
+
+def _observations_by_id(obs_table, exp_types, wanted_gratings, wanted_filters) -> dict:
+    """``{obsid: {exp_type, grating, filter}}`` of the observations that are selected."""
+    obs_by_id: dict[str, dict] = {}
+    for row in obs_table:
+        caom = (str(row["instrument_name"]).upper(), str(row["dataproduct_type"]).lower())
+        exp_type = (_CAOM_ALIASES.get(caom[0])
+                    or next((e for e, m in _CAOM_MODE.items() if m == caom), None))
+        if exp_type is None:  # e.g. NIRSPEC/SLIT with an unexpected product type
+            exp_type = next((e for e, m in _CAOM_MODE.items() if m[0] == caom[0]), "")
+        if exp_type not in exp_types:
+            continue
+        grating, filt = _split_filters(row["filters"])
+        if not (_wanted(grating, wanted_gratings) and _wanted(filt, wanted_filters)):
+            continue
+        obs_by_id[str(row["obsid"])] = {"exp_type": exp_type, "grating": grating,
+                                        "filter": filt}
+    return obs_by_id
 
 
 def _size(product: dict | None) -> int | None:
@@ -870,6 +888,10 @@ def _exposure_files(stem: str, files: dict[str, list[dict]]):
     return rates, cals, status, reason
 
 
+#: What to do with an exposure that has a rate but no cal file (config archive.missing_cal).
+MISSING_CAL_POLICIES = ("skip", "error", "user_mask")
+
+
 def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Manifest:
     """Pair rate and cal products by exposure stem.
 
@@ -883,10 +905,11 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
         As returned by :func:`query_mast` (or built by :func:`scan_local`): each with
         ``productFilename``, ``dataURI``, ``size``, ``dataRights``, ``stem``, the stem
         parts, ``exp_type``, ``grating``, ``filter`` and optionally ``subarray``.
-    missing_cal : {"skip", "user_mask", "error"}
+    missing_cal : {"skip", "error", "user_mask"}
         What to do with an exposure that has no cal file (it cannot get an automatic
-        mask): list it as ``status="skipped"``, keep it (``status="ok"``,
-        ``mask_source="user"``), or raise.
+        mask): list it as ``status="skipped"``, raise, or keep it (``status="ok"``,
+        ``mask_source="user"``: the workflow cleans it with the mask its ``user_masks``
+        configures).  ``MISSING_CAL_POLICIES`` lists them, as the workflow's schema does.
 
     Returns
     -------
@@ -906,8 +929,8 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
     ArchiveError
         With ``missing_cal="error"`` when an exposure has no cal file.
     """
-    if missing_cal not in ("skip", "user_mask", "error"):
-        raise ValueError(f"missing_cal must be 'skip', 'user_mask' or 'error', "
+    if missing_cal not in MISSING_CAL_POLICIES:
+        raise ValueError(f"missing_cal must be one of {', '.join(MISSING_CAL_POLICIES)}, "
                          f"not {missing_cal!r}")
     by_stem: dict[str, dict[str, list[dict]]] = {}
     conflicts: dict[str, dict[tuple[str, int | None], list[str]]] = {}
@@ -950,8 +973,9 @@ def build_manifest(products: Iterable[dict], *, missing_cal: str = "skip") -> Ma
                 pass
             elif missing_cal == "skip":
                 status, reason = "skipped", "no cal file, so no automatic mask"
-                log.warning("%s: no cal file, so no automatic mask; skipped (set "
-                            "missing_cal to 'user_mask' to clean it with a user mask)", stem)
+                log.warning("%s: no cal file, so no automatic mask; skipped (missing_cal "
+                            "'user_mask' cleans it with a configured user mask, nsclean "
+                            "clean --mask with a mask of your own)", stem)
             else:
                 reason = "no cal file: needs a user mask"
                 log.warning("%s: no cal file; kept, it needs a user mask", stem)
@@ -1130,7 +1154,7 @@ def fetch_manifest(programs=None, *, source: str = "mast", local_dir=None, obser
         The directory for ``source="local"``.
     observations, modes, detectors, gratings, filters
         Selections, see :func:`query_mast`.
-    missing_cal : {"skip", "user_mask", "error"}
+    missing_cal : {"skip", "error", "user_mask"}
         Policy for exposures without a cal file, see :func:`build_manifest`.
     archive_url, pagesize, timeout, retries, backoff
         Passed to :func:`query_mast`.
@@ -1178,23 +1202,14 @@ def write_manifest(manifest: Manifest | Sequence[ManifestRow], path: str | Path)
     """
     rows = manifest.rows if isinstance(manifest, Manifest) else list(manifest)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", newline="", dir=path.parent, delete=False,
-                                         prefix=f".{path.name}.", suffix=".part")
-    try:
-        with handle:
-            writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS,
-                                    delimiter=_delimiter(path))
-            writer.writeheader()
-            for row in rows:
-                record = dataclasses.asdict(row)
-                writer.writerow({k: "" if record[k] is None else record[k]
-                                 for k in MANIFEST_COLUMNS})
-        _follow_umask(handle.name)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=MANIFEST_COLUMNS,
+                                delimiter=_delimiter(path))
+        writer.writeheader()
+        for row in rows:
+            record = dataclasses.asdict(row)
+            writer.writerow({k: "" if record[k] is None else record[k]
+                             for k in MANIFEST_COLUMNS})
     return path
 
 
@@ -1261,26 +1276,8 @@ def _copy_local(uri: str, destination: Path, expected_size: int | None, started:
                             f"says {expected_size}")
     if destination.resolve() == source.resolve():
         return DownloadResult(destination, False, 0, size, time.monotonic() - started)
-    handle = tempfile.NamedTemporaryFile(dir=destination.parent, delete=False,
-                                         prefix=f".{destination.name}.", suffix=".part")
-    handle.close()
-    try:
-        try:  # a hard link costs no space; the rename below is still atomic
-            os.unlink(handle.name)
-            os.link(source, handle.name)
-        except OSError:
-            shutil.copyfile(source, handle.name)
-        os.replace(handle.name, destination)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
+    atomic_copy(source, destination)  # a hard link where possible: no space, no copying
     return DownloadResult(destination, True, 1, size, time.monotonic() - started)
-
-
-def _follow_umask(path) -> None:
-    """Give a file made by ``tempfile`` (always 0600) the mode the umask allows."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def download_file(uri: str, destination: str | Path, *, expected_size: int | None = None,
@@ -1369,7 +1366,9 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
         log.info("%s: cached (%d bytes)", name, expected_size)
         return DownloadResult(destination, False, 0, expected_size, time.monotonic() - started)
 
-    _remove_stale_parts(destination)
+    # Randomly named temporaries of earlier writers that were killed (SIGKILL, a batch
+    # time limit) are never complete; the resumable .<name>.part is kept.
+    remove_stale_temporaries(destination, STALE_SUFFIXES)
     token = _token_from_env(token)
     _check_token_transport(archive_url, token)
     own_session = session is None
@@ -1427,24 +1426,6 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
     _discard_partial(destination)
     raise DownloadError(f"{name}: download failed after {retries + 1} attempts from "
                         f"{archive_url}; last error: {last_error}")
-
-
-def _remove_stale_parts(destination: Path) -> None:
-    """Remove the randomly named temporary files ``.<name>.<random>.part`` of earlier
-    writers that were killed (SIGKILL, a batch time limit): the local source's copy, and
-    downloads of earlier versions.  They are never complete, and nothing resumes them.
-
-    The resumable partial file ``.<name>.part`` (:func:`partial_path`) does not match
-    and is kept: the download resumes from it.  A file in progress holds an exclusive
-    ``flock`` (released by the kernel when its process dies), so another process's
-    transfer of the same file is left alone."""
-    for stale in destination.parent.glob(f".{glob_escape(destination.name)}.*.part"):
-        try:
-            with open(stale, "rb") as handle:
-                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                stale.unlink(missing_ok=True)
-        except (BlockingIOError, FileNotFoundError):
-            continue
 
 
 def _auth_error(name: str, status: int, token: str) -> AuthenticationRequired:
@@ -1615,8 +1596,7 @@ def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size
             offset = 0
         if expected_size is not None and offset == expected_size:
             # complete before a crash could rename it
-            _follow_umask(partial)
-            os.replace(partial, destination)
+            publish(partial, destination)
             return offset
         headers = {"Accept-Encoding": "identity"}
         if offset:
@@ -1667,8 +1647,7 @@ def _fetch_once(session, url, cookies, timeout, destination: Path, expected_size
                 os.fsync(handle.fileno())
             if received != total:
                 raise _Retryable(f"received {received} of {total} bytes")
-            _follow_umask(partial)
-            os.replace(partial, destination)
+            publish(partial, destination)
     seconds = max(time.monotonic() - body_started, 1e-9)
     log.info("%s: %d bytes transferred%s, %.1f MB/s", name, total - offset,
              f" (resumed at byte {offset})" if offset else "",

@@ -31,7 +31,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import textwrap
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,7 +44,10 @@ from .. import __version__
 from ..algorithm import masks as masklib
 from ..algorithm.nirspec import DETECTORS, FULL_FRAME
 from ..algorithm.nirspec import MSA_FAILED_OPEN as DQ_MSA_FAILED_OPEN
+from ..algorithm.options import CLEAN_OPTIONS, MASK_OPTIONS
+from .atomic import EXISTS_MESSAGE, atomic_write_bytes
 from .errors import NSCleanInputError
+from .jsonable import jsonable
 
 __all__ = [
     "CalExposure",
@@ -73,7 +75,6 @@ STATUS_KEYWORD = "S_NSCLEN"
 # jwst and its users see that the file is cleaned (and do not clean it twice).
 JWST_STATUS_KEYWORD = "S_CLNFNS"
 STATUS_KEYWORDS = (STATUS_KEYWORD, JWST_STATUS_KEYWORD)
-_EXISTS = "output exists (replace it with --overwrite, or overwrite=True in Python)"
 IFU_EXP_TYPES = ("NRS_IFU",)
 SLIT_EXP_TYPES = ("NRS_MSASPEC", "NRS_FIXEDSLIT", "NRS_BRIGHTOBJ")
 # NIRSpec values allowed for SUBARRAY by the stdatamodels 6.0 schema.
@@ -131,40 +132,17 @@ _IDENTITY_KEYWORDS = (
 
 # Mask option -> (keyword, comment); the same keywords go into mask files and
 # into cleaned rate files, so a cleaned file says how its mask was built.
-_MASK_KEYWORDS = {
-    "use_footprint": ("NSCMFOOT", "science footprint from cal removed"),
-    "footprint_mode": ("NSCMFMOD", "slit footprint: trace or box"),
-    "dilation_radius": ("NSCMDIL", "[pix] footprint dilation radius"),
-    "fixed_slit_band": ("NSCMFSB", "fixed-slit band: auto, always, never"),
-    "mask_nan": ("NSCMNAN", "NaN pixels removed"),
-    "mask_do_not_use": ("NSCMDNU", "DO_NOT_USE pixels removed"),
-    "mask_reference_pixels": ("NSCMREF", "reference border removed"),
-    "mask_failed_open": ("NSCMMSA", "MSA_FAILED_OPEN pixels removed"),
-    "mask_jump": ("NSCMJUMP", "JUMP_DET pixels removed"),
-    "jump_fallback": ("NSCMJFB", "jumps kept where masking them weakens a column"),
-    "clip_sigma": ("NSCMCLIP", "bright clip [robust sigma], 0 = off"),
-    "guard_min_pixels": ("NSCMGMIN", "guard: min background pixels per column"),
-    "guard_max_gap": ("NSCMGGAP", "[pix] guard: longest masked run allowed"),
-}
-_FIT_KEYWORDS = {
-    "method": ("NSCFMETH", "fit method"),
-    "mode": ("NSCFMODE", "fit mode: auto, line, timeseries"),
-    "cutoff": ("NSCFCUT", "[1/pix] apodizer cut-off frequency"),
-    "rolloff": ("NSCFROLL", "[1/pix] apodizer roll-off width"),
-    "weight_sigma": ("NSCFWSIG", "[pix] density-weight Gaussian sigma"),
-    "outlier_sigma": ("NSCFOSIG", "outlier rejection [robust sigma]"),
-    "outlier_iterations": ("NSCFOITR", "outlier reject-and-refit passes"),
-    "max_model_variance": ("NSCFMVAR", "guard: max model variance [sigma^2]"),
-    "smooth_sigma": ("NSCFSMOO", "[lines] model smoothing sigma"),
-    "per_channel": ("NSCFPCH", "median method: per output channel"),
-    "chunk_length": ("NSCFCHNK", "[ticks] time-series chunk length"),
-    "adaptive": ("NSCFADPT", "Wiener gains per frequency (adaptive)"),
-}
+# FITS keyword and card comment of each option recorded in masks and cleaned files.
+_MASK_KEYWORDS = {o.name: (o.keyword, o.comment) for o in MASK_OPTIONS if o.keyword}
+_FIT_KEYWORDS = {o.name: (o.keyword, o.comment) for o in CLEAN_OPTIONS if o.keyword}
 _FIT_INFO_KEYWORDS = {
     "n_lines": ("NSCNLINE", "lines or chunks fitted"),
     "n_guarded": ("NSCNGRD", "lines fitted with fewer frequencies"),
     "n_uncleaned": ("NSCNUNCL", "lines left uncleaned"),
     "n_rejected": ("NSCNREJ", "background pixels rejected as outliers"),
+    "common_modes": ("NSCNCOM", "readout: common modes fitted per line"),
+    "output_modes": ("NSCNOUT", "readout: per-output modes fitted per line"),
+    "n_predicted": ("NSCNPRED", "readout: lines predicted from neighbours only"),
 }
 
 
@@ -872,7 +850,7 @@ def write_mask(
         )
     buffer = io.BytesIO()
     fits.HDUList(hdus).writeto(buffer, output_verify="exception")
-    _atomic_write(path, [buffer.getvalue()], overwrite=overwrite, fsync=fsync)
+    atomic_write_bytes(path, [buffer.getvalue()], overwrite=overwrite, fsync=fsync)
     return path
 
 
@@ -908,7 +886,7 @@ def write_mask_png(
     rgb = masklib.quicklook_rgb(shown, mask)
     buffer = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
-    _atomic_write(path, [buffer.getvalue()], overwrite=overwrite)
+    atomic_write_bytes(path, [buffer.getvalue()], overwrite=overwrite)
     return path
 
 
@@ -921,11 +899,12 @@ def write_cleaned_rate(
     history: Iterable[str] = (),
     overwrite: bool = False,
     fsync: bool = False,
+    images: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Copy a rate file with new SCI data and extra primary-header cards.
 
-    Every byte of the input except the primary header and the SCI data is
-    copied unchanged (other HDUs, their headers and padding, the SCI header),
+    Every byte of the input except the primary header and the replaced image data
+    is copied unchanged (other HDUs, their headers and padding, the SCI header),
     so the datamodel type and all metadata survive.
 
     Parameters
@@ -946,6 +925,9 @@ def write_cleaned_rate(
         Flush each file to disk before it is renamed into place, so that a crash of
         the machine cannot leave a complete-looking but empty or short file.  Off by
         default: the caller would wait for the disk (the workflow's ``fsync`` key).
+    images : mapping of str to ndarray, optional
+        More image extensions to replace, by EXTNAME (e.g. ``VAR_RNOISE``, ``ERR``);
+        each must exist and keep its shape.
 
     Returns
     -------
@@ -954,15 +936,19 @@ def write_cleaned_rate(
     rate_path, output_path = Path(rate_path), Path(output_path)
     if output_path.exists() and output_path.resolve() == rate_path.resolve():
         raise NSCleanInputError(output_path, "output would overwrite the input rate file")
+    replacements = {"SCI": sci, **dict(images or {})}
     with _open_fits(rate_path) as hdul:
         layout = [hdu.fileinfo() for hdu in hdul]
         names = [hdu.name for hdu in hdul]
         primary_header = hdul[0].header.copy()
-        if "SCI" not in names:
-            raise NSCleanInputError(rate_path, "no SCI extension")
-        sci_index = names.index("SCI")
-        sci_header = hdul[sci_index].header.copy()
-        sci_bytes = _encode_image(rate_path, sci_header, sci)
+        missing = [name for name in replacements if name not in names]
+        if missing:
+            raise NSCleanInputError(rate_path, f"no {', '.join(missing)} extension")
+        encoded = {}
+        for name, data in replacements.items():
+            index = names.index(name)
+            header = hdul[index].header.copy()
+            encoded[index] = (header, _encode_image(rate_path, header, data), np.shape(data))
         primary_data = hdul[0].data if _has_checksum(primary_header) else None
     for keyword, value, comment in cards:
         _set_card(primary_header, keyword, value, comment)
@@ -973,28 +959,43 @@ def write_cleaned_rate(
         primary_header = _rechecksummed(fits.PrimaryHDU(primary_data, primary_header))
     with open(rate_path, "rb") as source:
         raw = source.read()
-    sci_header_bytes = raw[layout[sci_index]["hdrLoc"] : layout[sci_index]["datLoc"]]
-    if _has_checksum(sci_header):
-        new_sci = np.frombuffer(sci_bytes, dtype=_image_dtype(sci_header), count=np.size(sci))
-        sci_header = _rechecksummed(
-            fits.ImageHDU(new_sci.reshape(np.shape(sci)), sci_header, name="SCI")
-        )
-        sci_header_bytes = sci_header.tostring().encode("ascii")
-    new_primary = primary_header.tostring().encode("ascii")
-    primary_data_start = layout[0]["datLoc"]
-    sci_start = layout[sci_index]["hdrLoc"]
-    sci_end = layout[sci_index]["datLoc"] + layout[sci_index]["datSpan"]
     # Views, not copies, of the unchanged stretches (most of the file).
     unchanged = memoryview(raw)
-    chunks = [
-        new_primary,
-        unchanged[primary_data_start:sci_start],
-        sci_header_bytes,
-        sci_bytes,
-        unchanged[sci_end:],
-    ]
-    _atomic_write(output_path, chunks, overwrite=overwrite, fsync=fsync)
+    chunks = [primary_header.tostring().encode("ascii")]
+    position = layout[0]["datLoc"]
+    for index in sorted(encoded):
+        header, data_bytes, shape = encoded[index]
+        start, data_start = layout[index]["hdrLoc"], layout[index]["datLoc"]
+        header_bytes = raw[start:data_start]
+        if _has_checksum(header):
+            count = int(np.prod(shape))
+            new_data = np.frombuffer(data_bytes, dtype=_image_dtype(header), count=count)
+            header = _rechecksummed(fits.ImageHDU(new_data.reshape(shape), header))
+            header_bytes = header.tostring().encode("ascii")
+        chunks += [unchanged[position:start], header_bytes, data_bytes]
+        position = data_start + layout[index]["datSpan"]
+    chunks.append(unchanged[position:])
+    atomic_write_bytes(output_path, chunks, overwrite=overwrite, fsync=fsync)
     return output_path
+
+
+def _variance_images(rate_path: Path, variance) -> dict:
+    """New VAR_RNOISE and ERR with the model's posterior variance added (or {})."""
+    if variance is None:
+        return {}
+    with _open_fits(rate_path) as hdul:
+        names = [hdu.name for hdu in hdul]
+        if "VAR_RNOISE" not in names or "ERR" not in names:
+            return {}
+        var_rnoise = np.asarray(hdul["VAR_RNOISE"].data)
+        err = np.asarray(hdul["ERR"].data)
+        if var_rnoise.shape != variance.shape or err.shape != variance.shape:
+            return {}
+        added = variance.astype(np.float64)
+        return {
+            "VAR_RNOISE": (var_rnoise + added).astype(var_rnoise.dtype),
+            "ERR": np.sqrt(err.astype(np.float64) ** 2 + added).astype(err.dtype),
+        }
 
 
 def _has_checksum(header: fits.Header) -> bool:
@@ -1026,37 +1027,6 @@ def _encode_image(path: Path, header: fits.Header, data: np.ndarray) -> bytes:
     return encoded + b"\0" * padding
 
 
-def _atomic_write(path: Path, chunks: Iterable[bytes], *, overwrite: bool,
-                  fsync: bool = False) -> None:
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: {_EXISTS}")
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            for chunk in chunks:
-                out.write(chunk)
-            if fsync:
-                out.flush()
-                os.fsync(out.fileno())
-        os.chmod(temporary, 0o666 & ~_umask())
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            # A hard link fails if the name was taken meanwhile: no silent clobbering.
-            try:
-                os.link(temporary, path)
-            except FileExistsError:
-                raise FileExistsError(f"{path}: {_EXISTS}") from None
-            except OSError:
-                os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 @contextlib.contextmanager
 def _all_or_nothing(paths):
     """Write the outputs of one call together: all of them, or none.
@@ -1085,12 +1055,6 @@ def _all_or_nothing(paths):
             if path not in existed:
                 path.unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 # --------------------------------------------------------------------------------------
@@ -1192,6 +1156,8 @@ def clean_exposure(
     overwrite: bool = False,
     fsync: bool = False,
     extra_cards: Sequence[tuple] = (),
+    arrays: dict | None = None,
+    add_variance: bool = True,
 ) -> dict:
     """Clean one rate file and write the cleaned product (and optional extras).
 
@@ -1215,7 +1181,9 @@ def clean_exposure(
         the mask file alone (``"replace"``). With only ``mask_path`` the mask
         is used as it is.
     mask_options : MaskOptions or mapping, optional
-        Automatic-mask options.
+        Automatic-mask options.  With a mask file and no cal file they set the
+        weak-column guard of the summary (default: the options the mask file records,
+        as :func:`make_mask` writes them).
     fit_options : mapping, optional
         Options of :func:`nsclean.algorithm.core.fit` (``method``, ``cutoff`` ...).
     save_model, save_mask : bool
@@ -1232,6 +1200,15 @@ def clean_exposure(
     extra_cards : sequence of (keyword, value, comment)
         More primary-header cards for the cleaned file (the workflow records the
         input checksums this way).
+    arrays : dict, optional
+        Filled in with the arrays of the exposure, in native byte order, for a caller
+        that measures the result without reading the files again: ``sci`` (the input
+        SCI), ``cleaned`` (the SCI written) and ``mask`` (the background mask used).
+    add_variance : bool
+        Where the fit returns the posterior variance of its model (the readout
+        method), add it to ``VAR_RNOISE`` and recompute ``ERR`` as
+        ``sqrt(ERR^2 + variance)``, so that the error of a cleaned pixel includes
+        what the model could not know (default True; ``NSCVAR`` records it).
 
     Returns
     -------
@@ -1250,20 +1227,9 @@ def clean_exposure(
     """
     from ..algorithm.core import fit
 
-    if cal_path is None and mask_path is None:
-        raise NSCleanInputError(
-            rate_path,
-            "no background mask: give a cal file (automatic mask) or a mask file",
-        )
-    output_path = Path(output_path)
-    rate_path = Path(rate_path)
-    if output_path.resolve() == rate_path.resolve():
-        raise NSCleanInputError(output_path, "output would overwrite the input rate file")
-    rate = read_rate(rate_path)
-    cal = read_cal(cal_path) if cal_path is not None else None
-    user_mask, user_header = None, None
-    if mask_path is not None:
-        user_mask, user_header = _read_user_mask(mask_path, rate, with_header=True)
+    output_path, rate_path = Path(output_path), Path(rate_path)
+    rate, cal, user_mask, user_header = _read_clean_inputs(rate_path, output_path, cal_path,
+                                                           mask_path)
     directory = Path(product_dir) if product_dir is not None else output_path.parent
     model_path = product_path(directory, rate.stem, MODEL_SUFFIX) if save_model else None
     saved_mask_path = product_path(directory, rate.stem, MASK_SUFFIX) if save_mask else None
@@ -1272,27 +1238,12 @@ def clean_exposure(
     _refuse_existing([output_path, model_path, saved_mask_path], overwrite)
 
     try:
-        if cal is None:
-            mask = user_mask
-            info = {
-                "source": "user",
-                "n_background": int(mask.sum()),
-                "background_fraction": float(mask.mean()),
-                "guard": masklib.guard_report(mask, _as_options(mask_options), origin=rate.origin),
-            }
-            options_record = _options_from_header(user_header)
-        else:
-            mask, info = build_exposure_mask(
-                rate,
-                cal,
-                user_mask=user_mask,
-                user_mask_mode=user_mask_mode,
-                options=mask_options,
-            )
-            options_record = info["options"]
+        mask, info, options_record = _mask_for_cleaning(
+            rate, cal, user_mask, user_header, user_mask_mode, mask_options)
         if not mask.any():
             raise NSCleanInputError(mask_path or rate_path, "mask has no background pixel")
-        result = fit(rate.sci, mask, rate.detector, **dict(fit_options or {}))
+        result = fit(rate.sci, mask, rate.detector, variance=add_variance,
+                     **dict(fit_options or {}))
     except NSCleanInputError:
         raise
     except (ValueError, TypeError) as exc:
@@ -1303,31 +1254,83 @@ def clean_exposure(
     info["user_mask"] = Path(mask_path).name if mask_path else None
     info["options"] = options_record
     cards, history = _provenance(rate, cal, mask_path, info, result)
+    images = _variance_images(rate.path, result.variance) if add_variance else {}
+    cards.append(("NSCVAR", bool(images), "model variance added to VAR_RNOISE and ERR"))
+    if images:
+        history.append("nsclean: posterior variance of the noise model added to VAR_RNOISE; "
+                       "ERR = sqrt(ERR^2 + variance)")
     cards = [*cards, *extra_cards]
-    written = [str(output_path)]
     with _all_or_nothing([output_path, model_path, saved_mask_path]):
         write_cleaned_rate(
             rate.path, output_path, cleaned, cards=cards, history=history,
-            overwrite=overwrite, fsync=fsync,
+            overwrite=overwrite, fsync=fsync, images=images,
         )
-        if model_path is not None:
-            model_cards = [*cards, ("NSCPROD", "MODEL", "SCI holds the fitted noise model")]
-            model_cards = [c for c in model_cards if c[0] not in STATUS_KEYWORDS]
-            write_cleaned_rate(
-                rate.path,
-                model_path,
-                model.astype(rate.sci.dtype, copy=False),
-                cards=model_cards,
-                history=history,
-                overwrite=overwrite,
-                fsync=fsync,
-            )
-            written.append(str(model_path))
-        if saved_mask_path is not None:
-            write_mask(saved_mask_path, mask, info, reference_header=rate.header,
-                       overwrite=overwrite, fsync=fsync)
-            written.append(str(saved_mask_path))
+        written = [str(output_path), *_write_extras(rate, model, mask, info, cards, history,
+                                                    model_path, saved_mask_path,
+                                                    overwrite=overwrite, fsync=fsync)]
+    if arrays is not None:
+        native = rate.sci.dtype.newbyteorder("=")
+        arrays.update(sci=rate.sci.astype(native, copy=False),
+                      cleaned=cleaned.astype(native, copy=False), mask=mask,
+                      header=rate.header)
+    return _clean_summary(rate, cal, mask_path, written, info, result, options_record)
 
+
+def _write_extras(rate, model, mask, info, cards, history, model_path, mask_path, *,
+                  overwrite, fsync) -> list[str]:
+    """The optional products of :func:`clean_exposure`: the model and the mask used."""
+    written = []
+    if model_path is not None:
+        model_cards = [*cards, ("NSCPROD", "MODEL", "SCI holds the fitted noise model")]
+        model_cards = [c for c in model_cards if c[0] not in STATUS_KEYWORDS]
+        write_cleaned_rate(rate.path, model_path, model.astype(rate.sci.dtype, copy=False),
+                           cards=model_cards, history=history, overwrite=overwrite,
+                           fsync=fsync)
+        written.append(str(model_path))
+    if mask_path is not None:
+        write_mask(mask_path, mask, info, reference_header=rate.header, overwrite=overwrite,
+                   fsync=fsync)
+        written.append(str(mask_path))
+    return written
+
+
+def _read_clean_inputs(rate_path: Path, output_path: Path, cal_path, mask_path):
+    """The rate, cal and user mask (with its header) of :func:`clean_exposure`, checked."""
+    if cal_path is None and mask_path is None:
+        raise NSCleanInputError(
+            rate_path,
+            "no background mask: give a cal file (automatic mask) or a mask file",
+        )
+    if output_path.resolve() == rate_path.resolve():
+        raise NSCleanInputError(output_path, "output would overwrite the input rate file")
+    rate = read_rate(rate_path)
+    cal = read_cal(cal_path) if cal_path is not None else None
+    user_mask, user_header = None, None
+    if mask_path is not None:
+        user_mask, user_header = _read_user_mask(mask_path, rate, with_header=True)
+    return rate, cal, user_mask, user_header
+
+
+def _mask_for_cleaning(rate, cal, user_mask, user_header, user_mask_mode, mask_options):
+    """The mask :func:`clean_exposure` fits with, its info and the options it records."""
+    if cal is not None:
+        mask, info = build_exposure_mask(rate, cal, user_mask=user_mask,
+                                         user_mask_mode=user_mask_mode, options=mask_options)
+        return mask, info, info["options"]
+    options_record = _options_from_header(user_header)
+    guard_options = options_record if mask_options is None else mask_options
+    info = {
+        "source": "user",
+        "n_background": int(user_mask.sum()),
+        "background_fraction": float(user_mask.mean()),
+        "guard": masklib.guard_report(user_mask, _as_options(guard_options),
+                                      origin=rate.origin),
+    }
+    return user_mask, info, options_record
+
+
+def _clean_summary(rate, cal, mask_path, written, info, result, options_record) -> dict:
+    """The JSON-able summary :func:`clean_exposure` returns."""
     fit_info = result.info
     return {
         "stem": rate.stem,
@@ -1343,7 +1346,7 @@ def clean_exposure(
         "background_fraction": round(float(info["background_fraction"]), 6),
         "n_weak_columns": int(info["guard"]["n_weak_columns"]),
         "weak_columns": list(info["guard"]["weak_columns"]),
-        "fit": {key: _jsonable(fit_info.get(key)) for key in _FIT_INFO_KEYWORDS},
+        "fit": {key: jsonable(fit_info.get(key)) for key in _FIT_INFO_KEYWORDS},
         "fit_method": fit_info.get("method"),
         "fit_mode": fit_info.get("mode"),
         "fit_options": result.options,
@@ -1491,14 +1494,6 @@ def _card_value(value):
     if isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)[:68]
     return str(value)[:68]
-
-
-def _jsonable(value):
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 # --------------------------------------------------------------------------------------
@@ -1728,7 +1723,7 @@ def _refuse_existing(paths, overwrite: bool) -> None:
         return
     for path in paths:
         if path is not None and Path(path).exists():
-            raise FileExistsError(f"{path}: {_EXISTS}")
+            raise FileExistsError(f"{path}: {EXISTS_MESSAGE}")
 
 
 def _digits(value, width: int) -> str:

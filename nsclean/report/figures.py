@@ -126,7 +126,7 @@ def _display(image, factors, smooth_sigma):
     smooth_sigma / block, and the block average itself adds the rest of the
     smoothing that shows correlated noise (Rauscher 2024, Fig. 1).
     """
-    from ..algorithm._smooth import gaussian_filter
+    from scipy.ndimage import gaussian_filter
 
     # float32 halves the memory traffic of the full-resolution pass; the
     # block sums themselves are accumulated in float64.
@@ -466,7 +466,7 @@ def plot_column(
     str
         ``path``.
     """
-    from ..algorithm._smooth import gaussian_filter1d
+    from scipy.ndimage import gaussian_filter1d
 
     before = np.asarray(before)
     mask = np.asarray(background_mask, dtype=bool)

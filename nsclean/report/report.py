@@ -17,6 +17,7 @@ import io
 import json
 import math
 import os
+import string
 import urllib.parse
 
 from ..algorithm.qa import FLAT_METRIC_KEYS, flatten_metrics
@@ -266,17 +267,18 @@ _NUMERIC_COLUMNS = (
         "rms of the subtracted model about its median",
         lambda r: _metric(r, "model.rms"),
     ),
-    ("guarded", "lines guarded + left uncleaned by the cleaner", lambda r: _guarded(r)),
+    ("guarded", "lines guarded + left uncleaned (fft), or predicted from their neighbours "
+     "only (readout)", lambda r: _guarded(r)),
     ("time (s)", "total processing time of the exposure", lambda r: _total_time(r)),
 )
 
 
 def _guarded(record):
-    guarded = _metric(record, "guard.n_guarded")
-    uncleaned = _metric(record, "guard.n_uncleaned")
-    if guarded is None and uncleaned is None:
+    counts = [_metric(record, f"guard.{key}")
+              for key in ("n_guarded", "n_uncleaned", "n_predicted")]
+    if all(count is None for count in counts):
         return None
-    return (guarded or 0) + (uncleaned or 0)
+    return sum(count or 0 for count in counts)
 
 
 def _total_time(record):
@@ -319,55 +321,6 @@ def _embedded(path, base):
 
 def _e(value):
     return html.escape("" if value is None else str(value), quote=True)
-
-
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-h1{font-size:1.4em;margin-bottom:.2em}
-.meta{color:#555;font-size:.9em}
-table{border-collapse:collapse;font-size:.82em;margin:.8em 0}
-th,td{border:1px solid #ccc;padding:.25em .45em;vertical-align:top}
-th{background:#eee;position:sticky;top:0}
-table.sortable th{cursor:pointer;user-select:none}
-table.sortable th[aria-sort=ascending]::after{content:" \\25B2"}
-table.sortable th[aria-sort=descending]::after{content:" \\25BC"}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-tr.failed{background:#f8d7da}
-tr.flagged{background:#fff3cd}
-tr.skipped{background:#eceff1;color:#666}
-td.why{min-width:22em;max-width:40em}
-td.why ul{margin:0;padding-left:1.1em}
-td.stem{white-space:nowrap}
-img.thumb{display:block;height:64px;max-width:260px;object-fit:contain}
-img.broken{outline:2px solid red}
-.counts span{margin-right:1.2em}
-details{margin:.6em 0}
-""".strip()
-
-# Sorting: click a header to sort by it, click again to reverse. Cells carry
-# their raw value in data-sort; numbers compare as numbers, empty cells go
-# last in either direction. Images that fail to load get a red outline.
-_JS = """
-(function(){
-function key(c){return c.getAttribute('data-sort')||'';}
-function cmp(a,b){var x=parseFloat(a),y=parseFloat(b);
- if(!isNaN(x)&&!isNaN(y)&&isFinite(a)&&isFinite(b))return x-y;
- return a<b?-1:a>b?1:0;}
-document.querySelectorAll('table.sortable').forEach(function(t){
- var hs=t.tHead.rows[0].cells;
- Array.prototype.forEach.call(hs,function(th,i){th.addEventListener('click',function(){
-  var asc=th.getAttribute('aria-sort')!=='ascending';
-  Array.prototype.forEach.call(hs,function(h){h.removeAttribute('aria-sort');});
-  th.setAttribute('aria-sort',asc?'ascending':'descending');
-  var b=t.tBodies[0],rows=Array.prototype.slice.call(b.rows);
-  rows.sort(function(r,s){var a=key(r.cells[i]),c=key(s.cells[i]);
-   if(a===''||c==='')return (a==='')-(c==='');
-   var d=cmp(a,c);return asc?d:-d;});
-  rows.forEach(function(r){b.appendChild(r);});});});});
-document.querySelectorAll('img').forEach(function(im){
- im.addEventListener('error',function(){im.classList.add('broken');});});
-})();
-""".strip()
 
 
 def _flatten_config(config, prefix=""):
@@ -513,35 +466,19 @@ def _html(records, html_path, *, title, config, results_dir):
         f'<span class=count-{k}>{k}: <b id="n-{k}">{counts[k]}</b></span>'
         for k in (*STATUSES, "flagged")
     )
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{_e(title)}</title>
-<style>{_CSS}</style>
-</head>
-<body>
-<h1>{_e(title)}</h1>
-<p class=meta>nsclean {_e(__version__)} &middot; generated {_e(now)} &middot;
-{len(records)} exposures</p>
-<p class=counts>{count_html}</p>
-{_config_html(config)}
-{_program_summary(records)}
-<h2>Exposures</h2>
-<p class=meta>Click a column header to sort. Yellow rows: cleaned but flagged by the
-QA checks; red: failed; grey: skipped. Metrics are in the image's units (DN/s for rate
-files); see docs/qa.md.</p>
-<table class=sortable id=exposures>
-<thead><tr>{head}</tr></thead>
-<tbody>
-{body}
-</tbody>
-</table>
-<script>{_JS}</script>
-</body>
-</html>
-"""
+    page = _template("report.html").substitute(
+        title=_e(title), version=_e(__version__), generated=_e(now),
+        n_exposures=len(records), counts=count_html, configuration=_config_html(config),
+        programs=_program_summary(records), head=head, body=body)
+    return page
+
+
+def _template(name: str) -> string.Template:
+    """A page template of this package (``nsclean/report/templates/``, package data)."""
+    from importlib.resources import files
+
+    return string.Template(files(__package__).joinpath("templates", name)
+                           .read_text(encoding="utf-8"))
 
 
 def _csv(records):

@@ -48,19 +48,20 @@ _EXTRA_PLAN = (
 )
 
 
-def workflow_snakefile() -> Path:
-    """The workflow's top-level ``Snakefile`` (in the repository this package lives in).
+def workflow_snakefile(path: str | os.PathLike = "Snakefile") -> Path:
+    """The workflow's top-level ``Snakefile``, checked (default: in the working directory,
+    the clone the README's demo command runs in; the package does not look for it).
 
     Raises
     ------
     FileNotFoundError
-        When the package is not installed from a repository checkout.
+        When there is no such file.
     """
-    snakefile = Path(__file__).resolve().parents[2] / "Snakefile"
+    snakefile = Path(path).resolve()
     if not snakefile.is_file():
         raise FileNotFoundError(
-            f"{snakefile} not found: the demo runs the workflow of a repository checkout "
-            "(install with `pip install -e .` from the clone)"
+            f"{snakefile} not found: run the demo from the workflow's clone, or give its "
+            "Snakefile with --snakefile"
         )
     return snakefile
 
@@ -188,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"number of exposures (default {DEFAULT_EXPOSURES})")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                         help="cores for Snakemake (default: all)")
+    parser.add_argument("--snakefile", default="Snakefile",
+                        help="the workflow's Snakefile (default: ./Snakefile, the clone's)")
     parser.add_argument("--timeout", type=float, default=3600,
                         help="give up after this many seconds (default 3600)")
     parser.add_argument("snakemake_args", nargs="*",
@@ -199,7 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir).resolve()
     archive = workdir / "archive"
     results = workdir / "results"
-    snakefile = workflow_snakefile()
+    try:
+        snakefile = workflow_snakefile(args.snakefile)
+    except FileNotFoundError as error:
+        parser.error(str(error))
 
     start = time.perf_counter()
     print(f"nsclean demo: simulating {args.exposures} exposures of program {DEMO_PROGRAM} "

@@ -41,8 +41,6 @@ Approximations
 from __future__ import annotations
 
 import dataclasses
-import os
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -54,6 +52,7 @@ from nsclean import __version__
 from nsclean.algorithm import nirspec as dqflags
 from nsclean.algorithm.nirspec import FIXED_SLIT_ROWS, FULL_FRAME, N_CHANNELS, REFERENCE_BORDER
 from nsclean.algorithm.orientation import detector_to_dms
+from nsclean.io.atomic import atomic_file
 
 __all__ = [
     "DEFAULT_AMPLITUDES",
@@ -769,6 +768,132 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     >>> sim.rate.shape, sim.meta["stem"]
     ((2048, 2048), 'jw09999001001_03101_00001_nrs2')
     """
+    kind, detector, subarray, amp = _checked_arguments(kind, detector, subarray, amplitudes)
+    sub_x, sub_y, sub_nx, sub_ny = SUBARRAYS[subarray]
+    region = (sub_x - 1, sub_y - 1, sub_nx, sub_ny)
+    full_frame = subarray == "FULL"
+    irs2, readpatt = _resolve_readout(readout, full_frame)
+    gain = GAIN[detector]
+    to_rate = 1.0 / (gain * amp["effective_time"])
+
+    # independent streams, so that changing a noise amplitude keeps the scene and every
+    # other component's realisation
+    streams = np.random.SeedSequence([int(seed), KINDS.index(kind), int(detector[-1])])
+    scene_rng, noise_rng, white_rng, artifact_rng, frame_rng = (
+        np.random.default_rng(s) for s in streams.spawn(5)
+    )
+
+    traces = _SCENES[kind](scene_rng, detector)
+    signal, footprint, illuminated, scene_flags, boxes = _render(traces, region)
+
+    n_outputs = N_CHANNELS if full_frame else 1
+    noise_correlated = _correlated_noise(noise_rng, frame_rng, detector, region, n_outputs,
+                                         irs2, amp, to_rate)
+
+    # reference pixels: the 4-pixel full-frame border that falls inside the region
+    rows = np.arange(region[1], region[1] + sub_ny)
+    cols = np.arange(region[0], region[0] + sub_nx)
+    ref_rows = np.flatnonzero((rows < REFERENCE_BORDER) | (rows >= FULL_FRAME - REFERENCE_BORDER))
+    ref_cols = np.flatnonzero((cols < REFERENCE_BORDER) | (cols >= FULL_FRAME - REFERENCE_BORDER))
+
+    def on_reference(array, value):
+        array[ref_rows, :] = value
+        array[:, ref_cols] = value
+
+    on_reference(signal, 0.0)
+    on_reference(footprint, False)
+    on_reference(illuminated, False)
+
+    dq = np.zeros((sub_ny, sub_nx), dtype=np.uint32)
+    dq |= scene_flags
+    artifacts = _artifacts(artifact_rng, (sub_ny, sub_nx), dq)
+    on_reference(artifacts, 0.0)
+    on_reference(dq, dqflags.REFERENCE_PIXEL | dqflags.DO_NOT_USE)
+
+    noise_white, var_poisson, var_rnoise = _white_noise(white_rng, signal + artifacts, amp,
+                                                        to_rate, on_reference)
+    noise_total = noise_white + noise_correlated
+
+    do_not_use = (dq & dqflags.DO_NOT_USE) != 0
+    rate = signal + artifacts + noise_total
+    rate[do_not_use] = np.nan
+    err = np.sqrt(var_poisson + var_rnoise)
+    err[do_not_use] = np.nan
+
+    wavelength = _wavelength(kind, detector, footprint, cols)
+    meta = _meta(kind, detector, subarray, readpatt, irs2, n_outputs, amp,
+                 dict(program=program, observation=observation, visit=visit,
+                      exposure=exposure, seed=seed))
+    return SimulatedExposure(
+        rate=rate, signal=signal, artifacts=artifacts, noise_total=noise_total,
+        noise_correlated=noise_correlated, noise_white=noise_white, footprint=footprint,
+        illuminated=illuminated | footprint, dq=dq, err=err,
+        var_poisson=var_poisson, var_rnoise=var_rnoise, wavelength=wavelength,
+        meta=meta, slits=boxes,
+    )
+
+
+def _meta(kind, detector, subarray, readpatt, irs2, n_outputs, amp, ids):
+    """The header values of a simulated exposure (``SimulatedExposure.meta``)."""
+    program, observation, visit, exposure, seed = (ids[k] for k in (
+        "program", "observation", "visit", "exposure", "seed"))
+    sub_x, sub_y, sub_nx, sub_ny = SUBARRAYS[subarray]
+    full_frame = subarray == "FULL"
+    gain = GAIN[detector]
+    grating, filt, _, template = _OPTICS[kind]
+    tframe = (IRS2_ROW_TICKS if irs2 else sub_ny // n_outputs + ROW_OVERHEAD) \
+        * (sub_nx + 1) * PIXEL_TIME
+    return {
+        "stem": make_stem(program, observation, visit, exposure, detector),
+        "kind": kind,
+        "detector": detector,
+        "exp_type": _EXP_TYPE[kind],
+        "subarray": subarray,
+        "substrt1": sub_x,
+        "substrt2": sub_y,
+        "subsize1": sub_nx,
+        "subsize2": sub_ny,
+        "fastaxis": 2 if detector == "NRS1" else -2,
+        "slowaxis": 1 if detector == "NRS1" else -1,
+        "readpatt": readpatt,
+        "noutputs": N_CHANNELS + 1 if full_frame else 1,
+        "tframe": round(tframe, 5),
+        "effexptm": amp["effective_time"],
+        "gain": gain,
+        "program": f"{int(program):05d}",
+        "observation": int(observation),
+        "visit": int(visit),
+        "exposure": int(exposure),
+        "grating": grating,
+        "filter": filt,
+        "fxd_slit": {"fs": "S200A1", "bots": "S1600A1"}.get(kind, "NONE"),
+        "template": template,
+        "cal_model": _CAL_MODEL.get(kind),
+        "seed": int(seed),
+        "noise_options": amp,
+    }
+
+
+def _white_noise(white_rng, light, amp, to_rate, on_reference):
+    """White read noise (weaker on reference pixels) plus the photon noise of ``light``,
+    in DN/s, and the two variances."""
+    read_sigma = np.full(light.shape, amp["white"] * to_rate, dtype=np.float32)
+    on_reference(read_sigma, np.float32(amp["white"] * to_rate * amp["reference_ratio"]))
+    var_rnoise = read_sigma**2
+    # photon noise: electrons = rate * gain * t, so var(rate in DN/s) = rate / (gain * t)
+    var_poisson = light
+    np.clip(var_poisson, 0.0, None, out=var_poisson)
+    var_poisson *= np.float32(to_rate)
+    noise_white = white_rng.standard_normal(light.shape, dtype=np.float32)
+    noise_white *= read_sigma
+    lit = var_poisson > 0
+    noise_white[lit] += np.sqrt(var_poisson[lit]) * white_rng.standard_normal(
+        np.count_nonzero(lit), dtype=np.float32)
+    return noise_white, var_poisson, var_rnoise
+
+
+def _checked_arguments(kind, detector, subarray, amplitudes):
+    """The arguments of :func:`simulate_exposure`, normalised, or a ValueError."""
     kind = str(kind).strip().lower()
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
@@ -791,26 +916,14 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
     amp = {**DEFAULT_AMPLITUDES, **{k: float(v) for k, v in amplitudes.items()}}
     if amp["effective_time"] <= 0:
         raise ValueError(f"effective_time must be > 0 s; got {amp['effective_time']}")
+    return kind, detector, subarray, amp
 
-    sub_x, sub_y, sub_nx, sub_ny = SUBARRAYS[subarray]
-    region = (sub_x - 1, sub_y - 1, sub_nx, sub_ny)
-    full_frame = subarray == "FULL"
-    irs2, readpatt = _resolve_readout(readout, full_frame)
-    gain = GAIN[detector]
-    to_rate = 1.0 / (gain * amp["effective_time"])
 
-    # independent streams, so that changing a noise amplitude keeps the scene and every
-    # other component's realisation
-    streams = np.random.SeedSequence([int(seed), KINDS.index(kind), int(detector[-1])])
-    scene_rng, noise_rng, white_rng, artifact_rng, frame_rng = (
-        np.random.default_rng(s) for s in streams.spawn(5)
-    )
-
-    traces = _SCENES[kind](scene_rng, detector)
-    signal, footprint, illuminated, scene_flags, boxes = _render(traces, region)
-
-    # --- noise, electrons of one effective frame, assembled in the detector frame
-    n_outputs = N_CHANNELS if full_frame else 1
+def _correlated_noise(noise_rng, frame_rng, detector, region, n_outputs, irs2, amp,
+                      to_rate):
+    """1/f, alternating-column and picture-frame noise of one effective frame, in DN/s,
+    assembled in the detector frame and returned in the DMS frame."""
+    sub_nx, sub_ny = region[2], region[3]
     detector_noise = _correlated_noise_detector(
         noise_rng, n_lines=sub_nx, n_fast=sub_ny, n_outputs=n_outputs, irs2=irs2, amp=amp)
     frame_rms = amp["picture_frame"] * (amp["picture_frame_nrs2_factor"]
@@ -823,98 +936,20 @@ def simulate_exposure(kind, detector="NRS1", *, readout="IRS2", seed=0, subarray
         lines_factor, pixels_factor = lines_factor[::-1], pixels_factor[:, ::-1]
     detector_noise += lines_factor @ pixels_factor
     detector_noise *= np.float32(to_rate)
-    noise_correlated = np.ascontiguousarray(detector_to_dms(detector_noise, detector))
+    return np.ascontiguousarray(detector_to_dms(detector_noise, detector))
 
-    # reference pixels: the 4-pixel full-frame border that falls inside the region
-    rows = np.arange(region[1], region[1] + sub_ny)
-    cols = np.arange(region[0], region[0] + sub_nx)
-    ref_rows = np.flatnonzero((rows < REFERENCE_BORDER) | (rows >= FULL_FRAME - REFERENCE_BORDER))
-    ref_cols = np.flatnonzero((cols < REFERENCE_BORDER) | (cols >= FULL_FRAME - REFERENCE_BORDER))
 
-    def on_reference(array, value):
-        array[ref_rows, :] = value
-        array[:, ref_cols] = value
-
-    on_reference(signal, 0.0)
-    on_reference(footprint, False)
-    on_reference(illuminated, False)
-
-    dq = np.zeros((sub_ny, sub_nx), dtype=np.uint32)
-    dq |= scene_flags
-    artifacts = _artifacts(artifact_rng, (sub_ny, sub_nx), dq)
-    on_reference(artifacts, 0.0)
-    on_reference(dq, dqflags.REFERENCE_PIXEL | dqflags.DO_NOT_USE)
-
-    read_sigma = np.full((sub_ny, sub_nx), amp["white"] * to_rate, dtype=np.float32)
-    on_reference(read_sigma, np.float32(amp["white"] * to_rate * amp["reference_ratio"]))
-    var_rnoise = read_sigma**2
-    # photon noise: electrons = rate * gain * t, so var(rate in DN/s) = rate / (gain * t)
-    var_poisson = signal + artifacts
-    np.clip(var_poisson, 0.0, None, out=var_poisson)
-    var_poisson *= np.float32(to_rate)
-    noise_white = white_rng.standard_normal((sub_ny, sub_nx), dtype=np.float32)
-    noise_white *= read_sigma
-    lit = var_poisson > 0
-    noise_white[lit] += np.sqrt(var_poisson[lit]) * white_rng.standard_normal(
-        np.count_nonzero(lit), dtype=np.float32)
-    noise_total = noise_white + noise_correlated
-
-    do_not_use = (dq & dqflags.DO_NOT_USE) != 0
-    rate = signal + artifacts + noise_total
-    rate[do_not_use] = np.nan
-    err = np.sqrt(var_poisson + var_rnoise)
-    err[do_not_use] = np.nan
-
-    grating, filt, (lam0, lam1), template = _OPTICS[kind]
-    wavelength = np.full((sub_ny, sub_nx), np.nan, dtype=np.float32)
-    if footprint.any():
-        # a nearly linear dispersion across the full detector width
-        u = cols / (FULL_FRAME - 1)
-        lam = lam0 + (lam1 - lam0) * (u + 0.05 * u * (1 - u))
-        if detector == "NRS2":
-            lam = lam + (lam1 - lam0) * 0.02
-        wavelength = np.where(footprint, lam.astype(np.float32)[None, :], np.float32(np.nan))
-
-    fxd_slit = {"fs": "S200A1", "bots": "S1600A1"}.get(kind, "NONE")
-    stem = make_stem(program, observation, visit, exposure, detector)
-    tframe = (IRS2_ROW_TICKS if irs2 else sub_ny // n_outputs + ROW_OVERHEAD) \
-        * (sub_nx + 1) * PIXEL_TIME
-    meta = {
-        "stem": stem,
-        "kind": kind,
-        "detector": detector,
-        "exp_type": _EXP_TYPE[kind],
-        "subarray": subarray,
-        "substrt1": sub_x,
-        "substrt2": sub_y,
-        "subsize1": sub_nx,
-        "subsize2": sub_ny,
-        "fastaxis": 2 if detector == "NRS1" else -2,
-        "slowaxis": 1 if detector == "NRS1" else -1,
-        "readpatt": readpatt,
-        "noutputs": N_CHANNELS + 1 if full_frame else 1,
-        "tframe": round(tframe, 5),
-        "effexptm": amp["effective_time"],
-        "gain": gain,
-        "program": f"{int(program):05d}",
-        "observation": int(observation),
-        "visit": int(visit),
-        "exposure": int(exposure),
-        "grating": grating,
-        "filter": filt,
-        "fxd_slit": fxd_slit,
-        "template": template,
-        "cal_model": _CAL_MODEL.get(kind),
-        "seed": int(seed),
-        "noise_options": amp,
-    }
-    return SimulatedExposure(
-        rate=rate, signal=signal, artifacts=artifacts, noise_total=noise_total,
-        noise_correlated=noise_correlated, noise_white=noise_white, footprint=footprint,
-        illuminated=illuminated | footprint, dq=dq, err=err,
-        var_poisson=var_poisson, var_rnoise=var_rnoise, wavelength=wavelength,
-        meta=meta, slits=boxes,
-    )
+def _wavelength(kind, detector, footprint, cols):
+    """WAVELENGTH of the footprint's pixels (NaN elsewhere): a nearly linear dispersion
+    across the full detector width."""
+    _, _, (lam0, lam1), _ = _OPTICS[kind]
+    if not footprint.any():
+        return np.full(footprint.shape, np.nan, dtype=np.float32)
+    u = cols / (FULL_FRAME - 1)
+    lam = lam0 + (lam1 - lam0) * (u + 0.05 * u * (1 - u))
+    if detector == "NRS2":
+        lam = lam + (lam1 - lam0) * 0.02
+    return np.where(footprint, lam.astype(np.float32)[None, :], np.float32(np.nan))
 
 
 # ------------------------------------------------------------------------------------------
@@ -1065,17 +1100,9 @@ def _cal_hdus(sim, filename, n_integrations=None, rates=None):
 
 
 def _write_atomic(hdulist, path):
-    path = Path(path)
-    # a hidden name in the same directory: os.replace is then atomic, and the file gets the
-    # usual permissions (mkstemp would make it private)
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        hdulist.writeto(tmp_path, overwrite=False)
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path, overwrite=True) as handle:
+        hdulist.writeto(handle)
+    return Path(path)
 
 
 def write_exposure(sim, directory):

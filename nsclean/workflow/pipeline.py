@@ -22,12 +22,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .. import __version__
 from ..io.atomic import atomic_write_text
 from ..io.errors import NSCleanInputError
+from ..io.jsonable import json_default
 
 __all__ = [
     "CLEANED",
@@ -40,6 +41,7 @@ __all__ = [
     "require_ok",
     "require_product",
     "script_logging",
+    "to_console",
     "input_checksums",
     "program_records",
     "read_benchmark_seconds",
@@ -73,14 +75,36 @@ def script_logging(log_path: str | os.PathLike, name: str = "nsclean") -> loggin
     logging.Logger
         Logger writing to the log file.
     """
+    global _CONSOLE
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    _CONSOLE = sys.stderr
     stream = _LogStream(log_path)
     # Library warnings (astropy, numpy) and prints belong in the log, not the console.
     sys.stdout = sys.stderr = stream
     logging.basicConfig(stream=stream, level=logging.INFO, force=True,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.captureWarnings(True)
-    return logging.getLogger(name)
+    logger = logging.getLogger(name)
+
+    def report_crash(kind, error, traceback):
+        # The traceback goes to the log; one line to the console, which the default
+        # profile's quiet output (no job error blocks) would otherwise not show.
+        logger.error("job failed", exc_info=(kind, error, traceback))
+        to_console(f"{kind.__name__}: {error} (log: {log_path})")
+
+    sys.excepthook = report_crash
+    return logger
+
+
+#: Where the job's standard error went before :func:`script_logging` took it over.
+_CONSOLE = None
+
+
+def to_console(text: str) -> None:
+    """Print one line to the console Snakemake shows (not the rule's log): for what a
+    user must see even with the default profile's quiet output, such as the run's
+    verdict or a crashed job."""
+    print(f"nsclean: {text}", file=_CONSOLE or sys.__stderr__, flush=True)
 
 
 class _LogStream:
@@ -88,7 +112,7 @@ class _LogStream:
     written (a full disk): the reason for a failure must reach someone."""
 
     def __init__(self, path):
-        self._fallback = sys.__stderr__
+        self._fallback = _CONSOLE or sys.__stderr__
         try:
             self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         except OSError as error:
@@ -195,7 +219,7 @@ def write_status(path: str | os.PathLike, status: str, reason: str = "", **field
         The record as written.
     """
     record = {"status": status, "reason": reason, "nsclean_version": __version__, **fields}
-    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=_jsonable)
+    atomic_write_text(path, json.dumps(record, indent=1, sort_keys=True, default=json_default)
                       + "\n")
     return record
 
@@ -353,8 +377,7 @@ def step_timings(benchmark_paths: Iterable[str | os.PathLike]) -> dict[str, dict
     -------
     dict
         ``{stem: {rule: seconds}}``.  Wall times are measured by Snakemake around each
-        job, so they are right whether the step ran in the job's process or in a warm
-        worker.
+        job.
     """
     timings: dict[str, dict[str, float]] = {}
     for path in benchmark_paths:
@@ -420,15 +443,3 @@ def program_records(program: str, manifest_path: str | os.PathLike,
                            **(record.get("setup") or {})}
         records.append(record)
     return records
-
-
-def _jsonable(value):
-    if hasattr(value, "item"):
-        return value.item()
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise TypeError(f"not JSON-serialisable: {value!r}")

@@ -1,12 +1,14 @@
-"""The steps of the workflow (manifest, download, mask, clean, QA) as plain functions.
+"""The steps of the workflow (manifest, download, mask, clean with QA) as plain functions.
 
-Each step takes the job's files and settings as plain dictionaries (the JSON the
-workflow passes to the rule's script), writes every declared output and returns
-nothing; :mod:`nsclean.workflow.pipeline` describes the status records and how an exposure's
-failure is recorded.  The rule scripts call them through
-:func:`nsclean.workflow.warm.run_command_step`, which runs a step in a pre-imported worker
-process when one is available and in the calling process otherwise: the same function
-either way.
+Each step takes the job's files and settings as plain dictionaries, writes every
+declared output and returns nothing; :mod:`nsclean.workflow.pipeline` describes the
+status records and how an exposure's failure is recorded.  The rule scripts
+(``scripts/*.py``, run by Snakemake's ``script:``) call them with
+:func:`snakemake_job`: rule, script, library, nothing in between.
+
+The clean step also measures the cleaned exposure (the QA metrics and figures) from the
+arrays it holds, instead of a QA job reading the rate, cleaned and mask files again:
+one process per exposure fewer and about 170 MB less to read for a full frame.
 
 All heavy imports (numpy, astropy, matplotlib, requests) happen inside the steps, so
 that importing this module is cheap.
@@ -46,8 +48,8 @@ from .pipeline import (
     write_status,
 )
 
-__all__ = ["STEPS", "clean", "clean_timeseries", "fetch_file", "fetch_manifest", "mask",
-           "qa"]
+__all__ = ["clean", "clean_timeseries", "fetch_file", "fetch_manifest", "mask",
+           "snakemake_job"]
 
 
 def fetch_manifest(input: dict, output: dict, params: dict, log: str,
@@ -88,6 +90,15 @@ def fetch_manifest(input: dict, output: dict, params: dict, log: str,
                 ", ".join(manifest.without_cal) or "none")
 
 
+def _step_logging(log: str, params: dict):
+    """The step's logger (see :func:`script_logging`); notes the fsync setting."""
+    logger = script_logging(log)
+    if params.get("fsync"):
+        logger.info("fsync on: written files are flushed to disk before they are renamed "
+                    "into place")
+    return logger
+
+
 def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
     """Rule ``fetch_file``: download (local source: link or copy) one file of a manifest.
 
@@ -103,7 +114,7 @@ def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dic
     """
     from ..archive import archive
 
-    logger = script_logging(log)
+    logger = _step_logging(log, params)
     settings = params.get("archive") or {}
     target = Path(output["file"])
     rows = archive.read_manifest(input["manifest"])
@@ -152,7 +163,7 @@ def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> 
     the exposure failed) and ``status`` (JSON record with the mask summary, input
     checksums and the mask file's size).
     """
-    logger = script_logging(log)
+    logger = _step_logging(log, params)
     options = dict(params["options"])
     with step(output["status"], [output["mask"]], logger) as record:
         # Status records of the downloads (an archive refusal fails this exposure with
@@ -200,15 +211,22 @@ def _time_series(rates: list[str]) -> bool:
 
 
 def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
-    """Rule ``clean``: fit and subtract the correlated read noise of one exposure.
+    """Rule ``clean``: fit and subtract the correlated read noise of one exposure, then
+    measure the result (QA) from the arrays already in memory.
 
     input: ``rate``, ``mask``, ``mask_status``; output: ``cleaned`` (the cleaned rate
     file; empty if the exposure failed), optionally ``model`` (the fitted noise,
-    ``<stem>_flicker_noise.fits``) and ``status`` (JSON record with the fit
-    summary, provenance and the cleaned file's size).  ``params["options"]`` are
-    options of :func:`nsclean.fit`.
+    ``<stem>_flicker_noise.fits``, with ``save_noise_model: true``), ``status`` (JSON
+    record with the fit summary, provenance and the cleaned file's size), ``metrics``
+    (the exposure's final record in the layout of
+    :func:`nsclean.report.report.write_record`, with the fit summary and provenance) and
+    ``figures`` (a directory of PNGs, empty if the exposure failed).
+    ``params["options"]`` are options of :func:`nsclean.fit`; ``params["qa_options"]``
+    the ``qa`` section of the config (``figures`` turns the figures off).  The mask
+    options the mask step recorded decide the weak-column guard of the summary.
     """
-    logger = script_logging(log)
+    logger = _step_logging(log, params)
+    arrays: dict = {}
     model = output.get("model")  # the noise model, with save_noise_model: true
     with step(output["status"], [output["cleaned"]] + ([model] if model else []),
               logger) as record:
@@ -220,13 +238,16 @@ def clean(input: dict, output: dict, params: dict, log: str, wildcards: dict) ->
 
         (rate,) = _paths(input["rate"])
         summary = clean_exposure(rate, output["cleaned"], mask_path=input["mask"],
+                                 mask_options=record["mask_options"],
                                  fit_options=dict(params["options"]), overwrite=True,
                                  save_model=bool(model),
                                  fsync=bool(params.get("fsync")),
-                                 extra_cards=checksum_cards(record["inputs"]))
+                                 extra_cards=checksum_cards(record["inputs"]),
+                                 arrays=arrays)
         logger.info("cleaned %s: %s", summary["stem"], summary["fit"])
         write_status(output["status"], OK, clean=summary,
                      bytes=os.path.getsize(output["cleaned"]), **record)
+    _quality(output, params.get("qa_options") or {}, wildcards, logger, arrays)
 
 
 def clean_timeseries(input: dict, output: dict, params: dict, log: str,
@@ -235,12 +256,14 @@ def clean_timeseries(input: dict, output: dict, params: dict, log: str,
 
     input: ``rate`` (every ``_rateints.fits`` segment), ``mask``, ``mask_status``;
     output: ``cleaned`` (a folder of ``<file stem>_nsclean_rateints.fits``, one per
-    segment; empty if the exposure failed) and ``status`` (JSON record with the fit
-    summary, provenance and the size of every cleaned file, ``files``).
+    segment; empty if the exposure failed), ``status`` (JSON record with the fit
+    summary, provenance and the size of every cleaned file, ``files``), and ``metrics``
+    and ``figures`` as in :func:`clean`, measured on the first integration.
     ``params["options"]`` are options of :func:`nsclean.fit`.  The integrations are
     fitted in the job's process (:func:`nsclean.io.tso.clean_rateints` with one worker).
     """
-    logger = script_logging(log)
+    logger = _step_logging(log, params)
+    arrays: dict = {}
     folder = Path(output["cleaned"])
     folder.mkdir(parents=True, exist_ok=True)
     with step(output["status"], [], logger) as record:
@@ -259,92 +282,81 @@ def clean_timeseries(input: dict, output: dict, params: dict, log: str,
                     summary["n_integrations"], summary["segments"], summary["fit"])
         write_status(output["status"], OK, clean=summary, **record,
                      files={Path(p).name: os.path.getsize(p) for p in summary["outputs"]})
+        arrays.update(_first_integration(_paths(input["rate"]), folder, input["mask"]))
+    _quality(output, params.get("qa_options") or {}, wildcards, logger, arrays)
 
 
-def _qa_planes(input: dict, clean_record: dict):
-    """The rate and cleaned images QA measures, and the rate exposure for the mask.
-
-    A rate file is measured as it is.  A time series is measured on its first
-    integration (the cleaned files' sizes are checked against the clean record first).
-    """
-    from ..io.exposure import RateExposure, read_rate
-
-    rates = _paths(input["rate"])
-    if not _time_series(rates):
-        before, after = read_rate(rates[0]), read_rate(input["cleaned"])
-        return before, before.sci, after.sci
+def _first_integration(rates: list[str], folder: Path, mask_path: str) -> dict:
+    """The arrays QA measures of a time series: its first integration, before and after,
+    the exposure's mask and the header (as :func:`clean_exposure` fills ``arrays``)."""
+    from ..io.exposure import RateExposure, read_mask
     from ..io.tso import cleaned_name, read_rateints, read_segment
 
-    files = clean_record.get("files") or {}
-    for name, size in files.items():
-        path = Path(input["cleaned"]) / name
-        if not path.is_file() or path.stat().st_size != int(size):
-            raise StepFailed(f"{path}: missing or not the {size} bytes the clean step "
-                             "recorded: delete it and run again")
     exposure = read_rateints(rates)
     first = exposure.segments[0]
     sci, dq = first.read()
-    after, _ = read_segment(Path(input["cleaned"]) / cleaned_name(first.path)).read()
+    after, _ = read_segment(folder / cleaned_name(first.path)).read()
     before = RateExposure(path=first.path, stem=exposure.stem, header=first.header,
                           sci=sci[0], dq=dq[0])
-    return before, sci[0], after[0]
+    mask, _ = read_mask(mask_path, before)
+    # FITS data are big-endian: convert once (the same values).
+    native = sci.dtype.newbyteorder("=")
+    return {"sci": sci[0].astype(native), "cleaned": after[0].astype(native),
+            "mask": mask, "header": first.header}
 
 
-def qa(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
-    """Rule ``qa``: metrics before and after cleaning, and the figures, of one exposure.
-
-    input: ``rate``, ``cleaned``, ``mask``, ``clean_status``; output: ``metrics`` (the
-    exposure's final record in the layout of :func:`nsclean.report.report.write_record`,
-    with the fit summary and provenance) and ``figures`` (a directory of PNGs, empty
-    if the exposure failed).  ``params["options"]["figures"]`` turns the figures off.
-    """
-    logger = script_logging(log)
+def _quality(output: dict, options: dict, wildcards: dict, logger, arrays: dict) -> None:
+    """QA of the exposure just cleaned: metrics and figures from the arrays in memory
+    (``arrays`` as filled by :func:`nsclean.io.exposure.clean_exposure`), or a failed
+    record with the clean step's reason."""
     metrics_path = Path(output["metrics"])
     figure_dir = Path(output["figures"])
     figure_dir.mkdir(parents=True, exist_ok=True)
-    # <results>/<program>/<stem>/<stem>_qa.json: the results directory is three up.
-    results_dir = metrics_path.parents[2]
+    # <results>/<program>/<stem>/<stem>_clean.json: the results directory is three up.
+    results_dir = Path(output["status"]).parents[2]
     with step(metrics_path, [], logger) as record:
         record.update(program=wildcards["program"], stem=wildcards["stem"],
                       cleaned_file=None)
-        clean_record = require_product(input["clean_status"], input["cleaned"],
+        clean_record = require_product(output["status"], output["cleaned"],
                                        "the clean step")
         record.update(inputs=clean_record["inputs"],
                       mask_options=clean_record["mask_options"], clean=clean_record["clean"])
         import numpy as np
 
         from ..algorithm import qa as qa_metrics
-        from ..io.exposure import read_mask
         from ..report import figures
 
-        before, before_sci, after_sci = _qa_planes(input, clean_record)
-        record["setup"] = {key.lower(): str(before.header[key]).strip() for key in
+        before_sci, after_sci = arrays["sci"], arrays["cleaned"]
+        header = arrays.get("header") or {}
+        record["setup"] = {key.lower(): str(header[key]).strip() for key in
                            ("EXP_TYPE", "DETECTOR", "GRATING", "FILTER", "READPATT",
-                            "SUBARRAY") if key in before.header}
-        mask_array, _ = read_mask(input["mask"], before)
-        # FITS data are big-endian; every numpy operation on them would convert on the
-        # fly, so convert once (the same values).
-        before_sci, after_sci = (sci.astype(sci.dtype.newbyteorder("="))
-                                 for sci in (before_sci, after_sci))
+                            "SUBARRAY") if key in header}
         # The subtracted model, where it is observable: NaN rate pixels stay NaN in the
         # cleaned file and carry no model (0 there, so the model metrics stay finite).
         model = np.nan_to_num(before_sci.astype(np.float64) - after_sci, nan=0.0)
         spectra = {}  # the banding spectra the metrics are measured from, for the figure
-        metrics = qa_metrics.exposure_metrics(before_sci, after_sci, model, mask_array,
+        metrics = qa_metrics.exposure_metrics(before_sci, after_sci, model, arrays["mask"],
                                               fit_info=clean_record["clean"]["fit"],
                                               spectra=spectra)
         pngs = {}
-        if params["options"]["figures"]:
-            pngs = figures.write_figures(before_sci, after_sci, model, mask_array,
-                                         figure_dir, before.stem, spectra=spectra)
-        logger.info("QA of %s: flags %s", before.stem, metrics["flags"] or "none")
-        record["cleaned_file"] = os.path.relpath(input["cleaned"], results_dir)
+        if options.get("figures", True):
+            pngs = figures.write_figures(before_sci, after_sci, model, arrays["mask"],
+                                         figure_dir, wildcards["stem"], spectra=spectra)
+        logger.info("QA of %s: flags %s", wildcards["stem"], metrics["flags"] or "none")
+        record["cleaned_file"] = os.path.relpath(output["cleaned"], results_dir)
         # Figure paths relative to the record's folder, as nsclean.report.report expects.
         record["figures"] = {kind: os.path.relpath(path, metrics_path.parent)
                              for kind, path in pngs.items()}
         write_status(metrics_path, CLEANED, metrics=metrics, **record)
 
 
-#: The steps by name (what :func:`nsclean.workflow.warm.run_step` accepts).
-STEPS = {"fetch_manifest": fetch_manifest, "fetch_file": fetch_file, "mask": mask,
-         "clean": clean, "clean_timeseries": clean_timeseries, "qa": qa}
+def snakemake_job(smk) -> dict:
+    """The arguments of a step from a rule script's ``snakemake`` object.
+
+    ``input``, ``output`` and ``wildcards`` as dictionaries, ``log`` (the rule's first
+    log file) and ``params``: the rule's params plus the config's ``fsync`` (how files
+    are written, not what is in them, so it is not a rule param and no rerun trigger).
+    """
+    params = {**dict(smk.params.items()), "fsync": bool(smk.config.get("fsync", False))}
+    return {"input": dict(smk.input.items()), "output": dict(smk.output.items()),
+            "params": params, "log": smk.log[0], "wildcards": dict(smk.wildcards.items())}

@@ -1,8 +1,5 @@
 # Configuration validation, output paths and input functions shared by all rules.
-import json
 import os
-import shlex
-import sys
 
 from snakemake.utils import validate
 
@@ -88,47 +85,6 @@ MANIFEST_SETTINGS = {
 MASK_OPTIONS = config["mask"]
 CLEAN_OPTIONS = config["clean"]
 QA_OPTIONS = config["qa"]
-
-
-def step_python():
-    """The Python of the rules' shell commands: the rule's conda environment's
-    with --software-deployment-method conda (as Snakemake's script: would), else the
-    one running Snakemake (which imports nsclean above, so it has the package)."""
-    from snakemake.settings.types import DeploymentMethod
-
-    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-        return "python"
-    return sys.executable
-
-
-STEP_PYTHON = step_python()
-
-
-def step_command(script, **params):
-    """Param ``command`` of the rules that use shell (``python scripts/<script> JOB``).
-
-    The manifest, download, mask, clean and QA rules run their scripts with shell:
-    instead of script:, which would first unpickle Snakemake's job object in every job
-    (~0.2 CPU-s, as much as the step's own start in a warm worker).  JOB is the job's
-    named files, params, wildcards and the warm_workers setting as JSON.  The param is
-    a function of the job's files, so Snakemake does not count it as a rerun trigger:
-    the rule's other params (the options a step uses) are.  The steps get the rule's
-    params and the fsync setting.
-    """
-    path = os.path.join(workflow.basedir, "scripts", script)
-
-    def command(wildcards, input, output):
-        job = {
-            "input": dict(input.items()),
-            "output": dict(output.items()),
-            # fsync changes how files are written, not what is in them: no rerun.
-            "params": {**params, "fsync": config["fsync"]},
-            "wildcards": dict(wildcards.items()),
-            "warm_workers": config["warm_workers"],
-        }
-        return shlex.join([STEP_PYTHON, path, json.dumps(job)])
-
-    return command
 
 
 wildcard_constraints:
@@ -231,35 +187,32 @@ def clean_step(row):
     return "clean_timeseries" if row.time_series else "clean"
 
 
-def qa_inputs(wildcards):
-    """The rate file(s), the cleaned product and its record, for rule qa."""
-    row = manifest_row(wildcards.program, wildcards.stem)
-    folder = results_path(wildcards.program, wildcards.stem)
+def qa_record(program, row):
+    """The QA record of an exposure (rule clean, or clean_timeseries for a time series)."""
     if row.time_series:
-        cleaned = os.path.join(folder, "nsclean_rateints")
-        status = os.path.join(folder, f"{wildcards.stem}_clean_timeseries.json")
-    else:
-        cleaned = os.path.join(folder, f"{wildcards.stem}_nsclean_rate.fits")
-        status = os.path.join(folder, f"{wildcards.stem}_clean.json")
-    return {"rate": rate_inputs(wildcards), "cleaned": cleaned, "clean_status": status}
+        return results_path(program, row.stem, "timeseries_qa", f"{row.stem}_qa.json")
+    return results_path(program, row.stem, f"{row.stem}_qa.json")
+
+
+def figure_dir(program, row):
+    """The folder of an exposure's QA figures."""
+    if row.time_series:
+        return results_path(program, row.stem, "timeseries_qa", "figures")
+    return results_path(program, row.stem, "figures")
 
 
 def program_qa_records(wildcards):
     """QA records of every exposure of a program that is not skipped."""
-    return expand(
-        results_path("{program}", "{stem}", "{stem}_qa.json"),
-        program=wildcards.program,
-        stem=processed_stems(wildcards.program),
-    )
+    return [qa_record(wildcards.program, row) for row in processed_rows(wildcards.program)]
 
 
 def step_benchmarks(program):
-    """Benchmark files of the mask, clean and QA jobs of a program's exposures: the
-    reports show their wall times (the QA records themselves carry no time)."""
+    """Benchmark files of the mask and clean (with QA) jobs of a program's exposures:
+    the reports show their wall times (the QA records themselves carry no time)."""
     return [
         benchmark_path(step, program, row.stem)
         for row in processed_rows(program)
-        for step in ("mask", clean_step(row), "qa")
+        for step in ("mask", clean_step(row))
     ]
 
 
@@ -274,22 +227,12 @@ def run_step_benchmarks(wildcards):
 def run_qa_records(wildcards):
     """QA records of every exposure of every configured program."""
     return [
-        path
-        for program in PROGRAMS
-        for path in expand(
-            results_path("{program}", "{stem}", "{stem}_qa.json"),
-            program=program,
-            stem=processed_stems(program),
-        )
+        qa_record(program, row) for program in PROGRAMS for row in processed_rows(program)
     ]
 
 
 def program_figure_dirs(wildcards):
-    return expand(
-        results_path("{program}", "{stem}", "figures"),
-        program=wildcards.program,
-        stem=processed_stems(wildcards.program),
-    )
+    return [figure_dir(wildcards.program, row) for row in processed_rows(wildcards.program)]
 
 
 def final_targets():

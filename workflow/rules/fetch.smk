@@ -22,12 +22,11 @@ checkpoint fetch_manifest:
         # What decides the list of exposures (the rerun trigger).
         **MANIFEST_SETTINGS,
         programs=lambda wildcards: [wildcards.program],
-        # The job for the script: the whole archive section, archive.url (and
-        # retries, timeout) included, as a derived param, so that a mirror or a
-        # loopback server on another port does not trigger a rerun.
-        command=step_command("fetch_manifest.py", archive=ARCHIVE),
-    shell:
-        "{params.command} --log {log:q}"
+    # The script reads the whole archive section (archive.url, retries, timeout)
+    # from the config: a mirror or a loopback server on another port does not
+    # trigger a rerun.
+    script:
+        "../../scripts/fetch_manifest.py"
 
 
 rule fetch_file:
@@ -45,16 +44,15 @@ rule fetch_file:
         log_path("fetch_file", "{program}", "{filename}"),
     benchmark:
         benchmark_path("fetch_file", "{program}", "{filename}")
+    group:
+        "exposure"
     conda:
         "../../envs/nsclean.yaml"
     resources:
         mem_mb=500,
         runtime=60,
         mast_connections=1,
-    params:
-        # archive.url, retries, timeout and backoff are read from here: a derived
-        # param, so that a mirror or a loopback server on another port does not
-        # trigger a rerun.
-        command=step_command("fetch_file.py", archive=ARCHIVE),
-    shell:
-        "{params.command} --log {log:q}"
+    # The script reads archive.url, retries, timeout and backoff from the config:
+    # a mirror or a loopback server on another port does not trigger a rerun.
+    script:
+        "../../scripts/fetch_file.py"

@@ -13,6 +13,8 @@ rule mask:
         log_path("mask", "{program}", "{stem}"),
     benchmark:
         benchmark_path("mask", "{program}", "{stem}")
+    group:
+        "exposure"
     conda:
         "../../envs/nsclean.yaml"
     threads: 1
@@ -22,9 +24,5 @@ rule mask:
     params:
         options=MASK_OPTIONS,
         software=NSCLEAN_VERSION,
-        # The job for the script (the same options; not itself a rerun trigger).
-        command=step_command(
-            "make_mask.py", options=MASK_OPTIONS, software=NSCLEAN_VERSION
-        ),
-    shell:
-        "{params.command} --log {log:q}"
+    script:
+        "../../scripts/make_mask.py"

@@ -1,0 +1,785 @@
+"""Readout-aware cleaning: the correlated noise as the detector reads it (pure numpy, no I/O).
+
+A NIRSpec full-frame fast-scan line (one DMS column) is read through four outputs of
+512 pixels at the same 512 clock ticks, odd outputs in the opposite direction.  Most of
+the 1/f noise is common to the four outputs at the same tick, a smaller part belongs to
+one output, and the picture frame and the slowest 1/f change smoothly from line to line
+(Rauscher 2015; Rauscher 2024, section 2).  This module estimates the correlated noise at
+*every* pixel as its conditional mean given the background pixels, under a Gaussian prior
+whose parameters come from the exposure itself:
+
+* **Readout geometry.**  Every line is put on its (output, tick) grid.  The noise of
+  output ``o`` at tick ``t`` is ``c(t) + u_o(t)``: a common part shared by the four
+  outputs and a per-output part, each a DCT-II series on the 512 ticks (the DCT is close
+  to the Karhunen-Loeve basis of a stationary process on an interval, so a stationary
+  prior is nearly diagonal in it).  Where one output sits on the science, the other
+  three saw the same ticks in the background, so a long gap on one output is not a hole.
+* **Empirical prior (empirical Bayes).**  The prior variances of the coefficients (the
+  common and per-output spectra) and the white level come from the background of the
+  exposure: a first guess from the masked auto- and cross-output second moments, then
+  maximum likelihood by expectation-maximisation, which accounts for every line's gaps.
+  The number of modes kept is where the prior still carries a useful fraction of the
+  noise of a coefficient estimate.  Nothing here is tuned to a simulator.
+* **Neighbouring lines.**  The picture frame and the slowest 1/f vary smoothly across
+  lines.  After a first pass, every coefficient gets a prior mean from the neighbouring
+  lines' estimates (a Gaussian average that leaves the line itself out), with the width
+  chosen per coefficient by leave-one-out prediction error (or no sharing at all), and a
+  prior variance around it from the law of total variance.  The second pass is the
+  conditional mean under that prior.
+* **Subarrays** are read through one output: the read-out time series (10 us per pixel,
+  12 overhead ticks per line) is cut in chunks that overlap by half, each chunk is one
+  segment with a single output, and the chunk models are blended with triangular
+  windows.  The background is sampled once per line, so modes faster than half a cycle
+  per line are not identifiable and are not fitted.
+
+The conditional mean cannot do worse than not cleaning in expectation when the prior is
+right, and the posterior variance of the prediction is known at every pixel
+(``variance=True``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from .nirspec import CHANNEL_ROWS, LINE_OVERHEAD_TICKS, N_CHANNELS, REFERENCE_BORDER
+from .orientation import detector_to_dms, dms_to_detector
+
+# A full-frame line is read through N_CHANNELS outputs of CHANNEL_ROWS ticks each.
+N_OUTPUTS = N_CHANNELS
+OUTPUT_TICKS = CHANNEL_ROWS
+
+# A mode is kept while its prior variance is at least this fraction of the noise
+# variance of its coefficient estimate from a typical line: below it the posterior
+# shrinks the mode by more than 95 % and it only costs time.
+_MIN_SNR = 0.05
+# Candidate widths (Gaussian sigma, in lines) of the neighbour prior mean; 0 = none.
+_SHARE_WIDTHS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+# At most this many lines (evenly spaced) are used to estimate the covariances.
+_COVARIANCE_LINES = 256
+# Expectation-maximisation steps for the prior spectra (stops earlier when converged).
+_EM_ITERATIONS = 8
+_EM_TOLERANCE = 0.02
+# The mode count stops at the first run of this many modes that are not worth fitting.
+_GAP_MODES = 3
+# Samples further than this many sigma from the level are never used (cosmic rays,
+# hot pixels); the outlier pass judges the rest.
+_FAR = 10.0
+
+
+def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False):
+    """Conditional-mean model of the correlated noise of one image.
+
+    Parameters
+    ----------
+    dms_image : ndarray
+        2-D float image in DMS orientation.
+    valid : ndarray of bool
+        Background pixels usable for the fit (finite, not reference pixels).
+    detector : {"NRS1", "NRS2"}
+        Normalised detector name.
+    opts : dict
+        Validated options of :func:`nsclean.fit` (``max_modes``, ``share_lines``,
+        ``outlier_sigma``, ``outlier_iterations``, ``chunk_length``).
+    full_frame : bool
+        Full frame (four outputs per line) or subarray (one output, time series).
+    variance : bool
+        Also return the posterior variance of the correlated noise at every pixel.
+
+    Returns
+    -------
+    model : ndarray of float32 or float64
+        The model (level + conditional mean), DMS orientation.
+    info : dict
+        Diagnostics (see :func:`nsclean.fit`).
+    pixel_variance : ndarray or None
+        Posterior variance of the noise at every pixel (image units squared), or None.
+    """
+    dtype = dms_image.dtype if dms_image.dtype in (np.float32, np.float64) else np.float64
+    level, sigma = _level_and_sigma(dms_image, valid)
+    if full_frame:
+        layout = _LineLayout(dms_image.shape, detector)
+    else:
+        layout = _ChunkLayout(dms_image.shape, detector, int(opts["chunk_length"]))
+    data, mask = layout.segments(dms_image, valid, level)
+    # Far outliers never enter the covariances or the fit.
+    near = np.abs(data) <= _FAR * sigma
+    n_far = int(np.count_nonzero(mask))
+    mask &= near
+    n_far -= int(np.count_nonzero(mask))
+    np.copyto(data, 0.0, where=~mask)
+
+    prior = _empirical_prior(
+        layout.pattern_free(data, mask), mask, opts,
+        max_modes=getattr(layout, "max_modes", None),
+    )
+    solver = _Solver(data, mask, prior)
+    coef = solver.solve()
+    n_rejected = n_far
+    if opts["outlier_sigma"] is not None:
+        for _ in range(int(opts["outlier_iterations"])):
+            rejected = solver.reject_outliers(coef, opts["outlier_sigma"])
+            if rejected == 0:
+                break
+            n_rejected += rejected
+            coef = solver.solve()
+
+    shared = None
+    if full_frame and opts["share_lines"]:
+        shared = solver.share_neighbours(coef)
+        coef = solver.solve()
+
+    model = layout.to_dms(solver.evaluate(coef, dtype), dtype, offset=level)
+    pixel_variance = None
+    if variance:
+        pixel_variance = layout.to_dms(solver.pixel_variance(), np.float32)
+
+    n_background = valid.sum(axis=0)
+    info = {
+        "n_lines": int(layout.n_lines),
+        "n_rejected": int(n_rejected),
+        "n_background": n_background,
+        # Segments without a background pixel: their model is the prior mean alone
+        # (the reference lines of a full frame are not cleaned at all).
+        "n_predicted": int(np.count_nonzero(~mask.any(axis=(0, 1))))
+        - (2 * REFERENCE_BORDER if full_frame else 0),
+        "common_modes": int(prior.n_common),
+        "output_modes": int(max(prior.n_output - 1, 0)),  # DCT modes (+ alternating)
+        "white_sigma": float(math.sqrt(prior.white)),
+        "common_fraction": prior.common_fraction(),
+        "shared_coefficients": 0 if shared is None else int(np.count_nonzero(shared)),
+        "segments": int(data.shape[2]),
+    }
+    return model, info, pixel_variance
+
+
+# --------------------------------------------------------------------------------------
+# Geometry: DMS image <-> segments (segment, output, tick)
+# --------------------------------------------------------------------------------------
+
+
+class _LineLayout:
+    """Full frame: one segment per fast-scan line, arrays (output, tick, line).
+
+    A DMS column is one fast-scan line and the four outputs are 512-row blocks of it,
+    so ``dms.reshape(4, 512, 2048)`` is already (output, pixel, line) with no copy.
+    Alternate outputs read in opposite directions: flipping blocks 1 and 3 along the
+    rows puts every pixel on its clock tick.  The same blocks flip on NRS2, whose
+    detector frame is the DMS frame rotated by 180 degrees (the outputs are met in the
+    opposite order and the lines read in reverse, neither of which matters here).
+    """
+
+    def __init__(self, shape, detector):
+        self.shape = shape
+        self.n_lines = shape[1]
+        self.n_out = N_OUTPUTS
+        self.length = shape[0] // N_OUTPUTS
+
+    def _tick_views(self, dms_array):
+        grid = dms_array.view()
+        grid.shape = (self.n_out, self.length, self.n_lines)  # a view: never a copy
+        return [(slice(0, None, 2), grid[0::2]), (slice(1, None, 2), grid[1::2, ::-1])]
+
+    def segments(self, dms_image, valid, level):
+        shape = (self.n_out, self.length, self.n_lines)
+        data = np.empty(shape, dtype=np.float32)
+        mask = np.empty(shape, dtype=bool)
+        for (outputs, view), (_, valid_view) in zip(
+            self._tick_views(np.ascontiguousarray(dms_image)),
+            self._tick_views(np.ascontiguousarray(valid)),
+            strict=True,
+        ):
+            np.subtract(view, np.float32(level), out=data[outputs], casting="unsafe")
+            mask[outputs] = valid_view
+        np.copyto(data, 0.0, where=~mask)  # NaN pixels too
+        return data, mask
+
+    def pattern_free(self, data, mask):
+        """The segments for the prior (which removes the mean over lines itself)."""
+        return data
+
+    def to_dms(self, segments, dtype, offset=0.0):
+        dms = np.empty(self.shape, dtype=dtype)
+        for outputs, view in self._tick_views(dms):
+            np.add(segments[outputs], offset, out=view, casting="unsafe")
+        b = REFERENCE_BORDER
+        dms[:b] = dms[-b:] = 0
+        dms[:, :b] = dms[:, -b:] = 0
+        return dms
+
+
+class _ChunkLayout:
+    """Subarray: the read-out time series (one output), in chunks that overlap by half.
+
+    Pixels sit on the time axis at one tick each, with ``LINE_OVERHEAD_TICKS`` empty
+    ticks after every line.  Each chunk is one segment with one output; the chunk
+    models are blended with triangular windows that sum to one.
+    """
+
+    def __init__(self, shape, detector, chunk_length):
+        self.shape = shape
+        self.detector = detector
+        self.n_fast, self.n_lines = shape
+        self.stride = self.n_fast + LINE_OVERHEAD_TICKS
+        self.total = self.n_lines * self.stride
+        if self.total <= chunk_length:
+            self.chunk, self.hop, self.n_chunks = self.total, self.total, 1
+            self.window = np.ones(self.chunk)
+        else:
+            self.chunk, self.hop = chunk_length, chunk_length // 2
+            self.n_chunks = math.ceil((self.total - chunk_length) / self.hop) + 1
+            ramp = (np.arange(self.chunk) + 0.5) / self.hop
+            self.window = np.minimum(np.minimum(ramp, ramp[::-1]), 1.0)
+        self.padded = (self.n_chunks - 1) * self.hop + self.chunk
+        # Lines per chunk: the sampling of the time series is one cluster of background
+        # pixels per line: mode j has j / 2 cycles per chunk, and no mode beyond half a
+        # cycle per line (j = lines per chunk) is identifiable.
+        self.max_modes = max(1, self.chunk // self.stride)
+
+    def _series(self, lines, fill):
+        series = np.full(self.padded, fill, dtype=lines.dtype)
+        series[: self.total].reshape(self.n_lines, self.stride)[:, : self.n_fast] = lines
+        return series
+
+    def _chunks(self, series):
+        # (1, tick, chunk): the segments-last layout of the solver.
+        index = np.arange(self.chunk)[:, None] + (np.arange(self.n_chunks) * self.hop)
+        return series[index][None]
+
+    def segments(self, dms_image, valid, level):
+        lines = dms_to_detector(dms_image, self.detector).astype(np.float32) - np.float32(level)
+        line_valid = dms_to_detector(valid, self.detector)
+        data = self._chunks(self._series(lines, 0.0))
+        mask = self._chunks(self._series(line_valid, False))
+        data[~mask] = 0.0
+        # What every line has at the same position (the wings of a bright trace past the
+        # mask) is not noise: it is left out of the prior's estimate (pattern_free).
+        counts = line_valid.sum(axis=0)
+        sums = np.where(line_valid, lines, 0.0).sum(axis=0, dtype=np.float64)
+        pattern = np.divide(sums, counts, out=np.zeros(counts.shape), where=counts > 0)
+        self._pattern = self._chunks(
+            self._series(np.broadcast_to(pattern.astype(np.float32), lines.shape), 0.0)
+        )
+        return data, mask
+
+    def pattern_free(self, data, mask):
+        """The segments without the pattern common to all lines (for the prior)."""
+        return np.where(mask, data - self._pattern, 0.0).astype(np.float32)
+
+    def to_dms(self, segments, dtype, offset=0.0):
+        series = np.zeros(self.padded)
+        weight = np.zeros(self.padded)
+        for i in range(self.n_chunks):
+            series[i * self.hop : i * self.hop + self.chunk] += self.window * segments[0, :, i]
+            weight[i * self.hop : i * self.hop + self.chunk] += self.window
+        # The windows sum to one where chunks overlap; the ends have one chunk only.
+        series = series / np.maximum(weight, 1e-12) + float(offset)
+        lines = series[: self.total].reshape(self.n_lines, self.stride)[:, : self.n_fast]
+        return np.ascontiguousarray(detector_to_dms(lines, self.detector), dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Empirical prior
+# --------------------------------------------------------------------------------------
+
+
+def _level_and_sigma(image, valid):
+    """Robust background level and white-noise sigma (median, MAD) from a sample."""
+    values = image[valid]
+    if values.size > 200_000:
+        values = values[:: values.size // 200_000]
+    values = values.astype(np.float64)
+    level = float(np.median(values))
+    sigma = 1.4826 * float(np.median(np.abs(values - level)))
+    if not sigma > 0:
+        sigma = float(np.std(values)) or 1.0
+    return level, sigma
+
+
+class _Prior:
+    """Prior variances of the DCT coefficients (units of the data squared)."""
+
+    def __init__(self, common, output, white, excluded):
+        self.common = common  # (Jc,)
+        self.output = output  # (Ju,), empty for one output
+        self.white = white  # white + power of the modes left out, per pixel
+        self.excluded = excluded  # per-pixel power of the modes left out
+        self.n_common = common.size
+        self.n_output = output.size
+        self.mean = None  # (segments, Jc + outputs * Ju) prior means, set by sharing
+
+    def common_fraction(self):
+        total = float(self.common.sum() + N_OUTPUTS * self.output.sum())
+        # (the alternating-column mode counts as per-output power)
+        return float(self.common.sum() / total) if total > 0 and self.n_output else 1.0
+
+
+def _empirical_prior(data, mask, opts, max_modes=None):
+    """Prior variances of the common and per-output DCT modes, from the background.
+
+    Estimated on a sample of lines, in three steps:
+
+    1. The white level, from differences of background pixels two ticks apart on the
+       same output (robust: median absolute difference; two ticks, so that noise that
+       alternates from pixel to pixel is not taken for white noise).
+    2. A first guess of the spectra from the masked second moments of the projections
+       ``x_o = D^T (m_o z_o)``: with ``G_o = D^T diag(m_o) D``,
+       ``E[x_oj x_o'j] = sum_k G_o,jk G_o',jk lc_k`` across outputs (the common part is
+       the same at the same tick of every output) and
+       ``E[x_oj^2] = sum_k G_o,jk^2 (lc_k + lu_k) + white G_o,jj``; summed over lines
+       these are small non-negative least-squares problems.
+    3. Maximum likelihood by expectation-maximisation from that guess: the posterior of
+       every sampled line's coefficients under the current prior gives the new prior
+       variance of mode j as the mean of ``mean_j^2 + var_j`` over lines.  This
+       accounts exactly for the gaps of every line, so the strong low modes (the
+       banding) do not leak into the estimates of weak ones.
+    """
+    from scipy.optimize import nnls
+
+    n_out, length, n_seg = data.shape
+    used = np.flatnonzero(mask.any(axis=(0, 1)))
+    if used.size > _COVARIANCE_LINES:
+        used = used[np.round(np.linspace(0, used.size - 1, _COVARIANCE_LINES)).astype(int)]
+    # (segment, output, tick) for the sample.
+    m = mask[:, :, used].transpose(2, 0, 1)
+    z = data[:, :, used].transpose(2, 0, 1).astype(np.float64)
+    # What is the same in every line (the picture frame's mean shape, a fixed pattern)
+    # is left in: it is part of what the model must follow (its mean over lines is the
+    # prior mean the neighbouring lines give; taking it out made the per-output modes
+    # too weak to follow a strong picture frame, docs/benchmarks.md).
+    white = _white_level(z, m)
+
+    if max_modes is None:
+        max_modes = int(opts["max_modes"])
+    n_common = int(min(length // 2, max_modes))
+    n_output = int(min(length // 2, max(1, max_modes // 2))) if n_out > 1 else 0
+    basis = _dct_basis(length, n_common)
+    mf = m.astype(np.float64)
+    g = _GramMaker(length, n_common).matrices(mf)  # (S, O, Jc, Jc)
+    x = z @ basis
+    g2 = g * g
+    auto_lhs = g2.sum(axis=(0, 1))
+    diag = np.arange(n_common)
+    white_col = g[..., diag, diag].sum(axis=(0, 1))
+    auto_rhs = (x * x).sum(axis=(0, 1)) - white * white_col
+    if n_out > 1:
+        g_sum = g.sum(axis=1)
+        cross_lhs = (g_sum * g_sum).sum(axis=0) - auto_lhs
+        cross_rhs = (x.sum(axis=1) ** 2).sum(axis=0) - (x * x).sum(axis=(0, 1))
+        lam_common = _nnls(nnls, cross_lhs, cross_rhs)
+        lam_output = _nnls(nnls, auto_lhs, auto_rhs - auto_lhs @ lam_common)[:n_output]
+    else:
+        lam_common = _nnls(nnls, auto_lhs, auto_rhs)
+        lam_output = np.zeros(0)
+    del g, g2
+
+    fraction = float(np.median(mf.mean(axis=2).mean(axis=1)))
+    fraction = max(fraction, 1.0 / length)
+    noise_common = white / (n_out * fraction)
+    noise_output = white / fraction
+    # A mode is worth fitting where its prior is a useful fraction of the noise of its
+    # estimate and clearly above the sampling error of the prior estimate itself
+    # (relative error sqrt(2 / samples) of a variance; one sample per line and mode,
+    # per line, output and mode for the per-output part).
+    error_common = 2.0 * math.sqrt(2.0 / len(used))
+    error_output = 2.0 * math.sqrt(2.0 / (len(used) * n_out))
+
+    def worth(lam, noise, error, limit):
+        return _modes_worth_fitting(lam - error * (lam + noise), noise, limit, _MIN_SNR)
+
+    n_common = worth(lam_common, noise_common, error_common, n_common)
+    floor = 1e-6 * white
+    if n_out > 1:
+        n_output = worth(lam_output, noise_output, error_output, n_output)
+        # The per-output modes are the leading modes of the common basis: the common
+        # part gets at least as many (their own prior keeps the extra ones small).
+        n_common = max(n_common, n_output)
+        # The alternating-column mode: first guess from its masked projections,
+        # E[(psi^T m z)^2] = lacn c^2 + white c with c = sum(m) / L.
+        psi = (-1.0) ** np.arange(length) / math.sqrt(length)
+        x_alt = z @ psi
+        c = mf.sum(axis=-1) / length
+        lam_alt = (x_alt**2 - white * c).sum() / max((c * c).sum(), 1e-12)
+        lam_output = np.append(lam_output[:n_output], lam_alt)
+    prior = _Prior(np.maximum(lam_common[:n_common], floor), np.maximum(lam_output, floor),
+                   white, 0.0)
+    solver = _Solver(np.ascontiguousarray(z.transpose(1, 2, 0), dtype=np.float32),
+                     np.ascontiguousarray(m.transpose(1, 2, 0)), prior)
+    n_u = prior.n_output
+    for _ in range(_EM_ITERATIONS):
+        coef = solver.solve()
+        second = coef * coef + solver.coefficient_variances()
+        new_common = second[:, :n_common].mean(axis=0)
+        change = np.max(np.abs(new_common - prior.common) / (prior.common + 0.01 * white))
+        prior.common = np.maximum(new_common, floor)
+        if n_u:
+            second = second[:, n_common:].reshape(len(coef), n_out, n_u)
+            prior.output = np.maximum(second.mean(axis=(0, 1)), floor)
+        if change < _EM_TOLERANCE:
+            break
+    lam_common, lam_output = prior.common, prior.output
+    keep_common = worth(lam_common, noise_common, error_common, n_common)
+    excluded = 0.0
+    if n_u:
+        dct_output = lam_output[:-1]
+        keep_output = worth(dct_output, noise_output, error_output, n_u - 1) \
+            if dct_output.size else 0
+        keep_common = max(keep_common, keep_output)
+        excluded += float(dct_output[keep_output:].sum()) / length
+        lam_output = np.append(dct_output[:keep_output], lam_output[-1])
+    excluded += float(lam_common[keep_common:].sum()) / length
+    return _Prior(lam_common[:keep_common], lam_output, white + excluded, excluded)
+
+
+def _white_level(z, m):
+    """White-noise variance from background pixels two ticks apart (median-based)."""
+    both = m[..., 2:] & m[..., :-2]
+    diff = (z[..., 2:] - z[..., :-2])[both]
+    if diff.size < 10:
+        values = z[m]
+        return float(np.var(values)) if values.size > 1 else 1.0
+    if diff.size > 400_000:
+        diff = diff[:: diff.size // 400_000]
+    # A difference of two independent pixels has twice the variance of one.
+    return float((1.4826 * np.median(np.abs(diff))) ** 2 / 2.0) or float(np.var(diff) / 2)
+
+
+def _nnls(nnls, lhs, rhs):
+    """Non-negative least squares, scaled so that every column has unit norm."""
+    norms = np.linalg.norm(lhs, axis=0)
+    norms[norms == 0] = 1.0
+    solution, _ = nnls(lhs / norms, rhs, maxiter=50 * lhs.shape[1])
+    return solution / norms
+
+
+@functools.lru_cache(maxsize=8)
+def _dct_basis(length, n_modes):
+    """Orthonormal DCT-II basis vectors as columns, (length, n_modes)."""
+    t = np.arange(length) + 0.5
+    j = np.arange(n_modes)
+    basis = np.cos(np.pi * np.outer(t, j) / length) * math.sqrt(2.0 / length)
+    basis[:, 0] = math.sqrt(1.0 / length)
+    basis.setflags(write=False)
+    return basis
+
+
+def _modes_worth_fitting(prior_variance, noise_variance, max_modes, threshold):
+    """Number of leading modes worth fitting.
+
+    A mode is useful where its prior variance is at least ``threshold`` times the noise
+    variance of its estimate.  The count ends at the first run of ``_GAP_MODES`` modes
+    that are not, so that one noisy estimate far up the spectrum does not drag in every
+    mode below it.
+    """
+    useful = prior_variance[:max_modes] >= threshold * noise_variance
+    n = useful.size
+    for j in range(useful.size):
+        if not useful[j : j + _GAP_MODES].any():
+            n = j
+            break
+    return int(max(n, 1))
+
+
+class _GramMaker:
+    """Gram matrices ``D^T diag(m) D`` of the first DCT modes, from masked cosine sums.
+
+    Products of two cosines are cosines of the sum and the difference of their
+    frequencies, so the J x J Gram matrix is a Hankel plus a Toeplitz matrix of the
+    2J - 1 sums ``c_f = sum_t m(t) cos(pi f (t + 1/2) / L)``:
+    ``G_jk = s_j s_k (c_{j+k} + c_{|j-k|}) / 2``.  Both are built as strided views.
+    """
+
+    def __init__(self, length, n_modes):
+        self.n_modes = n_modes
+        t = np.arange(length) + 0.5
+        cosines = np.cos(np.pi * np.outer(t, np.arange(2 * n_modes - 1)) / length)
+        self.cosines = cosines.astype(np.float32)
+        j = np.arange(n_modes)
+        scale = np.where(j == 0, math.sqrt(1.0 / length), math.sqrt(2.0 / length))
+        self.scale = 0.5 * np.outer(scale, scale)
+
+    def sums(self, mask):
+        """Masked cosine sums, (..., 2J - 1), from a 0/1 mask (..., L)."""
+        return (mask.astype(np.float32) @ self.cosines).astype(np.float64)
+
+    def sums_along_ticks(self, mask):
+        """Masked cosine sums (S, O, 2J - 1) from a 0/1 mask (O, L, S)."""
+        return (self.cosines.T @ mask).transpose(2, 0, 1).astype(np.float64)
+
+    def from_sums(self, sums, rows=None):
+        """Gram matrices (..., rows, J) from cosine sums; ``rows`` leading rows only."""
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        j = self.n_modes
+        rows = j if rows is None else rows
+        hankel = sliding_window_view(sums, j, axis=-1)[..., :rows, :]
+        mirrored = np.concatenate([sums[..., j - 1 : 0 : -1], sums[..., :j]], axis=-1)
+        toeplitz = sliding_window_view(mirrored, j, axis=-1)[..., ::-1, :][..., :rows, :]
+        return (hankel + toeplitz) * self.scale[:rows]
+
+    def matrices(self, mask):
+        return self.from_sums(self.sums(mask))
+
+
+# --------------------------------------------------------------------------------------
+# The batched conditional mean
+# --------------------------------------------------------------------------------------
+
+
+class _Solver:
+    """Posterior of the coefficients of every segment, batched over segments.
+
+    Unknowns per segment: common DCT coefficients ``a`` (Jc) and, per output, ``b_o``
+    (Ku = Ju + 1 each): the leading Ju DCT modes and the alternating-column mode
+    ``(-1)^t / sqrt(L)`` (even and odd columns of an output drift apart from line to
+    line: alternating column noise, Rauscher 2015).  With ``U`` the per-output basis
+    and Gram matrices divided by the white variance, the precision is
+
+        [ sum_o D^T M_o D + Lc^-1     D^T M_o U          ]
+        [ U^T M_o D                   U^T M_o U + Lu^-1  ]   (block diagonal over o)
+
+    The per-output blocks are eliminated first (a Schur complement), which leaves one
+    Jc x Jc system per segment.
+    """
+
+    def __init__(self, data, mask, prior):
+        # The pixel arrays are (output, tick, segment): the DMS layout of a full frame.
+        # The small per-segment matrices are (segment, ...).
+        self.data = data
+        self.mask = mask
+        self.prior = prior
+        n_out, length, n_seg = data.shape
+        self.n_out = n_out
+        self.length = length
+        self.jc = prior.n_common
+        self.ku = prior.n_output if n_out > 1 else 0  # DCT modes + the alternating mode
+        self.ju = max(self.ku - 1, 0)
+        self.basis = _dct_basis(length, self.jc)
+        self._basis32 = self.basis.astype(np.float32)
+        self.alternating = ((-1.0) ** np.arange(length)) / math.sqrt(length)
+        self.basis_u = np.concatenate(
+            [_dct_basis(length, max(self.jc, self.ju))[:, : self.ju],
+             self.alternating[:, None]], axis=1) if self.ku else np.zeros((length, 0))
+        self._gram_maker = _GramMaker(length, self.jc)
+        self.white = prior.white
+        self.gram_total = np.empty((n_seg, self.jc, self.jc))
+        self.gram_rows = np.empty((n_seg, n_out, self.ku, self.jc))
+        self.gram_u = np.empty((n_seg, n_out, self.ku, self.ku))
+        self.rhs = np.empty((n_seg, n_out, self.jc))
+        self.rhs_u = np.empty((n_seg, n_out, self.ku))
+        self._build(slice(None))
+
+    def _build(self, segments):
+        """Gram matrices and right-hand sides of these segments (white variance units)."""
+        maker, ju, ku = self._gram_maker, self.ju, self.ku
+        mask = self.mask[:, :, segments].astype(np.float32)  # (O, L, S)
+        sums = maker.sums_along_ticks(mask)  # (S, O, 2Jc - 1)
+        self.gram_total[segments] = maker.from_sums(sums.sum(axis=1)) / self.white
+        values = self.data[:, :, segments]
+        projected = (self._basis32.T @ values).transpose(2, 0, 1)  # (S, O, Jc)
+        self.rhs[segments] = projected.astype(np.float64) / self.white
+        if not ku:
+            return
+        n = projected.shape[0]
+        rows = np.empty((n, self.n_out, ku, self.jc))
+        rows[..., :ju, :] = maker.from_sums(sums, rows=ju)
+        alt_mask = mask * self.alternating.astype(np.float32)[:, None]
+        rows[..., ju, :] = (self._basis32.T @ alt_mask).transpose(2, 0, 1)
+        self.gram_rows[segments] = rows / self.white
+        gram_u = np.empty((n, self.n_out, ku, ku))
+        gram_u[..., :ju, :ju] = rows[..., :ju, :ju]
+        gram_u[..., ju, :ju] = gram_u[..., :ju, ju] = rows[..., ju, :ju]
+        gram_u[..., ju, ju] = mask.sum(axis=1).T / self.length
+        self.gram_u[segments] = gram_u / self.white
+        rhs_u = np.empty((n, self.n_out, ku))
+        rhs_u[..., :ju] = projected[..., :ju]
+        rhs_u[..., ju] = (self.alternating.astype(np.float32) @ values).T
+        self.rhs_u[segments] = rhs_u / self.white
+
+    def solve(self):
+        """Posterior means of all coefficients, (segments, Jc + outputs * Ku)."""
+        jc, ku, n_out = self.jc, self.ku, self.n_out
+        # The Gram matrices are divided by the white variance, so the coefficients and
+        # the prior precisions are in data units.
+        inv_c = 1.0 / self.prior.common
+        mean = self.prior.mean
+        schur = self.gram_total.copy()
+        schur[:, np.arange(jc), np.arange(jc)] += inv_c
+        rhs_c = self.rhs.sum(axis=1)
+        if mean is not None:
+            rhs_c += inv_c * mean[:, :jc]
+        if ku:
+            inv_u = 1.0 / self.prior.output
+            rows = self.gram_rows  # (S, O, Ku, Jc)
+            h = self.gram_u.copy()
+            h[..., np.arange(ku), np.arange(ku)] += inv_u
+            rhs_u = self.rhs_u.copy()
+            if mean is not None:
+                rhs_u += inv_u * mean[:, jc:].reshape(-1, n_out, ku)
+            # H_o^-1 [U^T M_o D | r_u]: the coupling and the eliminated rhs in one solve.
+            both = np.linalg.solve(h, np.concatenate([rows, rhs_u[..., None]], axis=-1))
+            coupling, h_inv_r = both[..., :jc], both[..., jc]
+            schur -= (np.swapaxes(rows, -1, -2) @ coupling).sum(axis=1)
+            rhs_c -= (h_inv_r[..., None, :] @ rows)[..., 0, :].sum(axis=1)
+            self._coupling, self._h = coupling, h
+        self._schur = schur
+        a = np.linalg.solve(schur, rhs_c[..., None])[..., 0]
+        if not ku:
+            return a
+        b = h_inv_r - (coupling @ a[:, None, :, None])[..., 0]
+        return np.concatenate([a, b.reshape(len(a), -1)], axis=1)
+
+    def evaluate(self, coef, dtype=np.float64):
+        """Model of every segment, (outputs, length, segments)."""
+        jc, ku = self.jc, self.ku
+        basis = self._basis32 if dtype == np.float32 else self.basis
+        a = coef[:, :jc].astype(basis.dtype)
+        model = np.empty(self.data.shape, dtype=dtype)
+        model[...] = (basis @ a.T)[None]
+        if ku:
+            b = coef[:, jc:].reshape(len(coef), self.n_out, ku).astype(basis.dtype)
+            model += self.basis_u.astype(basis.dtype) @ b.transpose(1, 2, 0)
+        return model
+
+    def reject_outliers(self, coef, threshold):
+        """Drop background pixels whose residual exceeds ``threshold`` sigma; count them.
+
+        The sigma is the white level of the exposure.  The dropped pixels' terms are
+        subtracted from the Gram matrices and right-hand sides (no rebuild).
+        """
+        model = self.evaluate(coef, np.float32)
+        model -= self.data
+        bad = np.abs(model) > threshold * math.sqrt(self.prior.white)
+        bad &= self.mask
+        out, tick, seg = np.nonzero(bad)
+        if seg.size == 0:
+            return 0
+        values = self.data[out, tick, seg].astype(np.float64) / self.white
+        d = self.basis[tick]  # (n, Jc)
+        np.add.at(self.gram_total, seg, -(d[:, :, None] * d[:, None, :]) / self.white)
+        np.add.at(self.rhs, (seg, out), -d * values[:, None])
+        if self.ku:
+            du = self.basis_u[tick]  # (n, Ku)
+            np.add.at(self.gram_rows, (seg, out), -(du[:, :, None] * d[:, None, :]) / self.white)
+            np.add.at(self.gram_u, (seg, out), -(du[:, :, None] * du[:, None, :]) / self.white)
+            np.add.at(self.rhs_u, (seg, out), -du * values[:, None])
+        self.mask[bad] = False
+        self.data[bad] = 0.0
+        return int(seg.size)
+
+    def coefficient_variances(self, rows=slice(None)):
+        """Posterior variances of the coefficients of these segments (last solve)."""
+        s_inv = np.linalg.inv(self._schur[rows])
+        var_a = np.diagonal(s_inv, axis1=1, axis2=2)
+        if not self.ku:
+            return var_a.copy()
+        h_inv = np.linalg.inv(self._h[rows])
+        k = self._coupling[rows]
+        var_b = np.diagonal(h_inv, axis1=2, axis2=3) + ((k @ s_inv[:, None]) * k).sum(axis=-1)
+        return np.concatenate([var_a, var_b.reshape(len(var_a), -1)], axis=1)
+
+    def share_neighbours(self, coef):
+        """Prior means from the neighbouring segments (leave-one-out), chosen per coefficient.
+
+        For every coefficient, the prior mean of a line is a Gaussian-weighted mean of
+        the other lines' estimates; the width (or no sharing at all) is the one that
+        predicts the lines' own estimates best.  The prior variance about that mean is,
+        by the law of total variance, the mean squared prediction error plus the mean
+        posterior variance of the estimates.  Returns the coefficients that share.
+        """
+        has_data = self.mask.any(axis=(0, 1)).astype(np.float64)
+        n_seg = coef.shape[0]
+        weighted = coef * has_data[:, None]
+        best_error = (weighted * coef).sum(axis=0)
+        best_mean = np.zeros_like(coef)
+        best_width = np.zeros(coef.shape[1])
+        nfft = 2 * n_seg
+        f_val = np.fft.rfft(weighted, n=nfft, axis=0)
+        f_has = np.fft.rfft(has_data, n=nfft)
+        lags = np.arange(nfft)
+        lags = np.minimum(lags, nfft - lags)
+        for width in _SHARE_WIDTHS[1:]:
+            kernel = np.exp(-0.5 * (lags / width) ** 2)
+            kernel[0] = 0.0  # leave the line itself out
+            f_kernel = np.fft.rfft(kernel)
+            num = np.fft.irfft(f_val * f_kernel[:, None], n=nfft, axis=0)[:n_seg]
+            den = np.fft.irfft(f_has * f_kernel, n=nfft)[:n_seg]
+            mean = num / np.maximum(den, 1e-12)[:, None]
+            mean[den < 1e-6] = 0.0
+            error = (((coef - mean) ** 2) * has_data[:, None]).sum(axis=0)
+            better = error < best_error
+            best_error = np.where(better, error, best_error)
+            best_mean[:, better] = mean[:, better]
+            best_width[better] = width
+        shared = best_width > 0
+        n_data = max(has_data.sum(), 1.0)
+        sample = np.flatnonzero(has_data)[:: max(1, int(n_data) // 256)]
+        mean_post_var = self.coefficient_variances(sample).mean(axis=0)
+        spread = best_error / n_data + mean_post_var
+        prior = self.prior
+        jc = self.jc
+        lam = np.concatenate([prior.common, np.tile(prior.output, self.n_out)])
+        new_lam = np.where(shared, np.maximum(spread, 1e-6 * prior.white), lam)
+        prior.common = new_lam[:jc]
+        if self.ku:
+            # One variance per output mode (pooled over the outputs).
+            prior.output = new_lam[jc:].reshape(self.n_out, self.ku).mean(axis=0)
+        prior.mean = best_mean
+        return shared
+
+    def pixel_variance(self):
+        """Posterior variance of the noise at every pixel, (segments, outputs, length).
+
+        With the per-output modes eliminated, ``v = xi^T S^-1 xi + u^T H_o^-1 u`` where
+        ``u(t)`` is the per-output basis at tick t and ``xi = phi - K_o^T u``.  Splitting
+        ``u`` into its DCT part and the alternating mode ``psi(t) = (-1)^t / sqrt(L)``,
+        ``v(t) = phi^T P phi + 2 psi q^T phi + r psi^2``; ``phi^T P phi`` is a cosine
+        series of twice the highest mode (products of cosines), evaluated in one
+        product.  The power of the modes left out of the model is added: it stays in
+        the data.
+        """
+        jc, ju, ku = self.jc, self.ju, self.ku
+        n_seg = self._schur.shape[0]
+        s_inv = np.linalg.inv(self._schur)
+        out = np.empty(self.data.shape, dtype=np.float32)
+        reducer = _quadratic_form_reducer(self.length, jc)
+        cos_t = self._gram_maker.cosines.T.astype(np.float64)  # (2Jc-1, L)
+        for s0 in range(0, n_seg, 128):
+            s1 = min(s0 + 128, n_seg)
+            p = s_inv[s0:s1]
+            if ku:
+                k = self._coupling[s0:s1]  # (S, O, Ku, Jc)
+                h_inv = np.linalg.inv(self._h[s0:s1])
+                # B^T = I - E^T K with E^T K holding K's DCT rows.
+                b_t = np.broadcast_to(np.eye(jc), (s1 - s0, self.n_out, jc, jc)).copy()
+                b_t[..., :ju, :] -= k[..., :ju, :]
+                s_inv_o = np.broadcast_to(p[:, None], b_t.shape)
+                alt = k[..., ju, :]  # (S, O, Jc): the alternating mode's row of K
+                p_full = b_t @ s_inv_o @ np.swapaxes(b_t, -1, -2)
+                p_full[..., :ju, :ju] += h_inv[..., :ju, :ju]
+                q = -(b_t @ (s_inv_o @ alt[..., None]))[..., 0]
+                q[..., :ju] += h_inv[..., ju, :ju]
+                r = (alt[..., None, :] @ s_inv_o @ alt[..., None])[..., 0, 0] + h_inv[..., ju, ju]
+                series = p_full.reshape(*p_full.shape[:2], jc * jc) @ reducer
+                v = series @ cos_t
+                v += (2.0 * (q @ self.basis.T)) * self.alternating
+                v += (r / self.length)[..., None]
+            else:
+                v = (p.reshape(len(p), 1, jc * jc) @ reducer) @ cos_t
+            out[:, :, s0:s1] = (v + self.prior.excluded).transpose(1, 2, 0)
+        return out
+
+
+@functools.lru_cache(maxsize=8)
+def _quadratic_form_reducer(length, n_modes):
+    """R with ``phi(t)^T P phi(t) = sum_f (vec(P) @ R)_f cos(pi f (t + 1/2) / L)``."""
+    j = np.arange(n_modes)
+    scale = np.where(j == 0, math.sqrt(1.0 / length), math.sqrt(2.0 / length))
+    weight = 0.5 * np.outer(scale, scale)
+    reducer = np.zeros((n_modes, n_modes, 2 * n_modes - 1))
+    jj, kk = np.meshgrid(j, j, indexing="ij")
+    np.add.at(reducer, (jj, kk, jj + kk), weight)
+    np.add.at(reducer, (jj, kk, np.abs(jj - kk)), weight)
+    return reducer.reshape(n_modes * n_modes, 2 * n_modes - 1)

@@ -1,0 +1,243 @@
+"""Tests of the readout-aware conditional-mean model against known truth."""
+
+import math
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+import nsclean
+from nsclean.algorithm import masks, readout
+from nsclean.testing import simulate
+
+FULL = 2048
+
+
+def readout_noise(rng, common, per_output, alternating=0.0, detector="NRS1"):
+    """Correlated noise drawn from the model itself: DCT modes of known prior variance.
+
+    ``common`` and ``per_output`` are the prior variances of the leading DCT modes of
+    the common and per-output parts; ``alternating`` that of the alternating-column
+    mode.  Returned in DMS orientation (the reference border is zero).
+    """
+    common, per_output = np.asarray(common), np.asarray(per_output)
+    layout = readout._LineLayout((FULL, FULL), detector)
+    length = readout.OUTPUT_TICKS
+    basis_c = readout._dct_basis(length, common.size)
+    basis_u = readout._dct_basis(length, per_output.size)
+    a = rng.normal(size=(FULL, common.size)) * np.sqrt(common)
+    b = rng.normal(size=(FULL, 4, per_output.size)) * np.sqrt(per_output)
+    segments = (a @ basis_c.T)[:, None, :] + b @ basis_u.T  # (line, output, tick)
+    if alternating:
+        psi = (-1.0) ** np.arange(length) / math.sqrt(length)
+        segments += rng.normal(size=(FULL, 4, 1)) * math.sqrt(alternating) * psi
+    return layout.to_dms(segments.transpose(1, 2, 0), np.float64)
+
+
+def usable_region():
+    region = np.ones((FULL, FULL), bool)
+    region[:4] = region[-4:] = False
+    region[:, :4] = region[:, -4:] = False
+    return region
+
+
+@pytest.fixture(scope="module")
+def model_drawn():
+    """A frame whose noise follows the model: prior spectra known exactly.
+
+    Per-pixel correlated variance ~0.13 of the white noise, as in IRS2 rate files.
+    """
+    rng = np.random.default_rng(5)
+    common = [40.0, 10.0, 3.0, 1.0]
+    per_output = [10.0, 2.0]
+    correlated = readout_noise(rng, common, per_output, alternating=0.5)
+    white = rng.normal(size=(FULL, FULL))
+    return correlated, white, common, per_output
+
+
+def test_prior_spectra_are_measured_from_the_exposure(model_drawn):
+    correlated, white, common, per_output = model_drawn
+    mask = usable_region() & (np.random.default_rng(1).random((FULL, FULL)) < 0.3)
+    layout = readout._LineLayout((FULL, FULL), "NRS1")
+    data, seg_mask = layout.segments(correlated + white, mask, 0.0)
+    prior = readout._empirical_prior(data, seg_mask, {"max_modes": 32})
+    # Prior variances are per orthonormal DCT coefficient over 512 ticks.  The strong
+    # modes are measured; weak ones (near the noise of their estimate) may not be.
+    assert prior.white == pytest.approx(1.0, rel=0.05)
+    assert prior.common[:2] == pytest.approx(common[:2], rel=0.3)
+    assert prior.output[0] == pytest.approx(per_output[0], rel=0.3)
+    # Modes with no power are not fitted (the last per-output entry is the
+    # alternating-column mode).
+    assert prior.n_common <= len(common) and prior.n_output - 1 <= len(per_output)
+
+
+def test_long_gap_on_one_output_is_predicted_from_the_other_outputs(model_drawn):
+    correlated, white, _, _ = model_drawn
+    image = correlated + white
+    mask = usable_region()
+    # A 450-row source on output 1 of every line (DMS rows 560-1010).
+    mask[560:1010] = False
+    result = nsclean.fit(image, mask, "NRS1", method="readout")
+    gap = usable_region() & ~mask
+    residual = correlated - result.model
+    before = np.mean(correlated[gap] ** 2)
+    after = np.mean(residual[gap] ** 2)
+    # The common part is seen by the three other outputs at the same ticks.
+    assert after < 0.3 * before
+    # The paper's per-line Fourier fit has a 450-px hole there.
+    fft = correlated - nsclean.fit(image, mask, "NRS1", method="fft").model
+    assert after < np.mean(fft[gap] ** 2)
+
+
+def test_posterior_variance_matches_the_measured_residual(model_drawn):
+    correlated, white, _, _ = model_drawn
+    rng = np.random.default_rng(3)
+    mask = usable_region() & (rng.random((FULL, FULL)) < 0.2)
+    mask[1200:1700] = False
+    result = nsclean.fit(correlated + white, mask, "NRS1", method="readout")
+    residual = correlated - result.model
+    for where in (usable_region() & mask, usable_region() & ~mask):
+        ratio = result.variance[where].mean() / np.mean(residual[where] ** 2)
+        assert 0.8 < ratio < 1.25
+
+
+def test_readout_never_worse_than_no_cleaning_with_an_extended_source():
+    sim = simulate.simulate_exposure("mos", "NRS1", seed=3)
+    mask, _ = masks.build_background_mask(
+        sim.rate, sim.dq, sim.footprint, exp_type=sim.meta["exp_type"], full_frame=True
+    )
+    mask[790:1250] = False  # a 460-row extended source in every column
+    usable = usable_region() & np.isfinite(sim.rate) & (sim.artifacts == 0)
+    residual = sim.noise_correlated - nsclean.fit_background(sim.rate, mask, "NRS1")
+    fft = sim.noise_correlated - nsclean.fit_background(sim.rate, mask, "NRS1", method="fft")
+    for where in (usable & ~mask, usable & mask):
+        before = np.mean(sim.noise_correlated[where].astype(float) ** 2)
+        after = np.mean(residual[where].astype(float) ** 2)
+        assert after < 0.3 * before
+        assert after < np.mean(fft[where].astype(float) ** 2)
+
+
+def test_default_is_readout_on_full_frames_and_fft_on_subarrays():
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(FULL, FULL)).astype(np.float32)
+    sub = rng.normal(size=(32, 2048)).astype(np.float32)
+    assert nsclean.fit(full, np.ones(full.shape, bool), variance=False).info["method"] == "readout"
+    assert nsclean.fit(sub, np.ones(sub.shape, bool)).info["method"] == "fft"
+    result = nsclean.fit(sub, np.ones(sub.shape, bool), method="readout")
+    assert result.info["method"] == "readout" and result.info["mode"] == "timeseries"
+
+
+def test_nan_reference_pixels_and_input_are_respected(model_drawn):
+    correlated, white, _, _ = model_drawn
+    image = (correlated + white).astype(np.float32)
+    image[100:110, 300:310] = np.nan
+    original = image.copy()
+    mask = usable_region() & (np.random.default_rng(2).random(image.shape) < 0.5)
+    cleaned = nsclean.clean(image, mask, "NRS2", method="readout")
+    np.testing.assert_array_equal(image, original)
+    assert cleaned.dtype == np.float32
+    assert np.isnan(cleaned[100:110, 300:310]).all()
+    border = ~usable_region()
+    np.testing.assert_array_equal(cleaned[border], image[border])
+    # NRS2 reads the frame rotated by 180 degrees: the same model up to the sampling of
+    # the prior (other lines are sampled); an orientation error would be of order one.
+    nrs1 = nsclean.fit_background(image[::-1, ::-1], mask[::-1, ::-1], "NRS1", method="readout")
+    nrs2 = nsclean.fit_background(image, mask, "NRS2", method="readout")
+    difference = np.std(nrs2 - nrs1[::-1, ::-1])
+    assert difference < 0.05 * np.std(nrs2)
+    assert np.std(nrs2 - nrs1) > 0.5 * np.std(nrs2)
+
+
+def test_outliers_in_the_background_do_not_pull_the_model(model_drawn):
+    correlated, white, _, _ = model_drawn
+    image = correlated + white
+    mask = usable_region()
+    clean_model = nsclean.fit_background(image, mask, "NRS1", method="readout")
+    hit = image.copy()
+    rng = np.random.default_rng(9)
+    rows, cols = rng.integers(4, FULL - 4, 3000), rng.integers(4, FULL - 4, 3000)
+    hit[rows, cols] += 8.0  # 8-sigma cosmic-ray residuals
+    result = nsclean.fit(hit, mask, "NRS1", method="readout", variance=False)
+    assert result.info["n_rejected"] >= 2900
+    assert np.abs(result.model - clean_model).max() < 0.2
+
+
+def test_solver_equals_the_dense_posterior():
+    rng = np.random.default_rng(0)
+    length, jc, ku = 64, 6, 3
+    mask = rng.random((4, length, 2)) > 0.4  # (output, tick, segment)
+    data = (rng.normal(size=(4, length, 2)) * mask).astype(np.float32)
+    prior = readout._Prior(np.linspace(2, 0.5, jc), np.linspace(1, 0.3, ku), 1.3, 0.0)
+    solver = readout._Solver(data.copy(), mask.copy(), prior)
+    dct = readout._dct_basis(length, jc)
+    per_output = np.concatenate(
+        [dct[:, : ku - 1], ((-1.0) ** np.arange(length) / math.sqrt(length))[:, None]], axis=1
+    )
+    design = np.zeros((4 * length, jc + 4 * ku))
+    for o in range(4):
+        design[o * length : (o + 1) * length, :jc] = dct
+        design[o * length : (o + 1) * length, jc + o * ku : jc + (o + 1) * ku] = per_output
+    used = mask[..., 0].ravel()
+    lam = np.concatenate([prior.common, np.tile(prior.output, 4)])
+    precision = design[used].T @ design[used] / 1.3 + np.diag(1 / lam)
+    covariance = np.linalg.inv(precision)
+    mean = covariance @ design[used].T @ data[..., 0].ravel()[used] / 1.3
+    np.testing.assert_allclose(solver.solve()[0], mean, atol=1e-5)
+    np.testing.assert_allclose(solver.coefficient_variances()[0], np.diag(covariance),
+                               rtol=1e-5)
+    pixel = np.einsum("ij,jk,ik->i", design, covariance, design)
+    np.testing.assert_allclose(solver.pixel_variance()[..., 0].ravel(), pixel, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def written_exposure(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("readout")
+    sim = simulate.simulate_exposure("ifu", "NRS2", seed=4)
+    return simulate.write_exposure(sim, directory)
+
+
+@pytest.mark.parametrize("add_variance", [True, False])
+def test_cleaned_file_carries_the_model_variance(written_exposure, tmp_path, add_variance):
+    from nsclean.io.exposure import clean_exposure
+
+    rate_path, cal_path = written_exposure
+    out = tmp_path / "cleaned_rate.fits"
+    clean_exposure(rate_path, out, cal_path=cal_path, add_variance=add_variance)
+    with fits.open(rate_path) as before, fits.open(out) as after:
+        assert after[0].header["NSCVAR"] is add_variance
+        assert after[0].header["NSCFMETH"] == "readout"
+        added = after["VAR_RNOISE"].data.astype(float) - before["VAR_RNOISE"].data
+        err2 = after["ERR"].data.astype(float) ** 2 - before["ERR"].data.astype(float) ** 2
+        finite = np.isfinite(added) & np.isfinite(err2)
+        if add_variance:
+            assert (added[finite] >= 0).all() and added[finite].mean() > 0
+            # ERR is float32: its square carries ~1e-7 relative rounding.
+            err_in2 = before["ERR"].data.astype(float)[finite] ** 2
+            assert np.all(np.abs(err2[finite] - added[finite])
+                          <= 1e-3 * added[finite] + 5e-7 * err_in2)
+        else:
+            assert np.all(added[finite] == 0)
+        # Every other HDU is unchanged.
+        for hdu in before:
+            if hdu.name not in ("PRIMARY", "SCI", "VAR_RNOISE", "ERR"):
+                assert after[hdu.name].header == hdu.header
+    stdatamodels = pytest.importorskip("stdatamodels.jwst.datamodels")
+    with stdatamodels.open(out) as model:
+        assert model.meta.exposure.type == "NRS_IFU"
+
+
+def test_qa_reports_what_the_readout_model_did():
+    from nsclean.algorithm import qa
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(FULL, FULL)).astype(np.float32)
+    mask = usable_region()
+    mask[:, 100:400] = False  # 300 lines without any background pixel
+    result = nsclean.fit(image, mask, "NRS1", variance=False)
+    metrics = qa.exposure_metrics(image, image - result.model, result.model, mask,
+                                  fit_info=result.info)
+    guard = metrics["guard"]
+    assert guard["n_predicted"] == 300 and guard["common_modes"] >= 1
+    assert guard["n_guarded"] == 0
+    assert any("prediction from the neighbouring lines (300 of 2048)" in f
+               for f in metrics["flags"])
