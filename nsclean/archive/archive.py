@@ -927,18 +927,9 @@ def _copy_local(uri: str, destination: Path, expected_size: int | None, started:
                             f"says {expected_size}")
     if destination.resolve() == source.resolve():
         return DownloadResult(destination, False, 0, size, time.monotonic() - started)
-    handle = tempfile.NamedTemporaryFile(dir=destination.parent, delete=False,
-                                         prefix=f".{destination.name}.", suffix=".tmp")
-    handle.close()
-    try:
-        try:  # a hard link costs no space; the rename below is still atomic
-            os.unlink(handle.name)
-            os.link(source, handle.name)
-        except OSError:
-            shutil.copyfile(source, handle.name)
-        os.replace(handle.name, destination)
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
+    from ..io.atomic import atomic_copy
+
+    atomic_copy(source, destination)  # a hard link where possible: no space, no copying
     return DownloadResult(destination, True, 1, size, time.monotonic() - started)
 
 

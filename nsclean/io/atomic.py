@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["EXISTS_MESSAGE", "atomic_file", "atomic_write", "atomic_write_bytes",
-           "atomic_write_text"]
+__all__ = ["EXISTS_MESSAGE", "atomic_copy", "atomic_file", "atomic_write",
+           "atomic_write_bytes", "atomic_write_text"]
 
 EXISTS_MESSAGE = "output exists (replace it with --overwrite, or overwrite=True in Python)"
 
@@ -115,4 +116,27 @@ def atomic_write_bytes(path, chunks: Iterable[bytes], *, overwrite: bool = True,
     with atomic_file(path, overwrite=overwrite, fsync=fsync) as handle:
         for chunk in chunks:
             handle.write(chunk)
+    return path
+
+
+def atomic_copy(source, path):
+    """Put the content of ``source`` at ``path`` atomically; returns ``path``.
+
+    A hard link under a temporary name, renamed into place (no space used, nothing
+    copied), where the file system allows it; otherwise a copy through
+    :func:`atomic_file`.
+    """
+    path = Path(path)
+    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.unlink(temporary)
+        os.link(source, temporary)
+        os.replace(temporary, path)
+    except OSError:
+        with atomic_file(path) as handle, open(source, "rb") as original:
+            shutil.copyfileobj(original, handle, 1 << 20)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
     return path
