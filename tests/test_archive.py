@@ -482,3 +482,18 @@ def test_missing_cal_policies_are_those_the_config_schema_offers():
         archive.build_manifest([], missing_cal=policy)
     with pytest.raises(ValueError, match="missing_cal must be one of skip, error, user_mask"):
         archive.build_manifest([], missing_cal="ignore")
+
+
+def test_a_local_file_is_linked_into_place_not_copied(program_dir, tmp_path):
+    """The local source puts the archive's file in the results as a hard link (no space,
+    no copying) under its final name only when complete; the source is untouched."""
+    source = program_dir / RATE
+    before = source.read_bytes()
+    target = tmp_path / "results" / RATE
+    target.parent.mkdir()
+    result = archive.download_file(source.resolve().as_uri(), target,
+                                   expected_size=len(before))
+    assert result.fetched and target.read_bytes() == before
+    assert os.path.samefile(source, target)
+    assert source.read_bytes() == before
+    assert [p.name for p in target.parent.iterdir()] == [RATE]  # no temporary left

@@ -244,3 +244,4 @@ def atomic_write_bytes(path, chunks: Iterable[bytes], *, overwrite: bool = True,
         for chunk in chunks:
             handle.write(chunk)
     return path
+
