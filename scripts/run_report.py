@@ -19,7 +19,7 @@ from nsclean.report import report  # noqa: E402
 records = []
 for manifest in smk.input.manifests:
     program_dir = Path(manifest).parent
-    qa = [path for path in smk.input.qa if Path(path).parents[1] == program_dir]
+    qa = [path for path in smk.input.qa if program_dir in Path(path).parents]
     # <results>/benchmarks/<rule>/<program>/<stem>.tsv
     benchmarks = [path for path in smk.input.benchmarks
                   if Path(path).parent.name == program_dir.name]

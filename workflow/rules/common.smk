@@ -203,7 +203,9 @@ def figure_dir(program, row):
 
 def program_qa_records(wildcards):
     """QA records of every exposure of a program that is not skipped."""
-    return [qa_record(wildcards.program, row) for row in processed_rows(wildcards.program)]
+    return [
+        qa_record(wildcards.program, row) for row in processed_rows(wildcards.program)
+    ]
 
 
 def step_benchmarks(program):
@@ -227,12 +229,16 @@ def run_step_benchmarks(wildcards):
 def run_qa_records(wildcards):
     """QA records of every exposure of every configured program."""
     return [
-        qa_record(program, row) for program in PROGRAMS for row in processed_rows(program)
+        qa_record(program, row)
+        for program in PROGRAMS
+        for row in processed_rows(program)
     ]
 
 
 def program_figure_dirs(wildcards):
-    return [figure_dir(wildcards.program, row) for row in processed_rows(wildcards.program)]
+    return [
+        figure_dir(wildcards.program, row) for row in processed_rows(wildcards.program)
+    ]
 
 
 def final_targets():
