@@ -198,13 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-mask", action="store_true", help="also write the mask used as <stem>_mask.fits"
     )
     clean.add_argument(
-        "--variance",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="add the model's posterior variance to VAR_RNOISE and recompute ERR "
-        "(readout method; default on)",
-    )
-    clean.add_argument(
         "--product-dir",
         metavar="DIR",
         help="folder for --save-model/--save-mask files [folder of --output]",
@@ -328,7 +321,6 @@ def _run_clean(args) -> dict:
         save_mask=args.save_mask,
         product_dir=args.product_dir,
         overwrite=args.overwrite,
-        add_variance=args.variance,
     )
 
 

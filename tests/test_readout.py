@@ -241,3 +241,16 @@ def test_qa_reports_what_the_readout_model_did():
     assert guard["n_guarded"] == 0
     assert any("prediction from the neighbouring lines (300 of 2048)" in f
                for f in metrics["flags"])
+
+
+def test_the_cli_switch_leaves_var_rnoise_and_err_alone(written_exposure, tmp_path):
+    from nsclean import cli
+
+    rate_path, cal_path = written_exposure
+    out = tmp_path / "cleaned_rate.fits"
+    assert cli.main(["clean", str(rate_path), "--cal", str(cal_path), "-o", str(out),
+                     "--no-variance"]) == 0
+    with fits.open(rate_path) as before, fits.open(out) as after:
+        assert after[0].header["NSCVAR"] is False and after[0].header["NSCFVAR"] is False
+        for name in ("VAR_RNOISE", "ERR"):
+            np.testing.assert_array_equal(after[name].data, before[name].data)

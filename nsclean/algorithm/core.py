@@ -91,7 +91,7 @@ class FitResult:
 # --------------------------------------------------------------------------------------
 
 
-def fit(image, background_mask, detector="NRS1", *, variance=True, **options) -> FitResult:
+def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
     """Fit the correlated-noise model of a NIRSpec count-rate image.
 
     Parameters
@@ -191,7 +191,7 @@ def fit(image, background_mask, detector="NRS1", *, variance=True, **options) ->
     # slower with two OpenBLAS threads on a 2-core machine), so BLAS runs on one thread
     # and the blocks of lines are spread over threads instead (_map_blocks).
     with _blas_single_thread():
-        return _fit(dms_image, dms_mask, det, opts, want_variance=variance)
+        return _fit(dms_image, dms_mask, det, opts, want_variance=opts["variance"])
 
 
 def _blas_single_thread():
@@ -276,7 +276,7 @@ def fit_background(image, background_mask, detector="NRS1", **options) -> np.nda
     ndarray
         The model; subtract it from the image to clean it.
     """
-    return fit(image, background_mask, detector, variance=False, **options).model
+    return fit(image, background_mask, detector, **{**options, "variance": False}).model
 
 
 def clean(image, background_mask, detector="NRS1", **options) -> np.ndarray:
@@ -300,7 +300,7 @@ def clean(image, background_mask, detector="NRS1", **options) -> np.ndarray:
     >>> bool(cleaned[100:-100].mean(axis=0).std() < 0.1 * stripes.std())
     True
     """
-    result = fit(image, background_mask, detector, variance=False, **options)
+    result = fit(image, background_mask, detector, **{**options, "variance": False})
     source = np.asarray(image)
     return (source - result.model).astype(source.dtype, copy=False)
 
@@ -430,6 +430,7 @@ def _validate(image, background_mask, detector, options):
     if isinstance(modes, bool) or not isinstance(modes, (int, np.integer)) or modes < 1:
         raise ValueError(f"max_modes must be an integer >= 1; got {modes!r}")
     opts["share_lines"] = bool(opts["share_lines"])
+    opts["variance"] = bool(opts["variance"])
     if opts["mode"] not in ("auto", "line", "timeseries"):
         raise ValueError(f"mode must be 'auto', 'line' or 'timeseries'; got {opts['mode']!r}")
     _check_positive(opts, "cutoff")

@@ -112,6 +112,10 @@ CLEAN_OPTIONS = (
            "Readout method: give every line a prior mean from its neighbours (the picture "
            "frame and the slowest 1/f change smoothly from line to line).",
            keyword="NSCFSHAR", comment="readout: prior mean from neighbouring lines"),
+    Option("variance", True, bool,
+           "Readout method: compute the posterior variance of the noise model at every "
+           "pixel; cleaned files then have it added to VAR_RNOISE, and ERR recomputed.",
+           keyword="NSCFVAR", comment="readout: model variance in VAR_RNOISE and ERR"),
     Option("mode", "auto", str,
            "line: each fast-scan line on its own (full frames); timeseries: the subarray as "
            "one read-out time series, in overlapping chunks; auto: line for lines of 1024 "

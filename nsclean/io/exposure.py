@@ -1157,7 +1157,7 @@ def clean_exposure(
     fsync: bool = False,
     extra_cards: Sequence[tuple] = (),
     arrays: dict | None = None,
-    add_variance: bool = True,
+    add_variance: bool | None = None,
 ) -> dict:
     """Clean one rate file and write the cleaned product (and optional extras).
 
@@ -1204,11 +1204,12 @@ def clean_exposure(
         Filled in with the arrays of the exposure, in native byte order, for a caller
         that measures the result without reading the files again: ``sci`` (the input
         SCI), ``cleaned`` (the SCI written) and ``mask`` (the background mask used).
-    add_variance : bool
+    add_variance : bool, optional
         Where the fit returns the posterior variance of its model (the readout
         method), add it to ``VAR_RNOISE`` and recompute ``ERR`` as
         ``sqrt(ERR^2 + variance)``, so that the error of a cleaned pixel includes
-        what the model could not know (default True; ``NSCVAR`` records it).
+        what the model could not know (``NSCVAR`` records it).  Default: the fit
+        option ``variance`` (True unless ``fit_options`` turns it off).
 
     Returns
     -------
@@ -1242,8 +1243,11 @@ def clean_exposure(
             rate, cal, user_mask, user_header, user_mask_mode, mask_options)
         if not mask.any():
             raise NSCleanInputError(mask_path or rate_path, "mask has no background pixel")
-        result = fit(rate.sci, mask, rate.detector, variance=add_variance,
-                     **dict(fit_options or {}))
+        fit_options = dict(fit_options or {})
+        if add_variance is not None:
+            fit_options["variance"] = bool(add_variance)
+        add_variance = fit_options.get("variance", True)
+        result = fit(rate.sci, mask, rate.detector, **fit_options)
     except NSCleanInputError:
         raise
     except (ValueError, TypeError) as exc:
