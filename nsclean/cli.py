@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
+    _add_mask_command(commands)
+    _add_clean_command(commands)
+    _add_png2mask_command(commands)
+    return parser
+
+
+def _add_mask_command(commands) -> None:
+    """Add the ``mask`` subcommand to the subparsers ``commands``."""
     mask = commands.add_parser(
         "mask",
         help="build the background mask of one exposure from its cal and rate files",
@@ -161,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_mask_options(mask)
 
+
+def _add_clean_command(commands) -> None:
+    """Add the ``clean`` subcommand to the subparsers ``commands``."""
     clean = commands.add_parser(
         "clean",
         help="remove the correlated read noise from one rate file",
@@ -213,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
         "was built).",
     )
 
+
+def _add_png2mask_command(commands) -> None:
+    """Add the ``png2mask`` subcommand to the subparsers ``commands``."""
     png = commands.add_parser(
         "png2mask",
         help="convert a PNG with the background shaded red into a FITS mask",
@@ -242,7 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="the PNG is already in FITS row order (row 1 at the top)",
     )
     png.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    return parser
 
 
 def _ints_given(paths) -> bool:

@@ -685,39 +685,67 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
     model : ndarray (P, M) of ``dtype``
     info : dict
     """
-    n, n_lines = data.shape
-    gains = apodizer(np.arange(n // 2 + 1) / period, opts["cutoff"], opts["rolloff"])
-    n_freq = max(0, min(int(np.count_nonzero(gains > 0)) - 1, (n - 1) // 2))
-    basis = _fourier_basis(period, n_freq)[:n]
-    n_par = basis.shape[1]
-    gain_per_par = np.concatenate([[gains[0]], np.repeat(gains[1 : n_freq + 1], 2)])
+    state = _LineFits(data, valid, opts, period, evaluate)
+    state.far = _map_blocks(state.accumulate, state.n_lines)  # gross outliers of every block
+    # Every line is fitted on its own: fixed groups of whole blocks of lines go through
+    # the rest of the fit on the threads, and the results do not depend on their number.
+    groups = _map_blocks(state.fit_group, state.n_lines, state.group)
+    return state.model(groups, dtype)
 
-    iu, ju = np.triu_indices(n_par)
-    trig, to_pairs = _product_identities(period, n_freq)
-    trig = trig[:n]
-    # The basis functions are columns of ``trig``: 1, cos(k), sin(k) for k <= K.
-    basis_columns = [0] + [c for k in range(1, n_freq + 1) for c in (k, 2 * n_freq + k)]
-    density = _DensityFilter(n, opts["weight_sigma"])
-    level, spread = _robust_level(data, valid)
-    n_valid = np.empty(n_lines, dtype=np.intp)  # background samples of every line
 
-    normal = np.empty((n_lines, len(iu)))
-    weight_sq_normal = np.empty((n_lines, len(iu)))
-    rhs = np.empty((n_lines, n_par))
-    binned_weights = np.empty((density.n_bins, n_lines), dtype=np.float32)
-    clip_far = spread > 0 and opts["outlier_sigma"] is not None
-    blocks = {}
-    sparsest = np.empty(n_lines, dtype=np.intp)
+class _LineFits:
+    """Shared state of :func:`_batched_fit`: basis, normal matrices and weights.
 
-    def accumulate(j0):
-        j1 = min(j0 + _BLOCK_LINES, n_lines)
+    Every method writes only the lines it is given, so blocks and groups of lines
+    can run on separate threads (:func:`_map_blocks`).
+    """
+
+    def __init__(self, data, valid, opts, period, evaluate):
+        n, n_lines = data.shape
+        self.data, self.valid, self.opts, self.evaluate = data, valid, opts, evaluate
+        self.n, self.n_lines = n, n_lines
+        gains = apodizer(np.arange(n // 2 + 1) / period, opts["cutoff"], opts["rolloff"])
+        n_freq = max(0, min(int(np.count_nonzero(gains > 0)) - 1, (n - 1) // 2))
+        self.n_freq = n_freq
+        self.basis = _fourier_basis(period, n_freq)[:n]
+        self.n_par = self.basis.shape[1]
+        self.gain_per_par = np.concatenate([[gains[0]], np.repeat(gains[1 : n_freq + 1], 2)])
+
+        self.iu, self.ju = np.triu_indices(self.n_par)
+        trig, self.to_pairs = _product_identities(period, n_freq)
+        self.trig = trig[:n]
+        # The basis functions are columns of ``trig``: 1, cos(k), sin(k) for k <= K.
+        self.basis_columns = [0] + [
+            c for k in range(1, n_freq + 1) for c in (k, 2 * n_freq + k)
+        ]
+        self.density = _DensityFilter(n, opts["weight_sigma"])
+        self.level, self.spread = _robust_level(data, valid)
+        self.n_valid = np.empty(n_lines, dtype=np.intp)  # background samples of every line
+
+        n_packed = len(self.iu)
+        self.normal = np.empty((n_lines, n_packed))
+        self.weight_sq_normal = np.empty((n_lines, n_packed))
+        self.rhs = np.empty((n_lines, self.n_par))
+        self.binned_weights = np.empty((self.density.n_bins, n_lines), dtype=np.float32)
+        self.clip_far = self.spread > 0 and opts["outlier_sigma"] is not None
+        self.blocks = {}
+        self.sparsest = np.empty(n_lines, dtype=np.intp)
+        self.far = None  # per block: gross outliers (pixels, lines), set by the caller
+        self.group = _BLOCK_LINES * max(1, round(_GROUP_LINES / _BLOCK_LINES))
+
+    def accumulate(self, j0):
+        """Normal matrices, right-hand sides and gross outliers of block ``j0``."""
+        j1 = min(j0 + _BLOCK_LINES, self.n_lines)
+        density = self.density
         # Only the samples that are background in some line of the block contribute
         # (an IFU mask keeps ~30 % of the rows of a 128-line block); their data are
         # set to 0 where they are not background (they may be NaN).
-        rows, block_valid, block_data = blocks[j0] = _background_rows(valid, data, j0, j1)
-        n_valid[j0:j1] = np.count_nonzero(block_valid, axis=0)
-        inverse_sq = density.binned_weights(valid[:, j0:j1], sparsest[j0:j1])
-        binned_weights[:, j0:j1] = inverse_sq
+        rows, block_valid, block_data = self.blocks[j0] = _background_rows(
+            self.valid, self.data, j0, j1
+        )
+        self.n_valid[j0:j1] = np.count_nonzero(block_valid, axis=0)
+        inverse_sq = density.binned_weights(self.valid[:, j0:j1], self.sparsest[j0:j1])
+        self.binned_weights[:, j0:j1] = inverse_sq
         w = inverse_sq[rows // density.bin]
         w *= block_valid
         # A = B^T W B and C = B^T W^2 B (for the guard) in one product.  Products of
@@ -726,7 +754,7 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
         # double precision: the guard's A^-1 C A^-1 amplifies its rounding errors by
         # the square of A's condition number on lines with long gaps.
         width = j1 - j0
-        block_trig = trig[rows]
+        block_trig = self.trig[rows]
         # The right-hand sides B^T W d come out of the same product (their basis
         # functions are among the 4K+1 trigonometric columns).
         both = np.empty((len(w), 3 * width))
@@ -734,48 +762,60 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
         np.multiply(both[:, :width], both[:, :width], out=both[:, width : 2 * width])
         np.multiply(both[:, :width], block_data, out=both[:, 2 * width :])
         sums = both.T @ block_trig
-        normal[j0:j1] = sums[:width] @ to_pairs
-        weight_sq_normal[j0:j1] = sums[width : 2 * width] @ to_pairs
-        rhs[j0:j1] = sums[2 * width :, basis_columns]
-        if not clip_far:
+        self.normal[j0:j1] = sums[:width] @ self.to_pairs
+        self.weight_sq_normal[j0:j1] = sums[width : 2 * width] @ self.to_pairs
+        self.rhs[j0:j1] = sums[2 * width :, self.basis_columns]
+        if not self.clip_far:
             return _NO_SAMPLES
         # Gross outliers (hot pixels, cosmic-ray residue) are kept out of the first fit
         # only; the outlier passes below judge every pixel again.
-        far = np.abs(block_data - level) > _FAR * spread
+        far = np.abs(block_data - self.level) > _FAR * self.spread
         far &= block_valid
         return _flat_indices(far, j0, rows)
 
-    far = _map_blocks(accumulate, n_lines)  # gross outliers of every block
-
-    def downdated(g0, g1, pix, line):
+    def downdated(self, g0, g1, pix, line):
         """Normal matrices (packed) and right-hand sides of lines g0:g1 without the
         samples (pix, line)."""
-        sub_normal, sub_rhs = normal[g0:g1], rhs[g0:g1]
+        sub_normal, sub_rhs = self.normal[g0:g1], self.rhs[g0:g1]
         if len(line):
             local = line - g0
-            w_out = binned_weights[pix // density.bin, line].astype(np.float64)
-            d_out = np.asarray(data[pix, line], dtype=np.float64)
+            w_out = self.binned_weights[pix // self.density.bin, line].astype(np.float64)
+            d_out = np.asarray(self.data[pix, line], dtype=np.float64)
             # Per-line sums of the removed samples' contributions, through the same
             # 4K+1 trigonometric sums as the full matrices.
             count = g1 - g0
             sums = np.stack(
-                [np.bincount(local, w_out * t, minlength=count) for t in trig[pix].T], axis=1
+                [np.bincount(local, w_out * t, minlength=count) for t in self.trig[pix].T],
+                axis=1,
             )
-            sub_normal = sub_normal - sums @ to_pairs
+            sub_normal = sub_normal - sums @ self.to_pairs
             weighted = w_out * d_out
             sub_rhs = sub_rhs - np.stack(
-                [np.bincount(local, weighted * b, minlength=count) for b in basis[pix].T],
+                [np.bincount(local, weighted * b, minlength=count) for b in self.basis[pix].T],
                 axis=1,
             )
         return sub_normal, sub_rhs
 
-    def fit_group(g0):
+    def _unpack(self, packed, lines_first=False):
+        """Full symmetric matrices from packed upper triangles (see :func:`_unpack`)."""
+        return _unpack(packed, self.n_par, self.iu, self.ju, lines_first=lines_first)
+
+    def _line_sigma(self, g0, g1, normal, rhs, threshold):
+        """Fit lines g0:g1 and judge the residuals (see :func:`_find_outliers`)."""
+        coefficients = _solve(self._unpack(normal), rhs)
+        return _find_outliers(
+            self.blocks, g0, g1, self.n_valid, coefficients, self.basis, threshold,
+            self.spread,
+        )
+
+    def fit_group(self, g0):
         """Outlier passes and guard of lines g0:g1 (lines are independent)."""
-        g1 = min(g0 + group, n_lines)
+        opts = self.opts
+        g1 = min(g0 + self.group, self.n_lines)
         own = range(g0 // _BLOCK_LINES, (g1 - 1) // _BLOCK_LINES + 1)
-        pix = np.concatenate([far[b][0] for b in own])
-        line = np.concatenate([far[b][1] for b in own])
-        active_normal, active_rhs = downdated(g0, g1, pix, line)
+        pix = np.concatenate([self.far[b][0] for b in own])
+        line = np.concatenate([self.far[b][1] for b in own])
+        active_normal, active_rhs = self.downdated(g0, g1, pix, line)
         line_sigma = None
         # (The guard solves the final system itself, at the frequencies it allows; a
         # full solve is needed only to judge the residuals.)
@@ -783,66 +823,60 @@ def _batched_fit(data, valid, opts, period, evaluate, dtype=np.float64):
             for _ in range(opts["outlier_iterations"]):
                 # Rejections are recomputed from the full background set at every
                 # pass, so a pixel rejected because of a poor earlier fit comes back.
-                coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
-                pix, line, line_sigma = _find_outliers(
-                    blocks, g0, g1, n_valid, coefficients, basis, opts["outlier_sigma"],
-                    spread,
+                pix, line, line_sigma = self._line_sigma(
+                    g0, g1, active_normal, active_rhs, opts["outlier_sigma"]
                 )
-                active_normal, active_rhs = downdated(g0, g1, pix, line)
-        n_background = n_valid[g0:g1] - np.bincount(line - g0, minlength=g1 - g0)
+                active_normal, active_rhs = self.downdated(g0, g1, pix, line)
+        n_background = self.n_valid[g0:g1] - np.bincount(line - g0, minlength=g1 - g0)
         if line_sigma is None:
             line_sigma = np.zeros(g1 - g0)
             if opts["adaptive"]:
-                coefficients = _solve(_unpack(active_normal, n_par, iu, ju), active_rhs)
-                _, _, line_sigma = _find_outliers(
-                    blocks, g0, g1, n_valid, coefficients, basis, None, spread
-                )
+                _, _, line_sigma = self._line_sigma(g0, g1, active_normal, active_rhs, None)
         used, coefficients, coef_variance = _guard(
-            _unpack(active_normal, n_par, iu, ju),
-            _unpack(weight_sq_normal[g0:g1], n_par, iu, ju, lines_first=True),
+            self._unpack(active_normal),
+            self._unpack(self.weight_sq_normal[g0:g1], lines_first=True),
             active_rhs,
             n_background,
-            basis,
-            gain_per_par,
-            evaluate,
+            self.basis,
+            self.gain_per_par,
+            self.evaluate,
             opts,
-            sparsest[g0:g1],
+            self.sparsest[g0:g1],
         )
         return used, coefficients, coef_variance, line_sigma, n_background, len(line)
 
-    # Every line is fitted on its own: fixed groups of whole blocks of lines go through
-    # the rest of the fit on the threads, and the results do not depend on their number.
-    group = _BLOCK_LINES * max(1, round(_GROUP_LINES / _BLOCK_LINES))
-    groups = _map_blocks(fit_group, n_lines, group)
-    used, coefficients, coef_variance, line_sigma, n_background = (
-        np.concatenate([result[i] for result in groups]) for i in range(5)
-    )
-    n_rejected = sum(result[5] for result in groups)
-    gain = np.broadcast_to(gain_per_par, coefficients.shape)
-    if opts["adaptive"]:
-        gain = gain * _wiener_gains(coefficients, coef_variance, line_sigma, used, n_freq)
-    # Lines with fewer frequencies carry zeros in the unused coefficients.  The model
-    # is evaluated in the precision of the result (a single-precision image gets a
-    # single-precision model, good to ~1e-7 of its amplitude).
-    basis_out = basis.astype(dtype)
-    scaled = (coefficients * gain).T.astype(dtype)
-    model = np.empty((n, n_lines), dtype=dtype)
+    def model(self, groups, dtype):
+        """Model (P, M) of ``dtype`` and info dict from the results of :meth:`fit_group`."""
+        n_lines, n_freq = self.n_lines, self.n_freq
+        used, coefficients, coef_variance, line_sigma, n_background = (
+            np.concatenate([result[i] for result in groups]) for i in range(5)
+        )
+        n_rejected = sum(result[5] for result in groups)
+        gain = np.broadcast_to(self.gain_per_par, coefficients.shape)
+        if self.opts["adaptive"]:
+            gain = gain * _wiener_gains(coefficients, coef_variance, line_sigma, used, n_freq)
+        # Lines with fewer frequencies carry zeros in the unused coefficients.  The model
+        # is evaluated in the precision of the result (a single-precision image gets a
+        # single-precision model, good to ~1e-7 of its amplitude).
+        basis_out = self.basis.astype(dtype)
+        scaled = (coefficients * gain).T.astype(dtype)
+        model = np.empty((self.n, n_lines), dtype=dtype)
 
-    def evaluate_model(j0):
-        j1 = min(j0 + group, n_lines)
-        np.matmul(basis_out, scaled[:, j0:j1], out=model[:, j0:j1])
+        def evaluate_model(j0):
+            j1 = min(j0 + self.group, n_lines)
+            np.matmul(basis_out, scaled[:, j0:j1], out=model[:, j0:j1])
 
-    _map_blocks(evaluate_model, n_lines, group)
-    info = {
-        "n_lines": int(n_lines),
-        "n_guarded": int(np.count_nonzero((used >= 0) & (used < n_freq))),
-        "n_uncleaned": int(np.count_nonzero(used < 0)),
-        "n_rejected": int(n_rejected),
-        "frequencies": used,
-        "n_background": n_background,
-        "max_frequency": int(n_freq),
-    }
-    return model, info
+        _map_blocks(evaluate_model, n_lines, self.group)
+        info = {
+            "n_lines": int(n_lines),
+            "n_guarded": int(np.count_nonzero((used >= 0) & (used < n_freq))),
+            "n_uncleaned": int(np.count_nonzero(used < 0)),
+            "n_rejected": int(n_rejected),
+            "frequencies": used,
+            "n_background": n_background,
+            "max_frequency": int(n_freq),
+        }
+        return model, info
 
 
 @functools.lru_cache(maxsize=8)

@@ -723,8 +723,20 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
         log.warning("no NIRSpec observations match in programs %s", proposal_ids)
         return []
 
+    products = _product_lists(client, sorted(obs_by_id), retries=retries, backoff=backoff)
+    selected = _select_products(products, obs_by_id, program_ids, wanted_obs,
+                                wanted_detectors)
+    log.info("%d rate/cal products selected from %d observations", len(selected),
+             len(obs_by_id))
+    return sorted(selected.values(), key=lambda p: p["productFilename"])
+
+
+def _product_lists(client, obsids: list[str], *, retries: int, backoff: float) -> list[dict]:
+    """Level-2 RATE, CAL, RATEINTS and CALINTS product rows of the observations.
+
+    The observations are asked for in chunks of 200 (retrying server errors).
+    """
     products = []
-    obsids = sorted(obs_by_id)
     for start in range(0, len(obsids), 200):
         chunk = obsids[start:start + 200]
         table = _retrying(lambda chunk=chunk: client.get_product_list(chunk),
@@ -734,7 +746,16 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
             table, productSubGroupDescription=["RATE", "CAL", "RATEINTS", "CALINTS"],
             calib_level=[2])
         products.extend(dict(zip(table.colnames, row, strict=True)) for row in table)
+    return products
 
+
+def _select_products(products: list[dict], obs_by_id: dict, program_ids, wanted_obs,
+                     wanted_detectors) -> dict[str, dict]:
+    """Wanted product files by name, with their observation's keys and any problem.
+
+    A file listed twice with different sizes or URIs, an unusable name or a data URI
+    that is not ``mast:`` gets a non-empty ``problem``.
+    """
     selected: dict[str, dict] = {}
     for product in products:
         name = str(product["productFilename"])
@@ -774,9 +795,7 @@ def query_mast(programs, *, observations=None, modes=None, detectors=None, grati
             "dataRights": str(_plain(product.get("dataRights")) or "PUBLIC"),
             "stem": stem, **parts, **obs,
         }
-    log.info("%d rate/cal products selected from %d observations", len(selected),
-             len(obs_by_id))
-    return sorted(selected.values(), key=lambda p: p["productFilename"])
+    return selected
 
 
 def _login(client, token, archive_url, *, retries, backoff) -> None:
@@ -1280,6 +1299,11 @@ def _copy_local(uri: str, destination: Path, expected_size: int | None, started:
     return DownloadResult(destination, True, 1, size, time.monotonic() - started)
 
 
+def _has_size(path: Path, size: int | None) -> bool:
+    """Whether ``path`` exists and has ``size`` bytes (False when ``size`` is None)."""
+    return path.exists() and size is not None and path.stat().st_size == size
+
+
 def download_file(uri: str, destination: str | Path, *, expected_size: int | None = None,
                   archive_url: str = DEFAULT_ARCHIVE_URL, token: str | None = None,
                   timeout: tuple[float, float] | float = (10.0, 60.0), retries: int = 4,
@@ -1355,14 +1379,12 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
     destination.parent.mkdir(parents=True, exist_ok=True)
     name = destination.name
     if uri.startswith("file:"):
-        if destination.exists() and expected_size is not None \
-                and destination.stat().st_size == expected_size:
+        if _has_size(destination, expected_size):
             return DownloadResult(destination, False, 0, expected_size,
                                   time.monotonic() - started)
         return _copy_local(uri, destination, expected_size, started)
 
-    if destination.exists() and expected_size is not None \
-            and destination.stat().st_size == expected_size:
+    if _has_size(destination, expected_size):
         log.info("%s: cached (%d bytes)", name, expected_size)
         return DownloadResult(destination, False, 0, expected_size, time.monotonic() - started)
 
@@ -1376,7 +1398,6 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
     cookies = {"mast_token": token} if token else None
     url = _download_url(archive_url, uri)
     limits = {"archive_url": archive_url, "deadline": deadline, "min_rate": min_rate}
-    last_error = ""
     try:
         if destination.exists() and expected_size is None:
             head = _retrying_head(session, url, cookies, timeout, name, token,
@@ -1384,37 +1405,12 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
             if head is not None and destination.stat().st_size == head:
                 log.info("%s: cached (%d bytes, size from HEAD)", name, head)
                 return DownloadResult(destination, False, 0, head, time.monotonic() - started)
-        for attempt in range(1, retries + 2):
-            server_delay = None
-            if attempt > 1 and expected_size is not None and destination.exists() \
-                    and destination.stat().st_size == expected_size:
-                # another process's download of this file finished meanwhile
-                log.info("%s: complete (%d bytes, downloaded by another process)", name,
-                         expected_size)
-                return DownloadResult(destination, False, attempt - 1, expected_size,
-                                      time.monotonic() - started)
-            try:
-                nbytes = _fetch_once(session, url, cookies, timeout, destination,
-                                     expected_size, chunk_size, token, fsync, **limits)
-                seconds = time.monotonic() - started
-                log.info("%s: downloaded %d bytes in %.2f s (attempt %d)", name, nbytes,
-                         seconds, attempt)
-                return DownloadResult(destination, True, attempt, nbytes, seconds)
-            except _Retryable as exc:
-                last_error = str(exc)
-                server_delay = exc.retry_after
-            except requests.Timeout as exc:
-                last_error = f"timed out ({type(exc).__name__})"
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError) as exc:
-                last_error = f"connection broken ({type(exc).__name__})"
-            if attempt <= retries:
-                delay = _backoff_delay(attempt, backoff, max_backoff)
-                if server_delay is not None:  # the server asked for a pause (429/503)
-                    delay = min(max(delay, server_delay), max_backoff)
-                log.warning("%s: attempt %d failed: %s; retrying in %.1f s", name, attempt,
-                            last_error, delay)
-                time.sleep(delay)
+        result, last_error = _download_attempts(
+            session, url, cookies, timeout, destination, expected_size, chunk_size, token,
+            fsync, limits, retries=retries, backoff=backoff, max_backoff=max_backoff,
+            started=started)
+        if result is not None:
+            return result
     except DownloadError:  # refused (401, 404 ...): no partial data stays behind
         _discard_partial(destination)
         raise
@@ -1426,6 +1422,53 @@ def download_file(uri: str, destination: str | Path, *, expected_size: int | Non
     _discard_partial(destination)
     raise DownloadError(f"{name}: download failed after {retries + 1} attempts from "
                         f"{archive_url}; last error: {last_error}")
+
+
+def _download_attempts(session, url, cookies, timeout, destination: Path, expected_size,
+                       chunk_size, token, fsync, limits, *, retries, backoff, max_backoff,
+                       started):
+    """Fetch the file with up to ``retries`` retries after transient failures.
+
+    Returns
+    -------
+    result : DownloadResult or None
+        None when every attempt failed.
+    last_error : str
+        What went wrong in the last failed attempt (``""`` if none failed).
+    """
+    name = destination.name
+    last_error = ""
+    for attempt in range(1, retries + 2):
+        server_delay = None
+        if attempt > 1 and _has_size(destination, expected_size):
+            # another process's download of this file finished meanwhile
+            log.info("%s: complete (%d bytes, downloaded by another process)", name,
+                     expected_size)
+            return DownloadResult(destination, False, attempt - 1, expected_size,
+                                  time.monotonic() - started), last_error
+        try:
+            nbytes = _fetch_once(session, url, cookies, timeout, destination,
+                                 expected_size, chunk_size, token, fsync, **limits)
+            seconds = time.monotonic() - started
+            log.info("%s: downloaded %d bytes in %.2f s (attempt %d)", name, nbytes,
+                     seconds, attempt)
+            return DownloadResult(destination, True, attempt, nbytes, seconds), last_error
+        except _Retryable as exc:
+            last_error = str(exc)
+            server_delay = exc.retry_after
+        except requests.Timeout as exc:
+            last_error = f"timed out ({type(exc).__name__})"
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError) as exc:
+            last_error = f"connection broken ({type(exc).__name__})"
+        if attempt <= retries:
+            delay = _backoff_delay(attempt, backoff, max_backoff)
+            if server_delay is not None:  # the server asked for a pause (429/503)
+                delay = min(max(delay, server_delay), max_backoff)
+            log.warning("%s: attempt %d failed: %s; retrying in %.1f s", name, attempt,
+                        last_error, delay)
+            time.sleep(delay)
+    return None, last_error
 
 
 def _auth_error(name: str, status: int, token: str) -> AuthenticationRequired:

@@ -1226,8 +1226,6 @@ def clean_exposure(
     FileExistsError
         If an output exists and ``overwrite`` is false.
     """
-    from ..algorithm.core import fit
-
     output_path, rate_path = Path(output_path), Path(rate_path)
     rate, cal, user_mask, user_header = _read_clean_inputs(rate_path, output_path, cal_path,
                                                            mask_path)
@@ -1238,32 +1236,16 @@ def clean_exposure(
                               [output_path, model_path, saved_mask_path])
     _refuse_existing([output_path, model_path, saved_mask_path], overwrite)
 
-    try:
-        mask, info, options_record = _mask_for_cleaning(
-            rate, cal, user_mask, user_header, user_mask_mode, mask_options)
-        if not mask.any():
-            raise NSCleanInputError(mask_path or rate_path, "mask has no background pixel")
-        fit_options = dict(fit_options or {})
-        if add_variance is not None:
-            fit_options["variance"] = bool(add_variance)
-        add_variance = fit_options.get("variance", True)
-        result = fit(rate.sci, mask, rate.detector, **fit_options)
-    except NSCleanInputError:
-        raise
-    except (ValueError, TypeError) as exc:
-        raise NSCleanInputError(rate.path, str(exc)) from None
+    mask, info, options_record, result, add_variance = _fit_exposure(
+        rate, cal, user_mask, user_header, user_mask_mode, mask_options, fit_options,
+        add_variance, mask_path or rate_path)
 
     model = np.asarray(result.model)
     cleaned = (rate.sci - model).astype(rate.sci.dtype, copy=False)
     info["user_mask"] = Path(mask_path).name if mask_path else None
     info["options"] = options_record
-    cards, history = _provenance(rate, cal, mask_path, info, result)
-    images = _variance_images(rate.path, result.variance) if add_variance else {}
-    cards.append(("NSCVAR", bool(images), "model variance added to VAR_RNOISE and ERR"))
-    if images:
-        history.append("nsclean: posterior variance of the noise model added to VAR_RNOISE; "
-                       "ERR = sqrt(ERR^2 + variance)")
-    cards = [*cards, *extra_cards]
+    cards, history, images = _cleaned_cards(rate, cal, mask_path, info, result,
+                                            add_variance, extra_cards)
     with _all_or_nothing([output_path, model_path, saved_mask_path]):
         write_cleaned_rate(
             rate.path, output_path, cleaned, cards=cards, history=history,
@@ -1278,6 +1260,63 @@ def clean_exposure(
                       cleaned=cleaned.astype(native, copy=False), mask=mask,
                       header=rate.header)
     return _clean_summary(rate, cal, mask_path, written, info, result, options_record)
+
+
+def _fit_exposure(rate, cal, user_mask, user_header, user_mask_mode, mask_options,
+                  fit_options, add_variance, mask_source):
+    """Background mask and fit of one exposure (see :func:`clean_exposure`).
+
+    Returns
+    -------
+    mask, info, options_record
+        As :func:`_mask_for_cleaning`.
+    result : FitResult
+    add_variance : bool
+        Whether the model variance is to be added to the error arrays.
+
+    Raises
+    ------
+    NSCleanInputError
+        For an unusable input: naming ``mask_source`` for a mask without background,
+        the rate file for any other problem.
+    """
+    from ..algorithm.core import fit
+
+    try:
+        mask, info, options_record = _mask_for_cleaning(
+            rate, cal, user_mask, user_header, user_mask_mode, mask_options)
+        if not mask.any():
+            raise NSCleanInputError(mask_source, "mask has no background pixel")
+        fit_options = dict(fit_options or {})
+        if add_variance is not None:
+            fit_options["variance"] = bool(add_variance)
+        add_variance = fit_options.get("variance", True)
+        result = fit(rate.sci, mask, rate.detector, **fit_options)
+    except NSCleanInputError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise NSCleanInputError(rate.path, str(exc)) from None
+    return mask, info, options_record, result, add_variance
+
+
+def _cleaned_cards(rate, cal, mask_path, info, result, add_variance, extra_cards):
+    """Header cards, HISTORY lines and variance images of the cleaned file.
+
+    Returns
+    -------
+    cards : list of (keyword, value, comment)
+    history : list of str
+    images : dict
+        ``VAR_RNOISE`` and ``ERR`` with the model variance added, or empty.
+    """
+    cards, history = _provenance(rate, cal, mask_path, info, result)
+    images = _variance_images(rate.path, result.variance) if add_variance else {}
+    cards.append(("NSCVAR", bool(images), "model variance added to VAR_RNOISE and ERR"))
+    if images:
+        history.append("nsclean: posterior variance of the noise model added to VAR_RNOISE; "
+                       "ERR = sqrt(ERR^2 + variance)")
+    cards = [*cards, *extra_cards]
+    return cards, history, images
 
 
 def _write_extras(rate, model, mask, info, cards, history, model_path, mask_path, *,

@@ -668,18 +668,8 @@ def clean_rateints(
         If an output exists and ``overwrite`` is false.
     """
     rateints = read_rateints(rateints_paths)
-    output_dir = Path(output_dir)
-    extras_dir = Path(product_dir) if product_dir is not None else output_dir
-    outputs = [output_dir / cleaned_name(s.path) for s in rateints.segments]
-    models = [expo.product_path(extras_dir, parse_product_name(s.path).segment_stem,
-                                expo.MODEL_SUFFIX) for s in rateints.segments] \
-        if save_model else []
-    saved_mask = expo.product_path(extras_dir, rateints.stem, expo.MASK_SUFFIX) \
-        if save_mask else None
-    inputs = {s.path.resolve() for s in rateints.segments}
-    for path in outputs + models:
-        if path.resolve() in inputs:
-            raise NSCleanInputError(path, "output would overwrite an input rateints file")
+    outputs, models, saved_mask = _output_paths(rateints, output_dir, product_dir,
+                                                save_model, save_mask)
     expo._refuse_existing([*outputs, *models, saved_mask], overwrite)
     summary, cal, mask, info = _exposure_mask(rateints, calints_paths, mask_path,
                                               user_mask_mode, mask_options)
@@ -725,6 +715,44 @@ def clean_rateints(
         for path in written:  # all or nothing for the exposure
             path.unlink(missing_ok=True)
         raise
+    return _summary(rateints, calints_paths, mask_path, written, info, totals, first,
+                    options_record)
+
+
+def _output_paths(rateints, output_dir, product_dir, save_model, save_mask):
+    """Cleaned files, model files and mask file of a time-series exposure.
+
+    Returns
+    -------
+    outputs : list of Path
+        One cleaned file per segment.
+    models : list of Path
+        One model file per segment if ``save_model``, else empty.
+    saved_mask : Path or None
+
+    Raises
+    ------
+    NSCleanInputError
+        If an output would overwrite an input rateints file.
+    """
+    output_dir = Path(output_dir)
+    extras_dir = Path(product_dir) if product_dir is not None else output_dir
+    outputs = [output_dir / cleaned_name(s.path) for s in rateints.segments]
+    models = [expo.product_path(extras_dir, parse_product_name(s.path).segment_stem,
+                                expo.MODEL_SUFFIX) for s in rateints.segments] \
+        if save_model else []
+    saved_mask = expo.product_path(extras_dir, rateints.stem, expo.MASK_SUFFIX) \
+        if save_mask else None
+    inputs = {s.path.resolve() for s in rateints.segments}
+    for path in outputs + models:
+        if path.resolve() in inputs:
+            raise NSCleanInputError(path, "output would overwrite an input rateints file")
+    return outputs, models, saved_mask
+
+
+def _summary(rateints, calints_paths, mask_path, written, info, totals, first,
+             options_record) -> dict:
+    """JSON-able summary of :func:`clean_rateints` (see its Returns section)."""
     return {
         "stem": rateints.stem,
         "rate": [str(s.path) for s in rateints.segments],
