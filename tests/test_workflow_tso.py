@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 from astropy.io import fits
-from workflow_helpers import read_report
+from workflow_helpers import read_report, write_bots_exposures
 
 from nsclean.io import tso
 from nsclean.testing import simulate
@@ -218,13 +218,7 @@ def _asn(program, members):
 
 def test_stage2_associations_point_at_the_cleaned_rates(tmp_path):
     local = tmp_path / "local"
-    stems, cals = [], []
-    for exposure in (1, 2, 3, 4):
-        sim = simulate.simulate_exposure("bots", "NRS1", subarray="SUB512", seed=exposure,
-                                         program="04248", observation=1, exposure=exposure)
-        rate, cal = simulate.write_exposure(sim, local)
-        stems.append(sim.stem)
-        cals.append(cal)
+    stems, cals = write_bots_exposures(local, "04248", 4, subarray="SUB512")
     shutil.copyfile(cals[0], cals[3])  # exposure 4 fails (its calints is another's)
     good = "jw04248-o001_20240101t000000_spec2_00001_asn.json"
     bad = "jw04248-o001_20240101t000000_spec2_00002_asn.json"
