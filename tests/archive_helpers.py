@@ -30,6 +30,21 @@ EXPOSURES = [
     ("jw02222001001_04102_00001_nrs1", "NRS_BRIGHTOBJ", "G395H", "F290LP", "SUB2048"),
 ]
 
+#: the first exposure of the test programme and its products
+STEM = EXPOSURES[0][0]
+RATE = f"{STEM}_rate.fits"
+CAL = f"{STEM}_cal.fits"
+
+#: download options that keep the tests quick: short timeouts, short back-off
+FAST = {"timeout": (2.0, 2.0), "backoff": 0.01, "max_backoff": 0.05}
+#: the same with a read timeout (0.5 s) shorter than a ``slow`` fault of the servers
+FAST_SHORT_READ = {**FAST, "timeout": (2.0, 0.5)}
+
+
+def gets(server, name=RATE) -> list:
+    """The GET requests for the product ``name`` that a loopback server received."""
+    return [r for r in server.requests if r.method == "GET" and r.target == name]
+
 
 def make_exposure_file(directory: Path, stem: str, kind: str, exp_type: str, grating: str,
                        filt: str, subarray: str, shape=(16, 16)) -> Path:

@@ -3,7 +3,8 @@
 Used two ways:
 
 - as a pytest plugin (register with ``pytest_plugins = ["network_guard"]`` in
-  ``tests/conftest.py``): the guard is installed for the whole test session;
+  ``tests/conftest.py``): the guard is installed for the whole test session, fails the
+  test that tried to leave loopback, and offers the module fixture ``loopback_only``;
 - from a child process: ``import network_guard; network_guard.install()``.
 
 A refused attempt raises ``NonLoopbackAccess`` (a ``RuntimeError``, so that retry
@@ -112,6 +113,17 @@ if pytest is not None:
         refused = ATTEMPTS[before:]
         if refused:
             pytest.fail("network access outside loopback: " + "; ".join(refused))
+
+    @pytest.fixture(scope="module")
+    def loopback_only():
+        """Fail the module, at its end, if anything so far tried to leave loopback.
+
+        The modules that talk to the archive servers ask for it with
+        ``pytestmark = pytest.mark.usefixtures("loopback_only")``.
+        """
+        install()
+        yield
+        assert not ATTEMPTS, ATTEMPTS
 
 
 def pytest_configure(config):

@@ -12,21 +12,15 @@ from pathlib import Path
 
 import network_guard
 import pytest
-from archive_helpers import EXPOSURES, make_program, run_child
+from archive_helpers import EXPOSURES, FAST_SHORT_READ, RATE, make_program, run_child
 
 from nsclean.archive import archive
 from nsclean.testing.mastserver import MastServer
 
+pytestmark = pytest.mark.usefixtures("loopback_only")
+
 TOKEN = "tok-3f9c1d7e-SECRET-do-not-log"
-RATE = "jw01345062001_03101_00001_nrs1_rate.fits"
-FAST = {"timeout": (2.0, 0.5), "backoff": 0.01, "max_backoff": 0.05}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _loopback_only():
-    network_guard.install()
-    yield
-    assert not network_guard.ATTEMPTS, network_guard.ATTEMPTS
+FAST = FAST_SHORT_READ
 
 
 @pytest.fixture(scope="module")

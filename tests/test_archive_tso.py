@@ -5,24 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import network_guard
 import pytest
-from archive_helpers import make_program, run_child
+from archive_helpers import FAST_SHORT_READ, make_program, run_child
 
 from nsclean.archive import archive
 from nsclean.testing import simulate
 from nsclean.testing.mastserver import MastServer, build_catalogue
 
+pytestmark = pytest.mark.usefixtures("loopback_only")
+
 TSO = "jw02222004001_03101_00001_nrs1"
 BROKEN = "jw02222005001_03101_00001_nrs2"
-FAST = {"timeout": (2.0, 0.5), "backoff": 0.01, "max_backoff": 0.05}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _loopback_only():
-    network_guard.install()
-    yield
-    assert not network_guard.ATTEMPTS, network_guard.ATTEMPTS
+FAST = FAST_SHORT_READ
 
 
 @pytest.fixture(scope="module")

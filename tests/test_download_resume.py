@@ -6,23 +6,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import network_guard
 import numpy as np
 import pytest
+from archive_helpers import FAST, gets
+from archive_helpers import RATE as NAME
 from astropy.io import fits
 
 from nsclean.archive import archive
 from nsclean.testing.mastserver import MastServer
 
-NAME = "jw01345062001_03101_00001_nrs1_rate.fits"
-FAST = {"timeout": (2.0, 2.0), "backoff": 0.01, "max_backoff": 0.05}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _loopback_only():
-    network_guard.install()
-    yield
-    assert not network_guard.ATTEMPTS, network_guard.ATTEMPTS
+pytestmark = pytest.mark.usefixtures("loopback_only")
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +30,6 @@ def served(tmp_path_factory):
     data = np.random.default_rng(1).normal(size=(1024, 1024)).astype(np.float32)
     fits.HDUList([primary, fits.ImageHDU(data, name="SCI")]).writeto(directory / NAME)
     return directory
-
-
-def gets(server):
-    return [r for r in server.requests if r.method == "GET" and r.target == NAME]
 
 
 def test_a_download_cut_in_half_resumes_with_a_range_request(served, tmp_path, caplog):

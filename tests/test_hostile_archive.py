@@ -15,33 +15,16 @@ import stat
 import time
 from pathlib import Path
 
-import network_guard
 import pytest
-from archive_helpers import make_program, run_child
+from archive_helpers import CAL, FAST, RATE, STEM, run_child
 from hostile_server import HostileMast
 
 from nsclean.archive import archive
 from nsclean.testing.mastserver import MastServer
 
+pytestmark = pytest.mark.usefixtures("loopback_only")
+
 TOKEN = "tok-8d1e55aa-SECRET-hostile"
-RATE = "jw01345062001_03101_00001_nrs1_rate.fits"
-CAL = "jw01345062001_03101_00001_nrs1_cal.fits"
-STEM = "jw01345062001_03101_00001_nrs1"
-FAST = {"timeout": (2.0, 2.0), "backoff": 0.01, "max_backoff": 0.05}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _loopback_only():
-    network_guard.install()
-    yield
-    assert not network_guard.ATTEMPTS, network_guard.ATTEMPTS
-
-
-@pytest.fixture(scope="module")
-def program_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("program")
-    make_program(directory)
-    return directory
 
 
 def uri(name):

@@ -10,28 +10,15 @@ import time
 from types import SimpleNamespace
 from urllib.parse import quote
 
-import network_guard
 import pytest
 import requests
-from archive_helpers import EXPOSURES, make_program
+from archive_helpers import EXPOSURES
 
 from nsclean.testing.mastserver import MastServer, build_catalogue
 
+pytestmark = pytest.mark.usefixtures("loopback_only")
+
 TIMEOUT = (2.0, 5.0)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _loopback_only():
-    network_guard.install()
-    yield
-    assert not network_guard.ATTEMPTS, network_guard.ATTEMPTS
-
-
-@pytest.fixture(scope="module")
-def program_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("program")
-    make_program(directory)
-    return directory
 
 
 def invoke(server, service, params, *, page=1, pagesize=50000, breaker="b1"):

@@ -14,33 +14,18 @@ import logging
 import os
 import stat
 
-import network_guard
 import pytest
-from archive_helpers import make_program
+from archive_helpers import FAST, RATE, gets
 from hostile_server import HostileMast
 
 from nsclean.archive import archive
 from nsclean.testing import simulate
 from nsclean.testing.mastserver import MastServer
 
+pytestmark = pytest.mark.usefixtures("loopback_only")
+
 TOKEN = "tok-5c2e91d0-SECRET-resume"
-RATE = "jw01345062001_03101_00001_nrs1_rate.fits"
 TSO = "jw02222004001_03101_00001_nrs1"
-FAST = {"timeout": (2.0, 2.0), "backoff": 0.01, "max_backoff": 0.05}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _loopback_only():
-    network_guard.install()
-    yield
-    assert not network_guard.ATTEMPTS, network_guard.ATTEMPTS
-
-
-@pytest.fixture(scope="module")
-def program_dir(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("program")
-    make_program(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +36,6 @@ def tso_dir(tmp_path_factory):
                                           program="02222", observation=4)
     simulate.write_timeseries(series, directory, segments=3)
     return directory
-
-
-def gets(server, name=RATE):
-    return [r for r in server.requests if r.method == "GET" and r.target == name]
 
 
 def segment_name(number, kind="rateints"):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from workflow_helpers import read_report
+from workflow_helpers import read_report, write_bots_exposures
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEFILE = ROOT / "Snakefile"
@@ -300,16 +300,8 @@ def test_execution_settings_reach_the_steps_without_a_rerun(demo_run):
 @pytest.mark.slow
 def test_bad_exposures_fail_alone_and_the_run_says_so(tmp_path):
     """A corrupt rate and a mismatched cal fail alone; an exposure without cal is skipped."""
-    from nsclean.testing import simulate
-
     local = tmp_path / "local"
-    stems, cals = [], []
-    for exposure in (1, 2, 3, 4):
-        sim = simulate.simulate_exposure("bots", "NRS1", readout="NRS", seed=exposure,
-                                         program="04242", observation=1, exposure=exposure)
-        rate, cal = simulate.write_exposure(sim, local)  # a BOTS rate comes with calints
-        stems.append(rate.name.removesuffix("_rate.fits"))
-        cals.append(cal)
+    stems, cals = write_bots_exposures(local, "04242", 4, readout="NRS")
     good, corrupt, mismatched, without_cal = stems
     cals[3].unlink()
     # a truncated rate file, and a cal file that belongs to another exposure

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 from astropy.io import fits
-from workflow_helpers import read_report
+from workflow_helpers import read_report, write_bots_exposures
 
 from nsclean.io import tso
 from nsclean.testing import simulate
@@ -28,6 +28,18 @@ SEGMENTED = "jw04245001001_03101_00001_nrs1"
 GAP = "jw04245002001_03101_00001_nrs2"
 RATE = "jw04245003001_03101_00001_nrs2"
 CUT = "jw04245004001_03101_00001_nrs1"
+
+
+def snakemake(workdir, *args, config=None, limit=600):
+    """Run the workflow in ``workdir`` (writing ``config`` to its config.yaml first, if
+    given), killed after ``limit`` seconds; stdout and stderr come back together."""
+    if config is not None:
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    command = ["timeout", "-s", "KILL", str(limit), sys.executable, "-m", "snakemake",
+               "--snakefile", str(ROOT / "Snakefile"), "--configfile", "config.yaml", *args]
+    return subprocess.run(command, cwd=workdir, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=limit * 1.1,
+                          check=False)
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +68,7 @@ def run(archive_dir, tmp_path_factory):
     with MastServer(archive_dir) as server:
         config = {"programs": [PROGRAM], "archive": {"url": server.url},
                   "results": "results"}
-        (workdir / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-        command = ["timeout", "-s", "KILL", "600", sys.executable, "-m", "snakemake",
-                   "--snakefile", str(ROOT / "Snakefile"), "--cores", "2",
-                   "--configfile", "config.yaml"]
-        result = subprocess.run(command, cwd=workdir, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, timeout=660,
-                                check=False)
+        result = snakemake(workdir, "--cores", "2", config=config)
     return workdir / "results", result
 
 
@@ -132,12 +138,7 @@ def test_exposures_without_cal_use_the_configured_user_masks(tmp_path):
                           "missing_cal": "user_mask"},
               "user_masks": {"exposures": {by_stem: str(tmp_path / "by_stem.fits")},
                              "modes": {"BOTS": {"NRS1": str(tmp_path / "by_mode.fits")}}}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    command = ["timeout", "-s", "KILL", "600", sys.executable, "-m", "snakemake",
-               "--snakefile", str(ROOT / "Snakefile"), "--cores", "2",
-               "--configfile", "config.yaml"]
-    result = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, timeout=660, check=False)
+    result = snakemake(tmp_path, "--cores", "2", config=config)
     assert "1 of 3 exposures failed" in result.stdout, result.stdout[-4000:]
     rows = {row["stem"]: row for row in read_report(tmp_path / "results")}
     for stem, name in ((by_stem, "by_stem.fits"), (by_mode, "by_mode.fits")):
@@ -161,11 +162,7 @@ def test_snakemake_report_shows_our_report_with_its_thumbnails(run):
 
     results, _ = run
     workdir = results.parent
-    command = ["timeout", "-s", "KILL", "300", sys.executable, "-m", "snakemake",
-               "--snakefile", str(ROOT / "Snakefile"), "--configfile", "config.yaml",
-               "--report", "report.zip"]
-    result = subprocess.run(command, cwd=workdir, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, timeout=330, check=False)
+    result = snakemake(workdir, "--report", "report.zip", limit=300)
     assert result.returncode == 0, result.stdout[-3000:]
     with zipfile.ZipFile(workdir / "report.zip") as archive:
         ours = [archive.read(name).decode() for name in archive.namelist()
@@ -193,12 +190,7 @@ def test_the_workflow_saves_the_noise_model_when_asked(tmp_path):
     rateints, _ = simulate.write_timeseries(series, local, segments=2)
     config = {"programs": ["4247"], "results": "results", "save_noise_model": True,
               "archive": {"source": "local", "local_dir": str(local)}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    command = ["timeout", "-s", "KILL", "600", sys.executable, "-m", "snakemake",
-               "--snakefile", str(ROOT / "Snakefile"), "--cores", "2",
-               "--configfile", "config.yaml"]
-    result = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, timeout=660, check=False)
+    result = snakemake(tmp_path, "--cores", "2", config=config)
     assert result.returncode == 0, result.stdout[-4000:]
     folder = tmp_path / "results" / "04247" / sim.stem
     model = fits.getdata(folder / f"{sim.stem}_flicker_noise.fits", "SCI")
@@ -226,13 +218,7 @@ def _asn(program, members):
 
 def test_stage2_associations_point_at_the_cleaned_rates(tmp_path):
     local = tmp_path / "local"
-    stems, cals = [], []
-    for exposure in (1, 2, 3, 4):
-        sim = simulate.simulate_exposure("bots", "NRS1", subarray="SUB512", seed=exposure,
-                                         program="04248", observation=1, exposure=exposure)
-        rate, cal = simulate.write_exposure(sim, local)
-        stems.append(sim.stem)
-        cals.append(cal)
+    stems, cals = write_bots_exposures(local, "04248", 4, subarray="SUB512")
     shutil.copyfile(cals[0], cals[3])  # exposure 4 fails (its calints is another's)
     good = "jw04248-o001_20240101t000000_spec2_00001_asn.json"
     bad = "jw04248-o001_20240101t000000_spec2_00002_asn.json"
@@ -242,12 +228,7 @@ def test_stage2_associations_point_at_the_cleaned_rates(tmp_path):
         (stems[1], "science"), (stems[3], "background")])))
     config = {"programs": ["4248"], "results": "results", "stage2": {"associations": True},
               "archive": {"source": "local", "local_dir": str(local)}}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    command = ["timeout", "-s", "KILL", "600", sys.executable, "-m", "snakemake",
-               "--snakefile", str(ROOT / "Snakefile"), "--cores", "2",
-               "--configfile", "config.yaml", "--keep-going"]
-    result = subprocess.run(command, cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, timeout=660, check=False)
+    result = snakemake(tmp_path, "--cores", "2", "--keep-going", config=config)
     stage2 = tmp_path / "results" / "04248" / "stage2"
     assert (stage2 / "associations.json").is_file(), result.stdout[-4000:]
     status = {e["file"]: e for e in

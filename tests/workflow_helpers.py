@@ -1,4 +1,5 @@
-"""Helpers shared by the workflow tests: FITS products and the run report."""
+"""Helpers shared by the workflow tests: simulated programmes, FITS products and the run
+report."""
 
 from __future__ import annotations
 
@@ -41,3 +42,21 @@ def assert_same_fits(produced, expected):
             cards_a = [str(c) for c in a.header.cards if not c.keyword.startswith("DATE")]
             cards_b = [str(c) for c in b.header.cards if not c.keyword.startswith("DATE")]
             assert cards_a == cards_b, (produced, a.name)
+
+
+def write_bots_exposures(directory, program, count, **options):
+    """Write exposures 1 to ``count`` of observation 1 of ``program``: simulated BOTS NRS1
+    rates with their calints (``options`` go to ``simulate_exposure``).
+
+    Returns the stems and the calints paths, in exposure order.
+    """
+    from nsclean.testing import simulate
+
+    stems, cals = [], []
+    for exposure in range(1, count + 1):
+        sim = simulate.simulate_exposure("bots", "NRS1", seed=exposure, program=program,
+                                         observation=1, exposure=exposure, **options)
+        _, cal = simulate.write_exposure(sim, directory)  # a BOTS rate comes with calints
+        stems.append(sim.stem)
+        cals.append(cal)
+    return stems, cals
