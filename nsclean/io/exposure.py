@@ -151,8 +151,27 @@ _FIT_INFO_KEYWORDS = {
 # --------------------------------------------------------------------------------------
 
 
+class ExposureKeywords:
+    """``detector``, ``exp_type`` and ``subarray`` of an exposure, from its ``header``
+    (upper case; SUBARRAY defaults to FULL).  Shared by the rate and rateints readers."""
+
+    header: fits.Header
+
+    @property
+    def detector(self) -> str:
+        return str(self.header["DETECTOR"]).strip().upper()
+
+    @property
+    def exp_type(self) -> str:
+        return str(self.header.get("EXP_TYPE", "")).strip().upper()
+
+    @property
+    def subarray(self) -> str:
+        return str(self.header.get("SUBARRAY", "FULL")).strip().upper()
+
+
 @dataclass
-class RateExposure:
+class RateExposure(ExposureKeywords):
     """A NIRSpec ``_rate`` product in memory (copies; the file is closed).
 
     Attributes
@@ -173,18 +192,6 @@ class RateExposure:
     header: fits.Header = field(repr=False)
     sci: np.ndarray = field(repr=False)
     dq: np.ndarray = field(repr=False)
-
-    @property
-    def detector(self) -> str:
-        return str(self.header["DETECTOR"]).strip().upper()
-
-    @property
-    def exp_type(self) -> str:
-        return str(self.header.get("EXP_TYPE", "")).strip().upper()
-
-    @property
-    def subarray(self) -> str:
-        return str(self.header.get("SUBARRAY", "FULL")).strip().upper()
 
     @property
     def origin(self) -> tuple[int, int]:

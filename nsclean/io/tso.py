@@ -178,7 +178,7 @@ class RateintsSegment:
 
 
 @dataclass
-class RateintsExposure:
+class RateintsExposure(expo.ExposureKeywords):
     """A time-series exposure: one or more rateints segments in integration order."""
 
     stem: str
@@ -191,18 +191,6 @@ class RateintsExposure:
     @property
     def path(self) -> Path:
         return self.segments[0].path
-
-    @property
-    def detector(self) -> str:
-        return str(self.header["DETECTOR"]).strip().upper()
-
-    @property
-    def exp_type(self) -> str:
-        return str(self.header.get("EXP_TYPE", "")).strip().upper()
-
-    @property
-    def subarray(self) -> str:
-        return str(self.header.get("SUBARRAY", "FULL")).strip().upper()
 
     @property
     def n_integrations(self) -> int:
