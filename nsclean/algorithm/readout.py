@@ -156,7 +156,7 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
 
 
 # --------------------------------------------------------------------------------------
-# Geometry: DMS image <-> segments (segment, output, tick)
+# Geometry: DMS image <-> segments, pixel arrays (output, tick, segment)
 # --------------------------------------------------------------------------------------
 
 
@@ -730,7 +730,7 @@ class _Solver:
         return shared
 
     def pixel_variance(self):
-        """Posterior variance of the noise at every pixel, (segments, outputs, length).
+        """Posterior variance of the noise at every pixel, (outputs, length, segments).
 
         With the per-output modes eliminated, ``v = xi^T S^-1 xi + u^T H_o^-1 u`` where
         ``u(t)`` is the per-output basis at tick t and ``xi = phi - K_o^T u``.  Splitting
