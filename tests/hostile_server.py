@@ -31,8 +31,6 @@ check which host received which cookie.
 from __future__ import annotations
 
 import gzip
-import http.server
-import threading
 import time
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -109,6 +107,8 @@ class _HostileHandler(_Handler):
 class HostileMast(MastServer):
     """``MastServer`` with hostile answers (see the module documentation)."""
 
+    handler_class = _HostileHandler
+
     def __init__(self, root, *, redirect=None, drip=None, bad_length=None, rename=None,
                  duplicate=None, data_uri=None, gzip=(), **kwargs):
         super().__init__(root, **kwargs)
@@ -138,17 +138,6 @@ class HostileMast(MastServer):
                         products.append(dict(product, size=product["size"] if size is None
                                              else size))
 
-    def start(self) -> HostileMast:
-        handler = type("_BoundHostileHandler", (_HostileHandler,), {"mast": self})
-        self._httpd = http.server.ThreadingHTTPServer((self.host, self.port), handler)
-        self._httpd.daemon_threads = True
-        self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever,
-                                        kwargs={"poll_interval": 0.05},
-                                        name="hostile-mast", daemon=True)
-        self._thread.start()
-        return self
-
     def stop(self) -> None:
         self.stopping = True  # a dripping answer ends with the server
         super().stop()
@@ -156,3 +145,4 @@ class HostileMast(MastServer):
     def cookies_seen(self) -> list[str]:
         """The Cookie headers of every request this server received."""
         return [headers.get("Cookie", "") for _, headers in self.headers_seen]
+

@@ -417,15 +417,18 @@ class MastServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    #: Request handler class (a subclass may serve other answers).
+    handler_class = None
+
     def start(self) -> MastServer:
         """Bind and serve in a daemon thread; returns self."""
-        handler = type("_BoundHandler", (_Handler,), {"mast": self})
+        handler = type("_BoundHandler", (self.handler_class or _Handler,), {"mast": self})
         self._httpd = http.server.ThreadingHTTPServer((self.host, self.port), handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": 0.05},
-                                        name="mastserver", daemon=True)
+                                        name=type(self).__name__, daemon=True)
         self._thread.start()
         return self
 
