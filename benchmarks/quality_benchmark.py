@@ -27,7 +27,8 @@ Columns:
 Cases: IFU NRS1/NRS2 and MOS NRS1 (IRS2), fixed slit NRS2, IFU with traditional readout,
 IFU NRS2 with a picture frame 3x the default, MOS with a 600-row user-blanked band, an
 extended source filling a 460-row block of every column (``extended_nrs1``), a BOTS
-SUB2048 exposure with NRSRAPID-like 1/f as strong as the white noise, and, with
+SUB2048 exposure with NRSRAPID-like 1/f stronger than the white noise, the same with the
+background on one side of the trace only (``bots_onesided``), and, with
 ``--real-mask PATH``, the real hand-made NRS2 IFU mask of the NSClean release (about 15 %
 background) on a simulated NRS2 frame, the mask's zeros being the science.
 
@@ -134,6 +135,10 @@ CASES = {
     # NRSRAPID subarray frames are short: their 1/f is as strong as the white noise.
     "bots_sub2048": dict(kind="bots", detector="NRS1", pink_correlated=15.0,
                          pink_uncorrelated=3.0),
+    # The same with the background on one side of the trace only (a user mask blanks
+    # the rows below it: a neighbour's spectrum, scattered light).
+    "bots_onesided": dict(kind="bots", detector="NRS1", pink_correlated=15.0,
+                          pink_uncorrelated=3.0, gap=(0, 8)),
     "realmask_nrs2": dict(kind="dark", detector="NRS2", real_mask=True),
 }
 QUICK = ("ifu_nrs2", "extended_nrs1", "bots_sub2048")
@@ -174,8 +179,12 @@ def prepare(spec, seed, real_mask_path):
         footprint[:, :4] = footprint[:, -4:] = False
         mask &= np.isfinite(sim.rate)
     else:
+        # The subarray's place on the detector, as the workflow reads it from SUBSTRT1/2:
+        # only the detector's own border rows and columns are reference pixels.
+        origin = (sim.meta["substrt2"] - 1, sim.meta["substrt1"] - 1)
         mask, _ = masks.build_background_mask(
-            sim.rate, sim.dq, sim.footprint, exp_type=sim.meta["exp_type"], full_frame=full
+            sim.rate, sim.dq, sim.footprint, exp_type=sim.meta["exp_type"], full_frame=full,
+            origin=origin,
         )
     if gap is not None:
         # A user mask that blanks a wide band (scattered light, a bright neighbour).

@@ -99,6 +99,18 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
     """
     dtype = dms_image.dtype if dms_image.dtype in (np.float32, np.float64) else np.float64
     level, sigma = _level_and_sigma(dms_image, valid)
+    if not full_frame:
+        kriged = _fit_subarray(dms_image, valid, detector, opts, level, sigma, variance,
+                               dtype)
+        if kriged is not None:
+            return kriged
+    return _fit_segments(dms_image, valid, detector, opts, level, sigma, variance, dtype,
+                         full_frame)
+
+
+def _fit_segments(dms_image, valid, detector, opts, level, sigma, variance, dtype,
+                  full_frame):
+    """The DCT-mode model of every line (full frame) or time-series chunk (subarray)."""
     if full_frame:
         layout = _LineLayout(dms_image.shape, detector)
     else:
@@ -152,6 +164,50 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
         "shared_coefficients": 0 if shared is None else int(np.count_nonzero(shared)),
         "segments": int(data.shape[2]),
     }
+    return model, info, pixel_variance
+
+
+def _fit_subarray(dms_image, valid, detector, opts, level, sigma, variance, dtype):
+    """Subarray: kriging along the read-out time series (:class:`_SeriesKriging`).
+
+    Outliers are background pixels whose leave-one-out residual exceeds
+    ``outlier_sigma`` of its own predicted sigma.  Blocks with no background within a
+    line look a few lines away; pixels with none there either get the DCT chunk model
+    of the slow modes.  Returns None when the background cannot give a covariance (the
+    chunk model is then used alone).
+    """
+    lines = dms_to_detector(dms_image, detector).astype(np.float64) - level
+    given = dms_to_detector(valid, detector) & np.isfinite(lines)
+    usable = given & (np.abs(lines) <= _FAR * sigma)
+    kriging = _SeriesKriging(*lines.shape)
+    if not kriging.fit(lines, usable):
+        return None
+    result = kriging.predict(lines, usable, variance)
+    if opts["outlier_sigma"] is not None:
+        for _ in range(int(opts["outlier_iterations"])):
+            bad = usable & (np.abs(result["loo"]) > opts["outlier_sigma"])
+            if not bad.any():
+                break
+            usable &= ~bad
+            result = kriging.predict(lines, usable, variance)
+    model = result["model"] + level
+    pixel_variance = result["variance"]
+    info = {
+        "n_lines": int(lines.shape[0]),
+        "n_rejected": int(np.count_nonzero(given & ~usable)),
+        "n_background": valid.sum(axis=0),
+        # Lines with no background within reach: predicted from samples further away.
+        "n_predicted": result["n_far"],
+        "common_modes": 0,
+        "output_modes": 0,
+        "white_sigma": math.sqrt(kriging.white),
+        "spectral_index": kriging.alpha,
+        "segments": int(lines.shape[0]),
+    }
+    model = np.ascontiguousarray(detector_to_dms(model, detector), dtype=dtype)
+    if variance:
+        pixel_variance = np.ascontiguousarray(detector_to_dms(pixel_variance, detector),
+                                              dtype=np.float32)
     return model, info, pixel_variance
 
 
@@ -783,3 +839,253 @@ def _quadratic_form_reducer(length, n_modes):
     np.add.at(reducer, (jj, kk, jj + kk), weight)
     np.add.at(reducer, (jj, kk, np.abs(jj - kk)), weight)
     return reducer.reshape(n_modes * n_modes, 2 * n_modes - 1)
+
+
+# --------------------------------------------------------------------------------------
+# Subarrays: kriging along the read-out time series
+# --------------------------------------------------------------------------------------
+
+# Exponents tried for the power-law spectrum of the subarray noise.
+_ALPHAS = np.round(np.arange(0.2, 2.51, 0.05), 2)
+
+
+@functools.lru_cache(maxsize=4)
+def _power_law_covariances(n_samples, n_lags):
+    """Autocovariance shapes of power-law spectra on a series of ``n_samples`` ticks.
+
+    Row ``i`` is the autocovariance at lags ``0 .. n_lags - 1`` of noise whose power
+    spectral density is ``f^-alpha`` (``alpha = _ALPHAS[i]``) from the lowest
+    frequency of the series up to the Nyquist frequency, scaled to unit variance.
+    """
+    k = np.arange(n_samples // 2 + 1, dtype=np.float64)
+    spectra = np.zeros((_ALPHAS.size, k.size))
+    spectra[:, 1:] = k[1:] ** -_ALPHAS[:, None]
+    shapes = np.fft.irfft(spectra, n_samples, axis=1)[:, :n_lags]
+    shapes /= shapes[:, :1]
+    shapes.setflags(write=False)
+    return shapes
+
+
+@functools.lru_cache(maxsize=4)
+def _power_law_covariance(n_samples, alpha):
+    """One row of :func:`_power_law_covariances`, at every lag of the series."""
+    k = np.arange(n_samples // 2 + 1, dtype=np.float64)
+    spectrum = np.zeros(k.size)
+    spectrum[1:] = k[1:] ** -alpha
+    shape = np.fft.irfft(spectrum, n_samples)[: n_samples // 2 + 1]
+    shape /= shape[0]
+    shape.setflags(write=False)
+    return shape
+
+
+class _SeriesKriging:
+    """Conditional mean of a subarray's noise along the read-out time series.
+
+    A subarray line is short (32 pixels on the BOTS and fixed-slit subarrays), and
+    the 1/f noise of traditional readout reaches up to the pixel rate: a trace sits
+    between background pixels that are only tens of ticks away, on the same line and
+    on the neighbouring lines.  The noise is a stationary process along the time axis
+    (10 us per pixel, ``LINE_OVERHEAD_TICKS`` empty ticks between lines), so its
+    conditional mean at every pixel given the background within ``reach`` ticks is a
+    kriging prediction, and its conditional variance is known.
+
+    The covariance comes from the exposure.  The background of a subarray covers only
+    a few lags (within a cluster of background pixels, and one or two line periods
+    apart), so a free-form spectrum cannot say what happens between them; a power law
+    can, and it is the physics of this noise (1/f, Rauscher 2015; Rauscher 2024, section
+    2).  The exponent, the amplitude and the white level are fitted to the masked
+    autocovariance of the background, with an alternating-column term (a slow process
+    times ``(-1)^t``); what they do not describe stays in the residual.  Blocks with no
+    background in reach (the reference lines, a band a user masked) are predicted from
+    the nearest samples further away.  Blocks whose windows have the same background
+    pattern share one solve, so a trace at a fixed place costs a handful of solves.
+    """
+
+    _BLOCK = 64  # at most this many target pixels per block
+    _REACH = 64  # background within this many ticks of the block (at most a line)
+    _FAR_SAMPLES = 16  # blocks with nothing in reach: nearest samples on either side
+    _MIN_PAIRS = 20
+    _BATCH = 128
+
+    def __init__(self, n_lines, n_fast):
+        self.n_lines, self.n_fast = n_lines, n_fast
+        self.stride = n_fast + LINE_OVERHEAD_TICKS
+        per_line = math.ceil(n_fast / self._BLOCK)
+        self.block = math.ceil(n_fast / per_line)
+        self.margin = min(self.stride, self._REACH)  # padding of the series, both sides
+        line_starts = np.arange(n_lines) * self.stride
+        starts = (line_starts[:, None] + np.arange(per_line) * self.block).ravel()
+        self.starts = starts + self.margin  # in the padded series
+        self.padded = n_lines * self.stride + 2 * self.margin + self.block
+        self.params = None
+        self._cache = {}  # (reach, window pattern) -> (weights, explained, loo...)
+
+    def _series(self, lines, dtype):
+        series = np.zeros(self.padded, dtype=dtype)
+        body = series[self.margin : self.margin + self.n_lines * self.stride]
+        body.reshape(self.n_lines, self.stride)[:, : self.n_fast] = lines
+        return series
+
+    def _lines(self, series):
+        body = series[self.margin : self.margin + self.n_lines * self.stride]
+        return body.reshape(self.n_lines, self.stride)[:, : self.n_fast]
+
+    def _correlated(self, lags):
+        """The fitted covariance of the correlated noise at lags ``0 .. lags - 1``."""
+        amplitude, alternating, index, _ = self.params
+        shape = _power_law_covariance(self.n_lines * self.stride, _ALPHAS[index])[:lags]
+        if shape.size < lags:  # beyond the series: the covariance at its longest lag
+            shape = np.concatenate([shape, np.full(lags - shape.size, shape[-1])])
+        return (amplitude + alternating * (-1.0) ** np.arange(lags)) * shape
+
+    def fit(self, data, valid):
+        """Fit the covariance to the background's autocovariance; False if impossible."""
+        from scipy.fft import next_fast_len
+        from scipy.optimize import nnls
+
+        series = self._series(np.where(valid, data, 0.0), np.float64)
+        lags = self.block + 2 * min(self.stride, self._REACH)
+        n = next_fast_len(series.size + lags, real=True)
+        f_data = np.fft.rfft(series, n)
+        f_valid = np.fft.rfft(self._series(valid, np.float64), n)
+        products = np.fft.irfft(f_data * np.conj(f_data), n)[:lags]
+        pairs = np.rint(np.fft.irfft(f_valid * np.conj(f_valid), n)[:lags])
+        tau = np.flatnonzero(pairs >= self._MIN_PAIRS)
+        if tau.size < 4 or tau[0] != 0:
+            return False
+        # The error of an autocovariance estimate falls as the square root of its pairs.
+        weight = np.sqrt(pairs[tau])
+        target = products[tau] / pairs[tau] * weight
+        shapes = _power_law_covariances(self.n_lines * self.stride, lags)
+        # Alternating column noise: even and odd pixels drift apart from line to line,
+        # a slow process times (-1)^t (Rauscher 2015); its covariance alternates in sign.
+        sign = (-1.0) ** tau
+        white = (tau == 0) * weight
+        best = None
+        for index, shape in enumerate(shapes):
+            design = np.stack([shape[tau] * weight, sign * shape[tau] * weight, white],
+                              axis=1)
+            coef, misfit = nnls(design, target)
+            if coef[0] > 0 and (best is None or misfit < best[0]):
+                best = (misfit, coef, index)
+        if best is None:
+            return False
+        coef, index = best[1], best[2]
+        white = max(float(coef[2]), 1e-6 * float(coef[0] + coef[1]))
+        self.params = (float(coef[0]), float(coef[1]), index, white)
+        self._cache.clear()
+        return True
+
+    @property
+    def alpha(self):
+        """The fitted spectral index (power spectral density ~ f^-alpha)."""
+        return float(_ALPHAS[self.params[2]])
+
+    @property
+    def white(self):
+        """The fitted white-noise variance."""
+        return self.params[3]
+
+    def _operators(self, reach, patterns):
+        """Kriging weights, explained variance and leave-one-out columns per pattern."""
+        width = self.block + 2 * reach
+        offsets = np.arange(width) - reach
+        correlated = self._correlated(width)
+        lag = np.abs(offsets[:, None] - offsets[None, :])
+        k_all = correlated[np.abs(offsets[:, None] - np.arange(self.block)[None, :])]
+        own = reach + np.arange(self.block)  # the block's own pixels in its window
+        diagonal = np.arange(width)
+        missing = [key for key in patterns if (reach, key) not in self._cache]
+        for b0 in range(0, len(missing), self._BATCH):
+            keys = missing[b0 : b0 + self._BATCH]
+            use = np.unpackbits(np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1),
+                                axis=1, count=width).astype(bool)
+            gram = np.where(use[:, :, None] & use[:, None, :], correlated[lag], 0.0)
+            gram[:, diagonal, diagonal] = np.where(use, correlated[0] + self.white, 1.0)
+            rhs = np.zeros((len(keys), width, 2 * self.block))
+            rhs[:, :, : self.block] = np.where(use[:, :, None], k_all, 0.0)
+            rhs[:, own, self.block + np.arange(self.block)] = 1.0
+            solved = np.linalg.solve(gram, rhs)
+            weights = solved[..., : self.block]  # (patterns, width, block)
+            explained = (weights * rhs[..., : self.block]).sum(axis=1)
+            # Leave-one-out: the residual of sample i given all others is
+            # (K^-1 y)_i / (K^-1)_ii, with variance 1 / (K^-1)_ii.
+            columns = solved[..., self.block :]  # K^-1 at the block's own pixels
+            loo = columns / np.sqrt(columns[:, own, np.arange(self.block)])[:, None, :]
+            for i, key in enumerate(keys):
+                self._cache[(reach, key)] = (weights[i], explained[i], loo[i],
+                                             bool(use[i].any()))
+        return correlated[0]
+
+    def predict(self, data, valid, want_variance):
+        """Conditional mean of the correlated noise at every pixel, (n_lines, n_fast).
+
+        Returns a dict:
+        ``model`` (the prediction), ``variance`` (its conditional variance, or None),
+        ``empty`` (pixels whose window held no background: prediction 0 there) and
+        ``loo`` (leave-one-out residual of every background pixel in units of its own
+        predicted sigma, 0 elsewhere) and ``n_far`` (lines with no background in reach,
+        predicted from the nearest samples further away).
+        """
+        reach = min(self.stride, self._REACH)
+        starts = self.starts
+        series = self._series(np.where(valid, data, 0.0), np.float64)
+        have = self._series(valid, bool)
+        window = starts[:, None] + (np.arange(self.block + 2 * reach) - reach)
+        packed = np.packbits(have[window], axis=1)
+        keys, which = np.unique(packed, axis=0, return_inverse=True)
+        keys = [row.tobytes() for row in keys]
+        which = which.ravel()
+        prior = self._operators(reach, keys)
+        members = np.argsort(which, kind="stable")  # the blocks of every pattern
+        bounds = np.searchsorted(which[members], np.arange(len(keys) + 1))
+        targets = np.arange(self.block)
+        out = {name: np.zeros(self.padded) for name in ("model", "variance", "loo")}
+        empty = np.zeros(self.padded, dtype=bool)
+        for u, key in enumerate(keys):
+            weights, explained, loo, seen = self._cache[(reach, key)]
+            blocks = members[bounds[u] : bounds[u + 1]]
+            positions = starts[blocks][:, None] + targets
+            window_data = series[window[blocks]]
+            out["model"][positions] = window_data @ weights
+            out["loo"][positions] = window_data @ loo
+            out["variance"][positions] = prior - explained
+            empty[positions] = not seen
+        if empty.any():
+            self._predict_far(series, have, empty, out)
+        return {
+            "model": self._lines(out["model"]),
+            "variance": np.maximum(self._lines(out["variance"]), 0.0) if want_variance
+            else None,
+            "n_far": int(np.count_nonzero(self._lines(empty).all(axis=1))),
+            "loo": np.where(valid, self._lines(out["loo"]), 0.0),
+        }
+
+    def _predict_far(self, series, have, empty, out):
+        """Blocks with no background in reach: kriging from the nearest samples.
+
+        Each such block (reference lines at the ends, a band of lines a user masked)
+        is predicted from the ``_FAR_SAMPLES`` background samples nearest in time on
+        either side, under the same covariance.
+        """
+        samples = np.flatnonzero(have)
+        starts = self.starts[empty[self.starts]]
+        targets = starts[:, None] + np.arange(self.block)  # (blocks, block)
+        n = self._FAR_SAMPLES
+        left = np.searchsorted(samples, starts)
+        picks = left[:, None] + np.arange(-n, n)  # n before the block, n after it
+        usable = (picks >= 0) & (picks < samples.size)
+        where = samples[np.clip(picks, 0, samples.size - 1)]
+        span = int(max(np.abs(where[:, :, None] - where[:, None, :]).max(),
+                       np.abs(targets[:, :, None] - where[:, None, :]).max())) + 1
+        correlated = self._correlated(span)
+        gram = np.where(usable[:, :, None] & usable[:, None, :],
+                        correlated[np.abs(where[:, :, None] - where[:, None, :])], 0.0)
+        diagonal = np.arange(2 * n)
+        gram[:, diagonal, diagonal] = np.where(usable, correlated[0] + self.white, 1.0)
+        rhs = np.where(usable[:, :, None],
+                       correlated[np.abs(where[:, :, None] - targets[:, None, :])], 0.0)
+        weights = np.linalg.solve(gram, rhs)  # (blocks, 2n, block)
+        values = np.where(usable, series[where], 0.0)
+        out["model"][targets] = np.einsum("bs,bst->bt", values, weights)
+        out["variance"][targets] = correlated[0] - (weights * rhs).sum(axis=1)
