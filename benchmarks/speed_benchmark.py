@@ -10,7 +10,7 @@ the peak of numpy allocations during one call above what was allocated before it
 Cases: a full 2048 x 2048 IFU frame with its automatic mask (~15-25 % background), a
 MOS frame, an IFU frame with traditional readout (the data choose more modes), and a
 SUB2048 (32 x 2048) BOTS subarray.  ``nsclean s`` is the default method (readout on full
-frames, fft on subarrays), ``fft s`` the paper's method in the same run, ``fit+var s``
+frames and on the 32-row subarray), ``fft s`` the paper's method in the same run, ``fit+var s``
 the default ``nsclean.fit`` that also returns the posterior variance (what the
 workflow's clean step calls).
 

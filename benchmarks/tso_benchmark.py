@@ -39,6 +39,8 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--methods", nargs="+", default=["auto"],
+                        help="fit methods to time (auto, readout, fft)")
     args = parser.parse_args()
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="nsclean-tso-"))
@@ -53,20 +55,20 @@ def main() -> None:
           f"in {time.perf_counter() - started:.1f} s")
     print(f"machine: {platform.node()}, {os.cpu_count()} CPUs, "
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print("| workers | wall (s) | CPU (s) | s per integration | peak RSS (GB) | "
+    print("| method | workers | wall (s) | CPU (s) | s per integration | peak RSS (GB) | "
           "correlated rms before / after (DN/s) |")
-    print("|---:|---:|---:|---:|---:|---|")
-    for workers in args.workers:
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for method, workers in [(m, w) for w in args.workers for m in args.methods]:
         out = workdir / f"out-{workers}"
         cpu0 = time.process_time()
         wall0 = time.perf_counter()
         summary = tso.clean_rateints(rateints, out, calints_paths=calints, workers=workers,
-                                     overwrite=True)
+                                     overwrite=True, fit_options={"method": method})
         wall = time.perf_counter() - wall0
         cpu = time.process_time() - cpu0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         before, after = _residuals(rateints, summary["outputs"], truth)
-        print(f"| {workers} | {wall:.1f} | {cpu:.1f} | {wall / args.integrations:.4f} | "
+        print(f"| {method} | {workers} | {wall:.1f} | {cpu:.1f} | {wall / args.integrations:.4f} | "
               f"{peak:.2f} | {before:.4f} / {after:.4f} |")
         shutil.rmtree(out)
     if args.workdir is None:

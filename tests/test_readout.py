@@ -117,14 +117,16 @@ def test_readout_never_worse_than_no_cleaning_with_an_extended_source():
         assert after < np.mean(fft[where].astype(float) ** 2)
 
 
-def test_default_is_readout_on_full_frames_and_fft_on_subarrays():
+def test_default_is_readout_on_full_frames_and_short_subarrays_fft_on_tall_ones():
     rng = np.random.default_rng(0)
     full = rng.normal(size=(FULL, FULL)).astype(np.float32)
     sub = rng.normal(size=(32, 2048)).astype(np.float32)
+    tall = rng.normal(size=(256, 2048)).astype(np.float32)
     assert nsclean.fit(full, np.ones(full.shape, bool), variance=False).info["method"] == "readout"
-    assert nsclean.fit(sub, np.ones(sub.shape, bool)).info["method"] == "fft"
-    result = nsclean.fit(sub, np.ones(sub.shape, bool), method="readout")
+    result = nsclean.fit(sub, np.ones(sub.shape, bool))
     assert result.info["method"] == "readout" and result.info["mode"] == "timeseries"
+    assert nsclean.fit(tall, np.ones(tall.shape, bool)).info["method"] == "fft"
+    assert nsclean.fit(sub, np.ones(sub.shape, bool), method="fft").info["method"] == "fft"
 
 
 def test_nan_reference_pixels_and_input_are_respected(model_drawn):

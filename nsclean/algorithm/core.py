@@ -36,6 +36,8 @@ from .orientation import detector_to_dms, dms_to_detector, normalize_detector
 _DEFAULTS = defaults(CLEAN_OPTIONS)
 
 _METHODS = next(o.choices for o in CLEAN_OPTIONS if o.name == "method")
+# method="auto" uses the readout model on subarrays whose lines are at most this long.
+AUTO_READOUT_MAX_LINE = 64
 # Largest condition number of a (diagonally scaled) normal matrix that is solved.
 _MAX_CONDITION = 1e10
 # Median of a chi-square variable with one degree of freedom.
@@ -107,10 +109,14 @@ def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
         "readout" is the conditional mean of the correlated noise at every pixel given
         the background, with each line put on its (output, clock tick) grid and a
         prior measured on the exposure (:mod:`nsclean.algorithm.readout`; it also
-        returns the posterior variance).  "fft" is the paper's Fourier model.
+        returns the posterior variance); on subarrays, kriging along the read-out
+        time series with a power-law covariance fitted to the background (its
+        exponent is ``info["spectral_index"]``).  "fft" is the paper's Fourier model.
         "median" subtracts the median of the background pixels of each DMS column
         (for comparison; it cannot follow structure along the column).  "auto"
-        (default) is "readout" on full frames and "fft" on subarrays.
+        (default) is "readout" on full frames and on subarrays whose lines are at
+        most 64 pixels long (the 32-row BOTS and fixed-slit subarrays), "fft" on
+        taller subarrays.
     max_modes : int
         Readout method: most common DCT modes per line (default 32; the per-output
         part gets half).  The data choose fewer where the prior has no useful power.
@@ -132,7 +138,9 @@ def fit(image, background_mask, detector="NRS1", **options) -> FitResult:
         along a line; weights are density^-2 (paper section 3.3; default 32).
     outlier_sigma : float or None
         Background pixels whose residual from the fit exceeds this many robust sigma
-        are dropped and the line refitted (default 3).  None disables rejection.
+        (readout on subarrays: whose leave-one-out residual exceeds this many of its
+        own predicted sigma) are dropped and the line refitted (default 3).  None
+        disables rejection.
     outlier_iterations : int
         Number of reject-and-refit passes (default 1).
     max_model_variance : float or None
@@ -228,10 +236,12 @@ def _fit(dms_image, dms_mask, det, opts, want_variance=False):
         mode = "line" if dms_image.shape[0] >= 1024 else "timeseries"
     pixel_variance = None
     if opts["method"] == "auto":
-        # The readout-aware model wins every full-frame case of the quality benchmark;
-        # on subarrays the paper's time-series fit keeps slightly less noise in the
-        # traces (docs/benchmarks.md), so it stays the default there.
-        opts["method"] = "readout" if full_frame else "fft"
+        # The readout-aware model wins every full-frame case of the quality benchmark
+        # and the BOTS subarrays, whose short lines put the trace between background
+        # pixels tens of ticks apart; on tall subarrays (ALLSLITS, 256-pixel lines) it
+        # ties with fft at 20-30 times the cost (docs/benchmarks.md).
+        short_lines = dms_image.shape[0] <= AUTO_READOUT_MAX_LINE
+        opts["method"] = "readout" if full_frame or short_lines else "fft"
     if opts["method"] == "readout":
         from .readout import fit_readout
 

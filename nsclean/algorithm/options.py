@@ -96,10 +96,12 @@ class Option:
 CLEAN_OPTIONS = (
     Option("method", "auto", str,
            "readout: the conditional mean of the noise at every pixel on each line's "
-           "(output, clock tick) grid, with a prior measured on the exposure (it returns the "
-           "posterior variance); fft: the paper's Fourier model fitted along each detector "
-           "line; median: subtract each column's background median (for comparison; it "
-           "cannot follow the picture frame); auto: readout on full frames, fft on "
+           "(output, clock tick) grid, with a prior measured on the exposure (on subarrays "
+           "kriging along the read-out time series; it returns the posterior variance); "
+           "fft: the paper's Fourier model fitted along each detector line; median: "
+           "subtract each column's background median (for comparison; it cannot follow "
+           "the picture frame); auto: readout on full frames and on subarrays of lines of "
+           "at most 64 pixels (the 32-row BOTS and fixed-slit subarrays), fft on taller "
            "subarrays.",
            choices=("auto", "readout", "fft", "median"), keyword="NSCFMETH",
            comment="fit method"),

@@ -26,11 +26,14 @@ whose parameters come from the exposure itself:
   chosen per coefficient by leave-one-out prediction error (or no sharing at all), and a
   prior variance around it from the law of total variance.  The second pass is the
   conditional mean under that prior.
-* **Subarrays** are read through one output: the read-out time series (10 us per pixel,
-  12 overhead ticks per line) is cut in chunks that overlap by half, each chunk is one
-  segment with a single output, and the chunk models are blended with triangular
-  windows.  The background is sampled once per line, so modes faster than half a cycle
-  per line are not identifiable and are not fitted.
+* **Subarrays** are read through one output, in short lines (32 pixels on the BOTS
+  subarrays), and the 1/f of traditional readout reaches up to the pixel rate.  The
+  noise is predicted along the read-out time series (10 us per pixel, 12 overhead
+  ticks per line) by kriging: the conditional mean at every pixel given the background
+  within a line's reach, under a covariance fitted to the background's masked
+  autocovariance (a power law of free exponent, an alternating-column term and white
+  noise; the background covers too few lags for a free-form spectrum).  The chunked
+  DCT model of the slow modes remains the fallback where no covariance can be measured.
 
 The conditional mean cannot do worse than not cleaning in expectation when the prior is
 right, and the posterior variance of the prediction is known at every pixel
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numpy as np
 
@@ -866,6 +870,21 @@ def _power_law_covariances(n_samples, n_lags):
     return shapes
 
 
+# Kriging operators of recent covariances, least recently used first (see fit()).
+_OPERATORS: dict = {}
+_OPERATORS_LOCK = threading.Lock()
+_OPERATOR_SETS = 8
+# Covariance parameters are rounded to this relative step: well inside their sampling
+# error, and the planes of one time series then share their solves.
+_PARAMETER_STEP = 1.05
+
+
+def _quantized(value):
+    """``value`` rounded to the nearest power of ``_PARAMETER_STEP``."""
+    exponent = round(math.log(float(value)) / math.log(_PARAMETER_STEP))
+    return float(_PARAMETER_STEP**exponent)
+
+
 @functools.lru_cache(maxsize=4)
 def _power_law_covariance(n_samples, alpha):
     """One row of :func:`_power_law_covariances`, at every lag of the series."""
@@ -918,7 +937,7 @@ class _SeriesKriging:
         self.starts = starts + self.margin  # in the padded series
         self.padded = n_lines * self.stride + 2 * self.margin + self.block
         self.params = None
-        self._cache = {}  # (reach, window pattern) -> (weights, explained, loo...)
+        self._cache = {}  # (reach, window pattern) -> (weights, explained, loo, seen)
 
     def _series(self, lines, dtype):
         series = np.zeros(self.padded, dtype=dtype)
@@ -971,9 +990,18 @@ class _SeriesKriging:
         if best is None:
             return False
         coef, index = best[1], best[2]
-        white = max(float(coef[2]), 1e-6 * float(coef[0] + coef[1]))
-        self.params = (float(coef[0]), float(coef[1]), index, white)
-        self._cache.clear()
+        amplitude = _quantized(coef[0])
+        alternating = _quantized(coef[1]) if coef[1] > 1e-3 * coef[0] else 0.0
+        white = _quantized(max(float(coef[2]), 1e-6 * float(coef[0] + coef[1])))
+        self.params = (amplitude, alternating, index, white)
+        # The solves depend only on the covariance and the background patterns: planes
+        # of one time series (one mask, nearly the same noise) share them.
+        key = (self.n_lines, self.n_fast, self.params)
+        with _OPERATORS_LOCK:
+            self._cache = _OPERATORS.pop(key, None) or {}
+            _OPERATORS[key] = self._cache
+            while len(_OPERATORS) > _OPERATOR_SETS:
+                _OPERATORS.pop(next(iter(_OPERATORS)))
         return True
 
     @property
@@ -1033,8 +1061,11 @@ class _SeriesKriging:
         have = self._series(valid, bool)
         window = starts[:, None] + (np.arange(self.block + 2 * reach) - reach)
         packed = np.packbits(have[window], axis=1)
-        keys, which = np.unique(packed, axis=0, return_inverse=True)
-        keys = [row.tobytes() for row in keys]
+        # One opaque item per row: np.unique sorts them as bytes, ~50x faster than
+        # unique rows (axis=0) on the 2-D array.
+        rows = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+        keys, which = np.unique(rows, return_inverse=True)
+        keys = [key.tobytes() for key in keys]
         which = which.ravel()
         prior = self._operators(reach, keys)
         members = np.argsort(which, kind="stable")  # the blocks of every pattern
