@@ -679,17 +679,22 @@ class _Solver:
             if mean is not None:
                 rhs_u += inv_u * mean[:, jc:].reshape(-1, n_out, ku)
             # H_o^-1 [U^T M_o D | r_u]: the coupling and the eliminated rhs in one solve.
-            both = np.linalg.solve(h, np.concatenate([rows, rhs_u[..., None]], axis=-1))
+            both = _solve_small_spd(h, np.concatenate([rows, rhs_u[..., None]], axis=-1))
             coupling, h_inv_r = both[..., :jc], both[..., jc]
-            schur -= (np.swapaxes(rows, -1, -2) @ coupling).sum(axis=1)
-            rhs_c -= (h_inv_r[..., None, :] @ rows)[..., 0, :].sum(axis=1)
+            # Sums over the outputs as one product per segment: (Jc, O Ku) x (O Ku, Jc).
+            n_seg = len(schur)
+            rows_flat = rows.reshape(n_seg, n_out * ku, jc)
+            schur -= np.swapaxes(rows_flat, 1, 2) @ coupling.reshape(n_seg, n_out * ku, jc)
+            rhs_c -= (h_inv_r.reshape(n_seg, 1, n_out * ku) @ rows_flat)[:, 0, :]
             self._coupling, self._h = coupling, h
         self._schur = schur
         a = np.linalg.solve(schur, rhs_c[..., None])[..., 0]
         if not ku:
             return a
-        b = h_inv_r - (coupling @ a[:, None, :, None])[..., 0]
-        return np.concatenate([a, b.reshape(len(a), -1)], axis=1)
+        n_seg = len(a)
+        b = h_inv_r.reshape(n_seg, -1) - (
+            coupling.reshape(n_seg, n_out * ku, jc) @ a[:, :, None])[..., 0]
+        return np.concatenate([a, b], axis=1)
 
     def evaluate(self, coef, dtype=np.float64):
         """Model of every segment, (outputs, length, segments)."""
@@ -735,7 +740,7 @@ class _Solver:
         var_a = np.diagonal(s_inv, axis1=1, axis2=2)
         if not self.ku:
             return var_a.copy()
-        h_inv = np.linalg.inv(self._h[rows])
+        h_inv = _inverse_small_spd(self._h[rows])
         k = self._coupling[rows]
         var_b = np.diagonal(h_inv, axis1=2, axis2=3) + ((k @ s_inv[:, None]) * k).sum(axis=-1)
         return np.concatenate([var_a, var_b.reshape(len(var_a), -1)], axis=1)
@@ -811,7 +816,7 @@ class _Solver:
             p = s_inv[s0:s1]
             if ku:
                 k = self._coupling[s0:s1]  # (S, O, Ku, Jc)
-                h_inv = np.linalg.inv(self._h[s0:s1])
+                h_inv = _inverse_small_spd(self._h[s0:s1])
                 # B^T = I - E^T K with E^T K holding K's DCT rows.
                 b_t = np.broadcast_to(np.eye(jc), (s1 - s0, self.n_out, jc, jc)).copy()
                 b_t[..., :ju, :] -= k[..., :ju, :]
@@ -830,6 +835,35 @@ class _Solver:
                 v = (p.reshape(len(p), 1, jc * jc) @ reducer) @ cos_t
             out[:, :, s0:s1] = (v + self.prior.excluded).transpose(1, 2, 0)
         return out
+
+
+def _solve_small_spd(matrices, rhs):
+    """``solve(matrices, rhs)`` for a stack of small symmetric positive definite matrices.
+
+    LAPACK's per-matrix overhead dominates for the 2 x 2 to 8 x 8 per-output blocks
+    (tens of thousands of them); Gaussian elimination vectorised over the stack needs
+    no pivoting for SPD matrices and is ~10x faster there.
+    """
+    k = matrices.shape[-1]
+    if k > 8:
+        return np.linalg.solve(matrices, rhs)
+    a = matrices.copy()
+    x = rhs.copy()
+    for i in range(k):
+        pivot = a[..., i, i]
+        factors = a[..., i + 1 :, i] / pivot[..., None]  # (..., k - i - 1)
+        a[..., i + 1 :, :] -= factors[..., :, None] * a[..., i, None, :]
+        x[..., i + 1 :, :] -= factors[..., :, None] * x[..., i, None, :]
+    for i in range(k - 1, -1, -1):
+        x[..., i, :] -= (a[..., i, i + 1 :, None] * x[..., i + 1 :, :]).sum(axis=-2)
+        x[..., i, :] /= a[..., i, i, None]
+    return x
+
+
+def _inverse_small_spd(matrices):
+    """Inverses of a stack of small SPD matrices (see :func:`_solve_small_spd`)."""
+    identity = np.broadcast_to(np.eye(matrices.shape[-1]), matrices.shape)
+    return _solve_small_spd(matrices, identity)
 
 
 @functools.lru_cache(maxsize=8)
