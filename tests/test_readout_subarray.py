@@ -141,3 +141,23 @@ def test_nan_pixels_stay_nan_and_the_input_is_untouched(drawn):
     np.testing.assert_array_equal(np.isnan(cleaned), np.isnan(image))
     np.testing.assert_array_equal(image, before)
     assert math.isfinite(float(np.nanmean(cleaned)))
+
+
+def test_cleaned_bots_file_records_the_model_and_its_variance(tmp_path):
+    from astropy.io import fits
+
+    from nsclean.io.exposure import clean_exposure
+    from nsclean.testing import simulate
+
+    sim = simulate.simulate_exposure("bots", "NRS2", seed=8, pink_correlated=12.0)
+    rate_path, cal_path = simulate.write_exposure(sim, tmp_path / "in")
+    out = tmp_path / "cleaned_rate.fits"
+    clean_exposure(rate_path, out, cal_path=cal_path)
+    with fits.open(rate_path) as before, fits.open(out) as after:
+        header = after[0].header
+        assert header["NSCFMETH"] == "readout"  # the default on a 32-row subarray
+        assert 0.5 < header["NSCALPHA"] < 1.5  # the simulator's 1/f has alpha = 1
+        assert header["NSCVAR"] is True
+        added = after["VAR_RNOISE"].data.astype(float) - before["VAR_RNOISE"].data
+        finite = np.isfinite(added)
+        assert (added[finite] >= 0).all() and added[finite].mean() > 0

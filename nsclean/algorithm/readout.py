@@ -202,8 +202,6 @@ def _fit_subarray(dms_image, valid, detector, opts, level, sigma, variance, dtyp
         "n_background": valid.sum(axis=0),
         # Lines with no background within reach: predicted from samples further away.
         "n_predicted": result["n_far"],
-        "common_modes": 0,
-        "output_modes": 0,
         "white_sigma": math.sqrt(kriging.white),
         "spectral_index": kriging.alpha,
         "segments": int(lines.shape[0]),

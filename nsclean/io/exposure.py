@@ -143,6 +143,7 @@ _FIT_INFO_KEYWORDS = {
     "common_modes": ("NSCNCOM", "readout: common modes fitted per line"),
     "output_modes": ("NSCNOUT", "readout: per-output modes fitted per line"),
     "n_predicted": ("NSCNPRED", "readout: lines predicted from neighbours only"),
+    "spectral_index": ("NSCALPHA", "readout subarray: fitted 1/f spectral index"),
 }
 
 
