@@ -893,10 +893,12 @@ def _power_law_covariances(n_samples, n_lags):
     spectral density is ``f^-alpha`` (``alpha = _ALPHAS[i]``) from the lowest
     frequency of the series up to the Nyquist frequency, scaled to unit variance.
     """
-    k = np.arange(n_samples // 2 + 1, dtype=np.float64)
-    spectra = np.zeros((_ALPHAS.size, k.size))
-    spectra[:, 1:] = k[1:] ** -_ALPHAS[:, None]
-    shapes = np.fft.irfft(spectra, n_samples, axis=1)[:, :n_lags]
+    shapes = np.empty((_ALPHAS.size, n_lags))
+    log_k = np.log(np.arange(1, n_samples // 2 + 1, dtype=np.float64))
+    spectrum = np.zeros(n_samples // 2 + 1)
+    for i, alpha in enumerate(_ALPHAS):  # one at a time: a long series is ~0.5M ticks
+        spectrum[1:] = np.exp(-alpha * log_k)
+        shapes[i] = np.fft.irfft(spectrum, n_samples)[:n_lags]
     shapes /= shapes[:, :1]
     shapes.setflags(write=False)
     return shapes
@@ -905,7 +907,8 @@ def _power_law_covariances(n_samples, n_lags):
 # Kriging operators of recent covariances, least recently used first (see fit()).
 _OPERATORS: dict = {}
 _OPERATORS_LOCK = threading.Lock()
-_OPERATOR_SETS = 8
+_OPERATOR_SETS = 4
+_OPERATOR_BYTES = 48 * 2**20  # per set
 # Covariance parameters are rounded to this relative step: well inside their sampling
 # error, and the planes of one time series then share their solves.
 _PARAMETER_STEP = 1.05
@@ -956,7 +959,7 @@ class _SeriesKriging:
     _REACH = 64  # background within this many ticks of the block (at most a line)
     _FAR_SAMPLES = 16  # blocks with nothing in reach: nearest samples on either side
     _MIN_PAIRS = 20
-    _BATCH = 128
+    _BATCH_BYTES = 16 * 2**20  # the Gram matrices and right-hand sides solved at once
 
     def __init__(self, n_lines, n_fast):
         self.n_lines, self.n_fast = n_lines, n_fast
@@ -1046,6 +1049,10 @@ class _SeriesKriging:
         """The fitted white-noise variance."""
         return self.params[3]
 
+    def _batch(self, width):
+        """Patterns solved at once for windows of ``width`` pixels."""
+        return int(min(128, max(8, self._BATCH_BYTES // (8 * width * (width + 2 * self.block)))))
+
     def _operators(self, reach, patterns):
         """Kriging weights, explained variance and leave-one-out columns per pattern."""
         width = self.block + 2 * reach
@@ -1056,8 +1063,15 @@ class _SeriesKriging:
         own = reach + np.arange(self.block)  # the block's own pixels in its window
         diagonal = np.arange(width)
         missing = [key for key in patterns if (reach, key) not in self._cache]
-        for b0 in range(0, len(missing), self._BATCH):
-            keys = missing[b0 : b0 + self._BATCH]
+        # Each pattern keeps two (width, block) float64 arrays; past the budget (new
+        # outlier patterns of every plane of a long time series) the set starts over.
+        per_pattern = 2 * 8 * width * self.block
+        if (len(self._cache) + len(missing)) * per_pattern > _OPERATOR_BYTES:
+            self._cache.clear()
+            missing = list(dict.fromkeys(patterns))
+        batch = self._batch(width)
+        for b0 in range(0, len(missing), batch):
+            keys = missing[b0 : b0 + batch]
             use = np.unpackbits(np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1),
                                 axis=1, count=width).astype(bool)
             gram = np.where(use[:, :, None] & use[:, None, :], correlated[lag], 0.0)
@@ -1099,13 +1113,15 @@ class _SeriesKriging:
         keys, which = np.unique(rows, return_inverse=True)
         keys = [key.tobytes() for key in keys]
         which = which.ravel()
-        prior = self._operators(reach, keys)
         members = np.argsort(which, kind="stable")  # the blocks of every pattern
         bounds = np.searchsorted(which[members], np.arange(len(keys) + 1))
         targets = np.arange(self.block)
+        batch = self._batch(self.block + 2 * reach)
         out = {name: np.zeros(self.padded) for name in ("model", "variance", "loo")}
         empty = np.zeros(self.padded, dtype=bool)
         for u, key in enumerate(keys):
+            if u % batch == 0:  # the operators of the next batch of patterns
+                prior = self._operators(reach, keys[u : u + batch])
             weights, explained, loo, seen = self._cache[(reach, key)]
             blocks = members[bounds[u] : bounds[u + 1]]
             positions = starts[blocks][:, None] + targets
