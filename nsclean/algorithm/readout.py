@@ -175,10 +175,9 @@ def _fit_subarray(dms_image, valid, detector, opts, level, sigma, variance, dtyp
     """Subarray: kriging along the read-out time series (:class:`_SeriesKriging`).
 
     Outliers are background pixels whose leave-one-out residual exceeds
-    ``outlier_sigma`` of its own predicted sigma.  Blocks with no background within a
-    line look a few lines away; pixels with none there either get the DCT chunk model
-    of the slow modes.  Returns None when the background cannot give a covariance (the
-    chunk model is then used alone).
+    ``outlier_sigma`` of its own predicted sigma.  Blocks with no background within
+    reach are predicted from the nearest samples further away.  Returns None when the
+    background cannot give a covariance (the chunked DCT model is then used).
     """
     lines = dms_to_detector(dms_image, detector).astype(np.float64) - level
     given = dms_to_detector(valid, detector) & np.isfinite(lines)
