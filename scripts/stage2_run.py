@@ -5,6 +5,7 @@ input:  associations -- the folder of rewritten associations (rule stage2_associ
 output: products     -- folder of stage-2 products (``clean_flicker_noise`` skipped)
         status       -- JSON: per association ok or failed, with the reason
 params: crds         -- ``stage2.crds_path`` and ``stage2.crds_server_url``
+        steps        -- ``stage2.steps``: Spec2Pipeline step parameters
 """
 
 from nsclean.workflow.pipeline import script_logging
@@ -15,4 +16,4 @@ log = script_logging(smk.log[0])
 from nsclean.workflow.stage2 import run_spec2  # noqa: E402
 
 run_spec2(smk.input.associations, smk.input.status, smk.output.products, smk.output.status,
-          crds=dict(smk.params.crds), logger=log)
+          crds=dict(smk.params.crds), steps=dict(smk.params.steps), logger=log)

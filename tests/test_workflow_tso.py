@@ -245,13 +245,3 @@ def test_stage2_associations_point_at_the_cleaned_rates(tmp_path):
     assert not (stage2 / "associations" / bad).exists()
 
 
-def test_stage2_run_needs_a_crds_cache(tmp_path, monkeypatch):
-    import logging
-
-    from nsclean.workflow.stage2 import run_spec2
-
-    monkeypatch.delenv("CRDS_PATH", raising=False)
-    with pytest.raises(RuntimeError, match="stage2.run needs a CRDS cache"):
-        run_spec2(tmp_path, tmp_path / "a.json", tmp_path / "out", tmp_path / "s.json",
-                  crds={}, logger=logging.getLogger("test"))
-

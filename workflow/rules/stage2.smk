@@ -40,5 +40,6 @@ rule stage2_run:
         runtime=600,
     params:
         crds={key: config["stage2"][key] for key in ("crds_path", "crds_server_url")},
+        steps=config["stage2"]["steps"],
     script:
         "../../scripts/stage2_run.py"
