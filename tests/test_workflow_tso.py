@@ -270,6 +270,9 @@ def test_stage2_run_through_snakemake(tmp_path):
     name = "jw04249-o001_20240101t000000_spec2_00001_asn.json"
     (local / name).write_text(json.dumps(_asn("04249", [
         (stems[0], "science"), (stems[1], "background")])))
+    refused = "jw04249-o001_20240101t000000_spec2_00002_asn.json"  # exposure 3: none
+    (local / refused).write_text(json.dumps(_asn("04249", [
+        (stems[1], "science"), (stems[0].replace("_00001_", "_00003_"), "background")])))
     config = {"programs": ["4249"], "results": "results",
               "archive": {"source": "local", "local_dir": str(local)},
               "stage2": {"associations": True, "run": True,
@@ -281,7 +284,10 @@ def test_stage2_run_through_snakemake(tmp_path):
     result = snakemake(tmp_path, "--cores", "2", config=config, env=env)
     assert result.returncode == 0, result.stdout[-4000:]
     stage2 = tmp_path / "results" / "04249" / "stage2"
-    (entry,) = json.loads((stage2 / "products.json").read_text())["associations"]
+    entry, other = json.loads((stage2 / "products.json").read_text())["associations"]
+    assert other["file"] == refused and other["status"] == "refused"
+    assert f"nsclean: stage 2: 1 of 2 associations not run (see results/04249/stage2/" \
+           f"products.json): refused: {refused}: not every member" in result.stdout
     assert entry == {"file": name, "status": "ok", "reason": "",
                      "products": [f"{stems[0]}_cal.fits"]}
     # (Snakemake marks a directory output with its .snakemake_timestamp)
