@@ -34,7 +34,7 @@ rule stage2_run:
     log:
         log_path("stage2_run", "{program}"),
     conda:
-        "../../envs/nsclean.yaml"
+        "../../envs/stage2.yaml"
     resources:
         mem_mb=8000,
         runtime=600,
