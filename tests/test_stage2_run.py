@@ -37,6 +37,7 @@ from nsclean.archive.associations import (  # noqa: E402
     write_association,
 )
 from nsclean.io import exposure as ex  # noqa: E402
+from nsclean.io import tso  # noqa: E402
 from nsclean.testing import simulate  # noqa: E402
 from nsclean.workflow.stage2 import spec2_steps  # noqa: E402
 
@@ -99,7 +100,8 @@ def program(tmp_path_factory):
 
 
 def run_spec2_in_child(program, name, crds, steps=None, env_extra=None, before=""):
-    """run_spec2 in a child process; returns (entries or the error, products folder)."""
+    """run_spec2 in a child process on ``program``'s associations; returns (entries or
+    the error, products folder)."""
     products = program["directory"] / name
     shutil.rmtree(products, ignore_errors=True)
     child = run_child(f"""
@@ -163,6 +165,50 @@ def test_offline_run_publishes_each_associations_products(program, tmp_path):
     # cleaned by nsclean (S_NSCLEN), and jwst's clean_flicker_noise was not run on it
     assert header["S_NSCLEN"] == "COMPLETE" and header["S_CLNFNS"] == "SKIPPED"
     assert header["ASNTABLE"] == GOOD
+
+
+def test_offline_run_of_a_segmented_time_series(tmp_path):
+    """A BOTS exposure in two rateints segments: one association per segment, each
+    member its segment's cleaned file; one calints per segment."""
+    series = simulate.simulate_timeseries("NRS1", 4, seed=5, subarray="SUB512",
+                                          program=PROGRAM, observation=2)
+    rates, cals = simulate.write_timeseries(series, tmp_path / "archive", segments=2)
+    for rate in rates:
+        pipeline_product(rate)
+    results = tmp_path / "results" / PROGRAM
+    summary = tso.clean_rateints(rates, results / series.stem / "nsclean_rateints",
+                                 calints_paths=cals, workers=1)
+    cleaned = {Path(r).name: Path(out) for r, out in zip(rates, summary["outputs"],
+                                                           strict=True)}
+    folder = results / "stage2" / "associations"
+    names = []
+    for number, rate in enumerate(rates, start=1):
+        names.append(f"jw01234-o002_20240101t000000_spec2_0000{number}_asn.json")
+        segment = {"asn_type": "spec2", "asn_rule": "Asn_Lv2SpecTSO", "program": PROGRAM,
+                   "asn_id": "o002", "asn_pool": "jw01234_pool.csv", "products": [
+                       {"name": Path(rate).name.replace("_rateints.fits", ""), "members": [
+                           {"expname": Path(rate).name, "exptype": "science"}]}]}
+        write_association(rewrite_spec2_association(segment, cleaned, folder,
+                                                    source=names[-1]), folder / names[-1])
+    status = folder.parent / "associations.json"
+    status.write_text(json.dumps({"associations": [
+        {"file": name, "status": "ok", "reason": ""} for name in names]}))
+    crds = {"crds_path": str(crds_configuration_only(tmp_path / "crds")),
+            "crds_server_url": closed_port_url()}
+    entries, products = run_spec2_in_child(
+        {"folder": folder, "status": status, "directory": tmp_path}, "products", crds,
+        offline_steps())
+    for entry, rate in zip(entries, rates, strict=True):
+        calints = Path(rate).name.replace("_rateints.fits", "_calints.fits")
+        assert entry["status"] == "ok" and entry["products"] == [calints], entry
+        with fits.open(products / calints) as hdul:
+            assert hdul["SCI"].data.shape == (2, 32, 512)
+            assert hdul[0].header["S_CLNFNS"] == "SKIPPED"
+            data = hdul["SCI"].data
+        expected = fits.getdata(cleaned[Path(rate).name], "SCI")
+        np.testing.assert_array_equal(np.isfinite(data), np.isfinite(expected))
+        np.testing.assert_allclose(data[np.isfinite(data)],
+                                   expected[np.isfinite(expected)], atol=1e-6)
 
 
 def test_an_unusable_crds_fails_each_association_in_one_line(program, tmp_path):
