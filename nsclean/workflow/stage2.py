@@ -143,12 +143,7 @@ def _resolved_association(path: Path, work: Path) -> tuple[Path, int]:
     file name; ``../../<stem>/<stem>_nsclean_rate.fits`` would be taken from the current
     directory.  Returns the copy and its number of products.
     """
-    from ..archive.associations import (
-        AssociationError,
-        _exposure_of,
-        read_association,
-        write_association,
-    )
+    from ..archive.associations import AssociationError, read_association, write_association
 
     try:
         asn = read_association(path)
@@ -157,12 +152,12 @@ def _resolved_association(path: Path, work: Path) -> tuple[Path, int]:
     for product in asn["products"]:
         for member in product["members"]:
             target = (path.parent / member["expname"]).resolve()
-            if _exposure_of(member["expname"]) is None and not target.exists():
-                continue  # not an exposure (a source catalogue ...): left to jwst
-            if not target.is_file():
+            if target.is_file():
+                member["expname"] = str(target)
+            elif member["expname"].endswith(".fits"):  # an exposure: it must be there
                 raise Spec2Error(f"{path.name}: {member.get('exptype', 'member')} "
                                  f"{member['expname']} not found ({target})")
-            member["expname"] = str(target)
+            # (else not a file of ours, such as a source catalogue: left to jwst)
     return write_association(asn, work / path.name), len(asn["products"])
 
 
