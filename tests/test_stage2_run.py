@@ -250,19 +250,20 @@ def test_clean_flicker_noise_is_always_skipped():
 
 
 def _crds_cache():
+    """``$CRDS_PATH``, if it is a CRDS cache that was filled from a server."""
     path = os.environ.get("CRDS_PATH", "")
-    if not path or not (Path(path) / "config" / "jwst").is_dir():
+    if not path or not (Path(path) / "config" / "jwst" / "server_config").is_file():
         return None
     return path
 
 
 @pytest.mark.skipif(_crds_cache() is None,
-                    reason="needs a CRDS cache with NIRSpec references: set CRDS_PATH to "
-                           "it (and CRDS_SERVER_URL, e.g. https://jwst-crds.stsci.edu, "
-                           "to fill it from the server)")
+                    reason="needs a CRDS cache with the NIRSpec IFU references (and the "
+                           "step parameters): set CRDS_PATH to one filled from "
+                           "https://jwst-crds.stsci.edu (the test itself stays offline)")
 def test_full_spec2_run_with_crds(program):
-    crds = {"crds_path": _crds_cache(),
-            "crds_server_url": os.environ.get("CRDS_SERVER_URL", "")}
+    # the cache only: a server nothing listens on (tests talk to loopback only)
+    crds = {"crds_path": _crds_cache(), "crds_server_url": closed_port_url()}
     # CRDS's own step parameters are used too (pars-spec2pipeline); ours win
     entries, products = run_spec2_in_child(
         program, "crds_products", crds, {},
