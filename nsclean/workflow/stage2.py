@@ -184,8 +184,9 @@ def _run_association(pipeline, path: Path, output_dir: Path, steps: dict,
     try:
         resolved, n_products = _resolved_association(path, work)
         try:
+            # (configure_log=False: jwst's messages go to our log once, not twice)
             results = pipeline.call(str(resolved), output_dir=str(work), save_results=True,
-                                    steps=copy.deepcopy(steps))
+                                    steps=copy.deepcopy(steps), configure_log=False)
         except SystemExit as error:  # CRDS ends the process on a fatal error
             raise Spec2Error(f"{path.name}: CRDS could not be used (CRDS_PATH={crds[0]}, "
                              f"CRDS_SERVER_URL={crds[1] or 'unset'}): "
