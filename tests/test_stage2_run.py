@@ -211,6 +211,21 @@ def test_offline_run_of_a_segmented_time_series(tmp_path):
                                    expected[np.isfinite(expected)], atol=1e-6)
 
 
+def test_an_association_without_its_product_is_failed(program, tmp_path):
+    """Without WCS, jwst ends the association quietly and makes no product: that is a
+    failure, not an ok with nothing in it."""
+    crds = {"crds_path": str(crds_configuration_only(tmp_path / "crds")),
+            "crds_server_url": closed_port_url()}
+    steps = offline_steps()
+    del steps["assign_wcs"]["post_hooks"]
+    entries, products = run_spec2_in_child(program, "no_wcs", crds, steps)
+    status = {e["file"]: e for e in entries}
+    assert status[GOOD] == {"file": GOOD, "status": "failed", "products": [], "reason":
+                            f"{GOOD}: calwebb_spec2 made 0 of 1 products (assign_wcs "
+                            "skipped or failed: see the log)"}
+    assert list(products.iterdir()) == []
+
+
 def test_an_unusable_crds_fails_each_association_in_one_line(program, tmp_path):
     empty = tmp_path / "empty_cache"
     empty.mkdir()
