@@ -165,6 +165,8 @@ def test_offline_run_publishes_each_associations_products(program, tmp_path):
     # cleaned by nsclean (S_NSCLEN), and jwst's clean_flicker_noise was not run on it
     assert header["S_NSCLEN"] == "COMPLETE" and header["S_CLNFNS"] == "SKIPPED"
     assert header["ASNTABLE"] == GOOD
+    # our provenance (version, options) goes on into the product
+    assert header["NSCVER"] == fits.getval(program["cleaned"][science], "NSCVER")
 
 
 def test_offline_run_of_a_segmented_time_series(tmp_path):
