@@ -348,12 +348,17 @@ def test_bad_exposures_fail_alone_and_the_run_says_so(tmp_path):
     assert job_counts(again.stdout + again.stderr) == {"verify_run": 1, "all": 1}
 
 
-def test_conda_environment_lists_the_package_dependencies():
-    """envs/nsclean.yaml stays in step with pyproject.toml's dependencies."""
+@pytest.mark.parametrize("name, package", [("nsclean.yaml", "-e .."),
+                                           ("stage2.yaml", "-e ..[jwst]")])
+def test_conda_environment_lists_the_package_dependencies(name, package):
+    """envs/nsclean.yaml (every rule) and envs/stage2.yaml (stage2_run: with the [jwst]
+    extra) stay in step with pyproject.toml's dependencies."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    env = yaml.safe_load((ROOT / "envs" / "nsclean.yaml").read_text())
+    env = yaml.safe_load((ROOT / "envs" / name).read_text())
+    (pip,) = [dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict)]
+    assert pip == [package]
     conda_names = {re.split(r"[\s<>=]", dep, maxsplit=1)[0]
                    for dep in env["dependencies"] if isinstance(dep, str)}
     # conda-forge names that differ from PyPI's

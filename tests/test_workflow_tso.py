@@ -30,7 +30,7 @@ RATE = "jw04245003001_03101_00001_nrs2"
 CUT = "jw04245004001_03101_00001_nrs1"
 
 
-def snakemake(workdir, *args, config=None, limit=600):
+def snakemake(workdir, *args, config=None, limit=600, env=None):
     """Run the workflow in ``workdir`` (writing ``config`` to its config.yaml first, if
     given), killed after ``limit`` seconds; stdout and stderr come back together."""
     if config is not None:
@@ -39,7 +39,7 @@ def snakemake(workdir, *args, config=None, limit=600):
                "--snakefile", str(ROOT / "Snakefile"), "--configfile", "config.yaml", *args]
     return subprocess.run(command, cwd=workdir, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=limit * 1.1,
-                          check=False)
+                          check=False, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -245,13 +245,60 @@ def test_stage2_associations_point_at_the_cleaned_rates(tmp_path):
     assert not (stage2 / "associations" / bad).exists()
 
 
-def test_stage2_run_needs_a_crds_cache(tmp_path, monkeypatch):
-    import logging
+def test_stage2_run_through_snakemake(tmp_path):
+    """stage2: {associations: true, run: true} on two fixed-slit exposures (science and
+    its nodded background), with the real calwebb_spec2 run offline as
+    tests/test_stage2_run.py runs it (tests/spec2_offline.py)."""
+    pytest.importorskip("jwst", reason="needs the [jwst] extra: pip install -e '.[jwst]'")
+    import os
 
-    from nsclean.workflow.stage2 import run_spec2
+    from spec2_offline import (
+        closed_port_url,
+        crds_configuration_only,
+        offline_steps,
+        pipeline_product,
+    )
 
-    monkeypatch.delenv("CRDS_PATH", raising=False)
-    with pytest.raises(RuntimeError, match="stage2.run needs a CRDS cache"):
-        run_spec2(tmp_path, tmp_path / "a.json", tmp_path / "out", tmp_path / "s.json",
-                  crds={}, logger=logging.getLogger("test"))
-
+    local = tmp_path / "local"
+    stems = []
+    for exposure in (1, 2):
+        sim = simulate.simulate_exposure("fs", "NRS1", readout="NRS", subarray="SUB512",
+                                         seed=exposure, program="04249", exposure=exposure)
+        rate, _ = simulate.write_exposure(sim, local)
+        pipeline_product(rate)
+        stems.append(sim.stem)
+    name = "jw04249-o001_20240101t000000_spec2_00001_asn.json"
+    (local / name).write_text(json.dumps(_asn("04249", [
+        (stems[0], "science"), (stems[1], "background")])))
+    refused = "jw04249-o001_20240101t000000_spec2_00002_asn.json"  # exposure 3: none
+    (local / refused).write_text(json.dumps(_asn("04249", [
+        (stems[1], "science"), (stems[0].replace("_00001_", "_00003_"), "background")])))
+    config = {"programs": ["4249"], "results": "results",
+              "archive": {"source": "local", "local_dir": str(local)},
+              "stage2": {"associations": True, "run": True,
+                         "crds_path": str(crds_configuration_only(tmp_path / "crds")),
+                         "crds_server_url": closed_port_url(), "steps": offline_steps()}}
+    env = dict(os.environ, STPIPE_DISABLE_CRDS_STEPPARS="true",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    result = snakemake(tmp_path, "--cores", "2", config=config, env=env)
+    assert result.returncode == 0, result.stdout[-4000:]
+    stage2 = tmp_path / "results" / "04249" / "stage2"
+    entry, other = json.loads((stage2 / "products.json").read_text())["associations"]
+    assert other["file"] == refused and other["status"] == "refused"
+    assert f"nsclean: stage 2: 1 of 2 associations not run (see results/04249/stage2/" \
+           f"products.json): refused: {refused}: not every member" in result.stdout
+    assert entry == {"file": name, "status": "ok", "reason": "",
+                     "products": [f"{stems[0]}_cal.fits"]}
+    # (Snakemake marks a directory output with its .snakemake_timestamp)
+    assert sorted(p.name for p in (stage2 / "products").iterdir()
+                  if p.name != ".snakemake_timestamp") == entry["products"]
+    cleaned = [fits.getdata(tmp_path / "results" / "04249" / stem /
+                            f"{stem}_nsclean_rate.fits", "SCI") for stem in stems]
+    with fits.open(stage2 / "products" / entry["products"][0]) as cal:
+        assert cal[0].header["S_CLNFNS"] == "SKIPPED"
+        assert cal[0].header["S_BKDSUB"] == "COMPLETE"
+        data = cal["SCI"].data
+    both = np.isfinite(data) & np.isfinite(cleaned[0] - cleaned[1])
+    assert both.mean() > 0.5
+    np.testing.assert_allclose(data[both], (cleaned[0] - cleaned[1])[both], atol=1e-5)

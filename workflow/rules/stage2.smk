@@ -34,11 +34,12 @@ rule stage2_run:
     log:
         log_path("stage2_run", "{program}"),
     conda:
-        "../../envs/nsclean.yaml"
+        "../../envs/stage2.yaml"
     resources:
         mem_mb=8000,
         runtime=600,
     params:
         crds={key: config["stage2"][key] for key in ("crds_path", "crds_server_url")},
+        steps=config["stage2"]["steps"],
     script:
         "../../scripts/stage2_run.py"
