@@ -63,6 +63,9 @@ _MIN_SNR = 0.05
 _SHARE_WIDTHS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
 # At most this many lines (evenly spaced) are used to estimate the covariances.
 _COVARIANCE_LINES = 256
+# The prior variances EM starts from are at least this fraction of the noise of a
+# coefficient estimate.
+_EM_START = 0.5
 # Expectation-maximisation steps for the prior spectra (stops earlier when converged).
 _EM_ITERATIONS = 8
 _EM_TOLERANCE = 0.02
@@ -460,8 +463,16 @@ def _empirical_prior(data, mask, opts, max_modes=None):
         c = mf.sum(axis=-1) / length
         lam_alt = (x_alt**2 - white * c).sum() / max((c * c).sum(), 1e-12)
         lam_output = np.append(lam_output[:n_output], lam_alt)
-    prior = _Prior(np.maximum(lam_common[:n_common], floor), np.maximum(lam_output, floor),
-                   white, 0.0)
+    # Expectation-maximisation cannot bring back a variance that starts at zero (its
+    # posterior is then zero too), and the first guess can put a mode's power in
+    # another one (NNLS sets one of two nearly collinear columns to zero).  Every mode
+    # kept starts at least at a fraction of the noise of its estimate, from where EM
+    # moves it up or down.
+    start = _EM_START * np.concatenate([np.full(n_common, noise_common),
+                                        np.full(lam_output.size, noise_output)])
+    lam_start = np.maximum(np.concatenate([lam_common[:n_common], lam_output]), start)
+    prior = _Prior(np.maximum(lam_start[:n_common], floor),
+                   np.maximum(lam_start[n_common:], floor), white, 0.0)
     solver = _Solver(np.ascontiguousarray(z.transpose(1, 2, 0), dtype=np.float32),
                      np.ascontiguousarray(m.transpose(1, 2, 0)), prior)
     n_u = prior.n_output
