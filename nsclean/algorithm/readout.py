@@ -189,18 +189,27 @@ def _fit_subarray(dms_image, valid, detector, opts, level, sigma, variance, dtyp
     if not kriging.fit(lines, usable):
         return None
     result = kriging.predict(lines, usable, variance)
+    rejected = np.zeros_like(usable)
     if opts["outlier_sigma"] is not None:
+        data = lines.copy()
         for _ in range(int(opts["outlier_iterations"])):
-            bad = usable & (np.abs(result["loo"]) > opts["outlier_sigma"])
+            z = result["loo"] / result["loo_sigma"]
+            bad = usable & ~rejected & (np.abs(z) > opts["outlier_sigma"])
             if not bad.any():
                 break
-            usable &= ~bad
-            result = kriging.predict(lines, usable, variance)
+            rejected |= bad
+            # A rejected sample is replaced by its conditional mean given the others:
+            # the prediction is then (nearly: windows differ) what it would be without
+            # it, and the same solves serve, so outliers add no new background
+            # patterns.  Two passes make the replacements agree with one another.
+            for _ in range(2):
+                data[rejected] -= result["loo"][rejected]
+                result = kriging.predict(data, usable, variance)
     model = result["model"] + level
     pixel_variance = result["variance"]
     info = {
         "n_lines": int(lines.shape[0]),
-        "n_rejected": int(np.count_nonzero(given & ~usable)),
+        "n_rejected": int(np.count_nonzero(given & ~usable) + np.count_nonzero(rejected)),
         "n_background": valid.sum(axis=0),
         # Lines with no background within reach: predicted from samples further away.
         "n_predicted": result["n_far"],
@@ -1095,9 +1104,11 @@ class _SeriesKriging:
             # Leave-one-out: the residual of sample i given all others is
             # (K^-1 y)_i / (K^-1)_ii, with variance 1 / (K^-1)_ii.
             columns = solved[..., self.block :]  # K^-1 at the block's own pixels
-            loo = columns / np.sqrt(columns[:, own, np.arange(self.block)])[:, None, :]
+            diagonal_inverse = columns[:, own, np.arange(self.block)]  # (K^-1)_ii
+            loo = columns / diagonal_inverse[:, None, :]
+            loo_sigma = 1.0 / np.sqrt(np.where(diagonal_inverse > 0, diagonal_inverse, 1.0))
             for i, key in enumerate(keys):
-                self._cache[(reach, key)] = (weights[i], explained[i], loo[i],
+                self._cache[(reach, key)] = (weights[i], explained[i], loo[i], loo_sigma[i],
                                              bool(use[i].any()))
         return correlated[0]
 
@@ -1107,8 +1118,8 @@ class _SeriesKriging:
         Returns a dict:
         ``model`` (the prediction), ``variance`` (its conditional variance, or None),
         ``empty`` (pixels whose window held no background: prediction 0 there) and
-        ``loo`` (leave-one-out residual of every background pixel in units of its own
-        predicted sigma, 0 elsewhere) and ``n_far`` (lines with no background in reach,
+        ``loo`` and ``loo_sigma`` (leave-one-out residual of every background pixel and
+        its predicted sigma; 0 and 1 elsewhere) and ``n_far`` (lines with no background in reach,
         predicted from the nearest samples further away).
         """
         reach = min(self.stride, self._REACH)
@@ -1127,17 +1138,19 @@ class _SeriesKriging:
         bounds = np.searchsorted(which[members], np.arange(len(keys) + 1))
         targets = np.arange(self.block)
         batch = self._batch(self.block + 2 * reach)
-        out = {name: np.zeros(self.padded) for name in ("model", "variance", "loo")}
+        out = {name: np.zeros(self.padded)
+               for name in ("model", "variance", "loo", "loo_sigma")}
         empty = np.zeros(self.padded, dtype=bool)
         for u, key in enumerate(keys):
             if u % batch == 0:  # the operators of the next batch of patterns
                 prior = self._operators(reach, keys[u : u + batch])
-            weights, explained, loo, seen = self._cache[(reach, key)]
+            weights, explained, loo, loo_sigma, seen = self._cache[(reach, key)]
             blocks = members[bounds[u] : bounds[u + 1]]
             positions = starts[blocks][:, None] + targets
             window_data = series[window[blocks]]
             out["model"][positions] = window_data @ weights
             out["loo"][positions] = window_data @ loo
+            out["loo_sigma"][positions] = loo_sigma
             out["variance"][positions] = prior - explained
             empty[positions] = not seen
         if empty.any():
@@ -1148,6 +1161,7 @@ class _SeriesKriging:
             else None,
             "n_far": int(np.count_nonzero(self._lines(empty).all(axis=1))),
             "loo": np.where(valid, self._lines(out["loo"]), 0.0),
+            "loo_sigma": np.where(valid, self._lines(out["loo_sigma"]), 1.0),
         }
 
     def _predict_far(self, series, have, empty, out):
