@@ -161,3 +161,24 @@ def test_cleaned_bots_file_records_the_model_and_its_variance(tmp_path):
         added = after["VAR_RNOISE"].data.astype(float) - before["VAR_RNOISE"].data
         finite = np.isfinite(added)
         assert (added[finite] >= 0).all() and added[finite].mean() > 0
+
+
+def test_planes_of_a_time_series_share_one_covariance():
+    from nsclean.algorithm import readout
+
+    rng = np.random.default_rng(11)
+    alpha = 1.2
+    planes = np.stack([power_law_subarray(rng, alpha=alpha, amplitude=1.0)
+                       + rng.normal(size=(N_FAST, N_LINES)) for _ in range(8)])
+    mask, _ = trace_mask()
+    alone = [nsclean.fit(p, mask, "NRS1", method="readout", variance=False)
+             .info["spectral_index"] for p in planes]
+    with readout.shared_covariance(planes, mask, "nrs1"):
+        shared = [nsclean.fit(p, mask, "NRS1", method="readout", variance=False)
+                  .info["spectral_index"] for p in planes]
+    assert len(set(shared)) == 1  # one covariance for every plane
+    # pooled over the planes, the estimate is at least as close as a typical plane's
+    assert abs(shared[0] - alpha) <= max(0.1, float(np.median(np.abs(np.subtract(alone, alpha)))))
+    # and the context leaves nothing behind
+    after = nsclean.fit(planes[0], mask, "NRS1", method="readout", variance=False)
+    assert after.info["spectral_index"] == alone[0]

@@ -42,6 +42,7 @@ right, and the posterior variance of the prediction is known at every pixel
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
@@ -49,7 +50,7 @@ import threading
 import numpy as np
 
 from .nirspec import CHANNEL_ROWS, LINE_OVERHEAD_TICKS, N_CHANNELS, REFERENCE_BORDER
-from .orientation import detector_to_dms, dms_to_detector
+from .orientation import detector_to_dms, dms_to_detector, normalize_detector
 
 # A full-frame line is read through N_CHANNELS outputs of CHANNEL_ROWS ticks each.
 N_OUTPUTS = N_CHANNELS
@@ -174,6 +175,62 @@ def _fit_segments(dms_image, valid, detector, opts, level, sigma, variance, dtyp
     return model, info, pixel_variance
 
 
+# Covariances measured once for all the planes of a time series (shared_covariance).
+_SHARED_COVARIANCE: dict = {}
+_SHARED_PLANES = 16
+
+
+@contextlib.contextmanager
+def shared_covariance(planes, valid, detector):
+    """Subarray fits in this context use one covariance measured on ``planes``.
+
+    The noise of a detector does not change from one integration to the next: the
+    covariance of a time series is measured once, from the background autocovariance
+    summed over up to 16 planes spread over ``planes`` (n, ny, nx, DMS), instead of
+    on every plane (whose own estimate scatters by 10-25 % where the 1/f is weak).
+    The fits are then the same whatever the order of the planes and the number of
+    worker processes (forked workers inherit the context), and planes with the same
+    mask share their solves.  Full frames and the fft method are unaffected.
+
+    Parameters
+    ----------
+    planes : ndarray
+        The integrations, (n, ny, nx) in DMS orientation.
+    valid : ndarray of bool
+        Background mask of the exposure, (ny, nx).
+    detector : {"NRS1", "NRS2"}
+        Normalised detector name.
+    """
+    detector = normalize_detector(detector)
+    shape = planes.shape[1:]
+    key = (detector, (shape[1], shape[0]))  # detector frame: (lines, pixels per line)
+    params = None
+    if shape[0] < N_OUTPUTS * OUTPUT_TICKS and len(planes):
+        kriging = _SeriesKriging(*key[1])
+        products = pairs = 0.0
+        pick = np.unique(np.linspace(0, len(planes) - 1, _SHARED_PLANES).round().astype(int))
+        for index in pick:
+            plane = planes[index]
+            usable = valid & np.isfinite(plane)
+            if not usable.any():
+                continue
+            level, sigma = _level_and_sigma(plane, usable)
+            lines = dms_to_detector(plane, detector).astype(np.float64) - level
+            good = dms_to_detector(usable, detector) & (np.abs(lines) <= _FAR * sigma)
+            more_products, more_pairs = kriging.autocovariance(lines, good)
+            products, pairs = products + more_products, pairs + more_pairs
+        if not np.isscalar(pairs) and kriging.fit_autocovariance(products, pairs):
+            params = kriging.params
+    if params is None:
+        yield
+        return
+    _SHARED_COVARIANCE[key] = params
+    try:
+        yield
+    finally:
+        _SHARED_COVARIANCE.pop(key, None)
+
+
 def _fit_subarray(dms_image, valid, detector, opts, level, sigma, variance, dtype):
     """Subarray: kriging along the read-out time series (:class:`_SeriesKriging`).
 
@@ -186,7 +243,10 @@ def _fit_subarray(dms_image, valid, detector, opts, level, sigma, variance, dtyp
     given = dms_to_detector(valid, detector) & np.isfinite(lines)
     usable = given & (np.abs(lines) <= _FAR * sigma)
     kriging = _SeriesKriging(*lines.shape)
-    if not kriging.fit(lines, usable):
+    shared = _SHARED_COVARIANCE.get((detector, lines.shape))
+    if shared is not None:
+        kriging.use(shared)
+    elif not kriging.fit(lines, usable):
         return None
     result = kriging.predict(lines, usable, variance)
     rejected = np.zeros_like(usable)
@@ -1011,10 +1071,9 @@ class _SeriesKriging:
             shape = np.concatenate([shape, np.full(lags - shape.size, shape[-1])])
         return (amplitude + alternating * (-1.0) ** np.arange(lags)) * shape
 
-    def fit(self, data, valid):
-        """Fit the covariance to the background's autocovariance; False if impossible."""
+    def autocovariance(self, data, valid):
+        """Sums of products and counts of background pairs at lags ``0 .. lags - 1``."""
         from scipy.fft import next_fast_len
-        from scipy.optimize import nnls
 
         series = self._series(np.where(valid, data, 0.0), np.float64)
         lags = self.block + 2 * min(self.stride, self._REACH)
@@ -1023,6 +1082,17 @@ class _SeriesKriging:
         f_valid = np.fft.rfft(self._series(valid, np.float64), n)
         products = np.fft.irfft(f_data * np.conj(f_data), n)[:lags]
         pairs = np.rint(np.fft.irfft(f_valid * np.conj(f_valid), n)[:lags])
+        return products, pairs
+
+    def fit(self, data, valid):
+        """Fit the covariance to the background's autocovariance; False if impossible."""
+        return self.fit_autocovariance(*self.autocovariance(data, valid))
+
+    def fit_autocovariance(self, products, pairs):
+        """Fit the covariance to summed products and pair counts; False if impossible."""
+        from scipy.optimize import nnls
+
+        lags = products.size
         tau = np.flatnonzero(pairs >= self._MIN_PAIRS)
         if tau.size < 4 or tau[0] != 0:
             return False
@@ -1047,7 +1117,12 @@ class _SeriesKriging:
         amplitude = _quantized(coef[0])
         alternating = _quantized(coef[1]) if coef[1] > 1e-3 * coef[0] else 0.0
         white = _quantized(max(float(coef[2]), 1e-6 * float(coef[0] + coef[1])))
-        self.params = (amplitude, alternating, index, white)
+        self.use((amplitude, alternating, index, white))
+        return True
+
+    def use(self, params):
+        """Use these covariance parameters (amplitude, alternating, alpha index, white)."""
+        self.params = params
         # The solves depend only on the covariance and the background patterns: planes
         # of one time series (one mask, nearly the same noise) share them.
         key = (self.n_lines, self.n_fast, self.params)
@@ -1056,7 +1131,6 @@ class _SeriesKriging:
             _OPERATORS[key] = self._cache
             while len(_OPERATORS) > _OPERATOR_SETS:
                 _OPERATORS.pop(next(iter(_OPERATORS)))
-        return True
 
     @property
     def alpha(self):

@@ -556,28 +556,33 @@ def _fit_planes(sci, dq, mask, detector, fit_options, workers):
     With ``workers`` > 1 the planes are split into chunks fitted by forked processes
     (see the module notes).
     """
+    from ..algorithm.readout import shared_covariance
+
     _JOB.update(sci=sci, dq=dq, mask=mask, detector=detector, options=fit_options)
     n_planes = sci.shape[0]
+    # The readout model's noise covariance is measured once for all the integrations
+    # (forked workers inherit it): the same fits whatever the number of workers.
     try:
-        if workers <= 1 or n_planes < 2 * workers or not _can_fork():
-            _, model, totals, first = _fit_range((0, n_planes))
-            return model, totals, first
-        import multiprocessing
+        with shared_covariance(sci, mask, detector):
+            if workers <= 1 or n_planes < 2 * workers or not _can_fork():
+                _, model, totals, first = _fit_range((0, n_planes))
+                return model, totals, first
+            import multiprocessing
 
-        edges = np.linspace(0, n_planes, 4 * workers + 1).round().astype(int)
-        chunks = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)
-                  if b > a]
-        model = np.empty(sci.shape, dtype=sci.dtype)
-        totals, first = dict.fromkeys(_FIT_INFO_SUMS, 0), None
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for start, part, part_totals, part_first in pool.imap_unordered(_fit_range,
-                                                                            chunks):
-                model[start:start + part.shape[0]] = part
-                for key in _FIT_INFO_SUMS:
-                    totals[key] += part_totals[key]
-                if start == 0:
-                    first = part_first
-        return model, totals, first
+            edges = np.linspace(0, n_planes, 4 * workers + 1).round().astype(int)
+            chunks = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)
+                      if b > a]
+            model = np.empty(sci.shape, dtype=sci.dtype)
+            totals, first = dict.fromkeys(_FIT_INFO_SUMS, 0), None
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for start, part, part_totals, part_first in pool.imap_unordered(_fit_range,
+                                                                                chunks):
+                    model[start:start + part.shape[0]] = part
+                    for key in _FIT_INFO_SUMS:
+                        totals[key] += part_totals[key]
+                    if start == 0:
+                        first = part_first
+            return model, totals, first
     finally:
         _JOB.clear()
 
