@@ -4,7 +4,7 @@
 
 rule clean:
     input:
-        rate=rate_inputs,
+        archive=results_path("{program}", "archive", "{stem}"),
         mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
         mask_status=results_path("{program}", "{stem}", "{stem}_mask.json"),
     # With save_noise_model: true, also model: <stem>_flicker_noise.fits.
@@ -37,6 +37,7 @@ rule clean:
         mem_mb=1500,
         runtime=10,
     params:
+        files=rate_files,
         options=CLEAN_OPTIONS,
         qa_options=QA_OPTIONS,
         software=NSCLEAN_VERSION,
@@ -50,7 +51,7 @@ rule clean:
 # with rule clean.
 rule clean_timeseries:
     input:
-        rate=rate_inputs,
+        archive=results_path("{program}", "archive", "{stem}"),
         mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
         mask_status=results_path("{program}", "{stem}", "{stem}_mask.json"),
     output:
@@ -79,6 +80,7 @@ rule clean_timeseries:
         mem_mb=4000,
         runtime=60,
     params:
+        files=rate_files,
         options=CLEAN_OPTIONS,
         qa_options=QA_OPTIONS,
         software=NSCLEAN_VERSION,
