@@ -40,7 +40,6 @@ from .pipeline import (
     checksum_cards,
     file_checksum,
     input_checksums,
-    require_ok,
     require_product,
     script_logging,
     step,
@@ -49,8 +48,7 @@ from .pipeline import (
     write_status,
 )
 
-__all__ = ["clean", "clean_timeseries", "fetch_exposure", "fetch_file",
-           "fetch_manifest", "mask",
+__all__ = ["clean", "clean_timeseries", "fetch_file", "fetch_manifest", "mask",
            "snakemake_job"]
 
 
@@ -155,69 +153,6 @@ def fetch_file(input: dict, output: dict, params: dict, log: str, wildcards: dic
         write_status(output["status"], OK, file=target.name, bytes=result.nbytes)
 
 
-def fetch_exposure(input: dict, output: dict, params: dict, log: str,
-                   wildcards: dict) -> None:
-    """Rule ``fetch_exposure``: download (local source: link or copy) every file of one
-    exposure of a manifest.
-
-    input: ``manifest``; output: ``files`` (a directory holding the exposure's rate and
-    cal files, every segment of a time series) and ``status`` (JSON record: ok, or
-    failed with the archive's reason for each file it refused or never delivered
-    whole; ``files`` gives each file's status and size).  ``params["archive"]`` as for
-    :func:`fetch_file`.  Snakemake empties ``files`` before the job, so the files are
-    downloaded into a hidden folder beside it (``.<stem>.partial``), where an
-    interrupted download is resumed, and renamed into ``files`` when complete.
-    ``MAST_API_TOKEN`` in the environment is used for exclusive-access files.
-    """
-    import requests
-
-    from ..archive import archive
-
-    logger = _step_logging(log, params)
-    settings = params.get("archive") or {}
-    directory = Path(output["files"])
-    staging = directory.parent / f".{directory.name}.partial"
-    rows = [r for r in archive.read_manifest(input["manifest"])
-            if r.status == "ok" and r.stem == wildcards["stem"]]
-    if not rows:
-        raise archive.ArchiveError(f"{wildcards['stem']} is not listed for processing in "
-                                   f"{input['manifest']}")
-    directory.mkdir(parents=True, exist_ok=True)
-    files, reasons = {}, []
-    with requests.Session() as session:  # one connection for all the exposure's files
-        for name, uri, size in rows[0].files():
-            try:
-                result = archive.download_file(
-                    uri, staging / name, expected_size=size, session=session,
-                    archive_url=settings.get("url") or archive.DEFAULT_ARCHIVE_URL,
-                    retries=int(settings.get("retries", 4)),
-                    backoff=float(settings.get("backoff", 1.0)),
-                    timeout=(10.0, float(settings.get("timeout", 60.0))),
-                    deadline=settings.get("deadline"),
-                    min_rate=float(settings.get("min_rate") or archive.MIN_RATE),
-                    fsync=bool(params.get("fsync")))
-                os.replace(result.path, directory / name)
-            except (archive.DownloadError, OSError) as error:
-                # This file failed: the exposure fails (rule mask reads the record)
-                # with every file's reason, the other exposures go on.
-                reason = str(error) if isinstance(error, archive.DownloadError) \
-                    else storage_full_reason(error)
-                if reason is None:
-                    raise
-                logger.error("%s", reason)
-                reasons.append(reason)
-                files[name] = {"status": FAILED, "reason": reason}
-            else:
-                logger.info("%s: %s, %d bytes, %d attempts, %.2f s", name,
-                            "fetched" if result.fetched else "cached", result.nbytes,
-                            result.attempts, result.seconds)
-                files[name] = {"status": OK, "bytes": result.nbytes}
-    if staging.exists() and not any(staging.iterdir()):
-        staging.rmdir()
-    write_status(output["status"], FAILED if reasons else OK, "; ".join(reasons),
-                 files=files)
-
-
 def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> None:
     """Rule ``mask``: the background mask of one exposure.
 
@@ -238,8 +173,6 @@ def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> 
             for status_file, path in zip(_paths(input.get(f"{key}_status")), files,
                                          strict=False):
                 require_product(status_file, path, "its download")
-        if input.get("download"):  # one download job per exposure (rule fetch_exposure)
-            _require_download(input["download"], rates + cals)
         user_mask = input.get("user_mask") or None
         if not cals and user_mask is None:
             raise StepFailed(f"{rates[0]}: no cal file (so no automatic mask) and no user "
@@ -264,19 +197,6 @@ def mask(input: dict, output: dict, params: dict, log: str, wildcards: dict) -> 
                     100 * summary["background_fraction"], summary["n_weak_columns"])
         write_status(output["status"], OK, mask=summary, mask_options=options,
                      bytes=os.path.getsize(output["mask"]), **record)
-
-
-def _require_download(status_path: str, paths: list[str]) -> None:
-    """Raise :class:`StepFailed` if the exposure's download failed, or a file is not the
-    size it was downloaded with (see :func:`require_product`)."""
-    (record,) = require_ok([status_path])
-    for path in paths:
-        expected = record["files"][Path(path).name]["bytes"]
-        if os.path.getsize(path) != expected:
-            raise StepFailed(f"{path}: {os.path.getsize(path)} bytes on disk, but its "
-                             f"download recorded {expected}; it was cut short or changed "
-                             "after it was written (a crash of the machine?): delete it "
-                             "and run again")
 
 
 def _paths(value) -> list[str]:
@@ -438,8 +358,5 @@ def snakemake_job(smk) -> dict:
     are written, not what is in them, so it is not a rule param and no rerun trigger).
     """
     params = {**dict(smk.params.items()), "fsync": bool(smk.config.get("fsync", False))}
-    # The files inside an exposure's download directory (rule fetch_exposure) cannot be
-    # named as inputs: the rules pass them as the param ``files``.
-    inputs = {**dict(smk.input.items()), **params.pop("files", {})}
-    return {"input": inputs, "output": dict(smk.output.items()),
+    return {"input": dict(smk.input.items()), "output": dict(smk.output.items()),
             "params": params, "log": smk.log[0], "wildcards": dict(smk.wildcards.items())}

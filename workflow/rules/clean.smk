@@ -4,7 +4,7 @@
 
 rule clean:
     input:
-        archive=results_path("{program}", "archive", "{stem}"),
+        rate=rate_inputs,
         mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
         mask_status=results_path("{program}", "{stem}", "{stem}_mask.json"),
     # With save_noise_model: true, also model: <stem>_flicker_noise.fits.
@@ -37,7 +37,6 @@ rule clean:
         mem_mb=1500,
         runtime=10,
     params:
-        files=rate_files,
         options=CLEAN_OPTIONS,
         qa_options=QA_OPTIONS,
         software=NSCLEAN_VERSION,
@@ -51,7 +50,7 @@ rule clean:
 # with rule clean.
 rule clean_timeseries:
     input:
-        archive=results_path("{program}", "archive", "{stem}"),
+        rate=rate_inputs,
         mask=results_path("{program}", "{stem}", "{stem}_mask.fits"),
         mask_status=results_path("{program}", "{stem}", "{stem}_mask.json"),
     output:
@@ -80,7 +79,6 @@ rule clean_timeseries:
         mem_mb=4000,
         runtime=60,
     params:
-        files=rate_files,
         options=CLEAN_OPTIONS,
         qa_options=QA_OPTIONS,
         software=NSCLEAN_VERSION,

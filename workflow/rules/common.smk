@@ -155,25 +155,20 @@ def manifest_row(program, stem):
 
 
 def exposure_inputs(wildcards):
-    """The download directory of one exposure and its download record."""
-    return {
-        "archive": results_path(wildcards.program, "archive", wildcards.stem),
-        "download": results_path(
-            wildcards.program, "downloads", f"{wildcards.stem}.json"
-        ),
-    }
-
-
-def exposure_files(wildcards):
-    """The archive files of one exposure inside its download directory, from the
-    manifest: ``rate`` and ``cal`` are lists (one file each, or every segment of a time
-    series; ``cal`` is empty for an exposure without cal file)."""
+    """The archive files of one exposure and their download records, from the manifest:
+    ``rate`` and ``cal`` are lists (one file each, or every segment of a time series;
+    ``cal`` is empty for an exposure without cal file)."""
     row = manifest_row(wildcards.program, wildcards.stem)
-    directory = exposure_inputs(wildcards)["archive"]
-    return {
-        "rate": [os.path.join(directory, name) for name in row.rate_files],
-        "cal": [os.path.join(directory, name) for name in row.cal_files],
-    }
+    inputs = {}
+    for kind, names in (("rate", row.rate_files), ("cal", row.cal_files)):
+        inputs[kind] = [
+            results_path(wildcards.program, "archive", name) for name in names
+        ]
+        inputs[f"{kind}_status"] = [
+            results_path(wildcards.program, "downloads", f"{name}.json")
+            for name in names
+        ]
+    return inputs
 
 
 USER_MASKS = config["user_masks"]
@@ -199,9 +194,9 @@ def mask_inputs(wildcards):
     return inputs
 
 
-def rate_files(wildcards):
-    """The rate file(s) of one exposure, from the manifest (a rule param)."""
-    return {"rate": exposure_files(wildcards)["rate"]}
+def rate_inputs(wildcards):
+    """The rate file(s) of one exposure, from the manifest."""
+    return exposure_inputs(wildcards)["rate"]
 
 
 def clean_step(row):

@@ -1,5 +1,5 @@
 # Archive access: a checkpoint lists a program's exposures (the manifest), then
-# one download job per exposure.  With archive.source "local" the same rules take
+# one download job per file.  With archive.source "local" the same rules take
 # the files from archive.local_dir instead of MAST.  The token for
 # exclusive-access data is read from MAST_API_TOKEN by the scripts, never
 # passed as a param (params end up in logs and job metadata).
@@ -29,21 +29,21 @@ checkpoint fetch_manifest:
         "../../scripts/fetch_manifest.py"
 
 
-rule fetch_exposure:
+rule fetch_file:
     input:
         # A download depends on which file it is, not on when the manifest was
         # last rewritten: refreshing the manifest must not fetch everything again.
         manifest=ancient(results_path("{program}", "manifest.csv")),
     output:
-        # The exposure's rate and cal files (every segment of a time series).
-        files=directory(results_path("{program}", "archive", "{stem}")),
-        # ok, or failed with the archive's reason for each file it refuses or never
-        # delivers whole: rule mask fails that exposure alone, and the reports list it.
-        status=results_path("{program}", "downloads", "{stem}.json"),
+        file=results_path("{program}", "archive", "{filename}"),
+        # ok, or failed with the archive's reason when it refuses the file or never
+        # delivers it whole (an empty placeholder is then left above): rule mask
+        # fails that exposure alone, and the reports list it.
+        status=results_path("{program}", "downloads", "{filename}.json"),
     log:
-        log_path("fetch_exposure", "{program}", "{stem}"),
+        log_path("fetch_file", "{program}", "{filename}"),
     benchmark:
-        benchmark_path("fetch_exposure", "{program}", "{stem}")
+        benchmark_path("fetch_file", "{program}", "{filename}")
     group:
         "exposure"
     conda:
@@ -55,4 +55,4 @@ rule fetch_exposure:
     # The script reads archive.url, retries, timeout and backoff from the config:
     # a mirror or a loopback server on another port does not trigger a rerun.
     script:
-        "../../scripts/fetch_exposure.py"
+        "../../scripts/fetch_file.py"

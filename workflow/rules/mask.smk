@@ -22,8 +22,6 @@ rule mask:
         mem_mb=1000,
         runtime=10,
     params:
-        # the rate and cal files inside the download directory
-        files=exposure_files,
         options=MASK_OPTIONS,
         software=NSCLEAN_VERSION,
     script:
