@@ -19,7 +19,7 @@ Usage::
 
     .venv/bin/python benchmarks/download_jobs_benchmark.py \\
         --version per-file=c3e5538 --version per-exposure=64092c5 [--repeats 2] \\
-        [--exposures 24] [--dryrun-exposures 1000] [--cores 2] [--workdir DIR]
+        [--exposures 24] [--dryrun-exposures 1000] [--cores 2] [--workdir DIR] [--no-demo]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from math import nan
 from pathlib import Path
 
 from dryrun_benchmark import PROGRAM as DRYRUN_PROGRAM
@@ -112,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exposures", type=int, default=24)
     parser.add_argument("--dryrun-exposures", type=int, default=1000)
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--demo", action=argparse.BooleanOptionalAction, default=True,
+                        help="--no-demo: repeat only the dry runs")
     parser.add_argument("--workdir", default="download-jobs-work",
                         help="simulated data are kept here between runs")
     args = parser.parse_args(argv)
@@ -121,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
 
     workdir = Path(args.workdir).resolve()
     started = time.perf_counter()
-    simulate_program(workdir / "archive", args.exposures)
+    if args.demo:
+        simulate_program(workdir / "archive", args.exposures)
     placeholders = workdir / "placeholders"
     shutil.rmtree(placeholders, ignore_errors=True)
     write_placeholders(placeholders, args.dryrun_exposures)
@@ -139,8 +143,11 @@ def main(argv: list[str] | None = None) -> int:
                 rundir = workdir / "runs" / label
                 rundir.mkdir(parents=True, exist_ok=True)
                 run = {"label": label, "started": time.strftime("%H:%M:%S", time.gmtime()),
-                       **demo_run(trees[label], rundir, server.url, args.cores),
-                       **dry_run(trees[label], workdir / "dryrun" / label)}
+                       "load": os.getloadavg()[0], "wall": nan, "machine_cpu": nan,
+                       "snakemake_cpu": nan, "jobs": 0}
+                if args.demo:
+                    run.update(demo_run(trees[label], rundir, server.url, args.cores))
+                run.update(dry_run(trees[label], workdir / "dryrun" / label))
                 runs.append(run)
                 print(f"{run['started']} {label}: demo {run['wall']:.1f} s, dry run "
                       f"{run['dry_wall']:.1f} s", flush=True)
