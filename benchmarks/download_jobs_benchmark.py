@@ -18,7 +18,7 @@ Prints one Markdown row per run and the medians per version.
 Usage::
 
     .venv/bin/python benchmarks/download_jobs_benchmark.py \\
-        --version per-file=c3e5538 --version per-exposure=64092c5 [--repeats 2] \\
+        --version per-file=02be067 --version per-exposure=e04bf79 [--repeats 2] \\
         [--exposures 24] [--dryrun-exposures 1000] [--cores 2] [--workdir DIR] [--no-demo]
 """
 
