@@ -256,3 +256,24 @@ def test_the_cli_switch_leaves_var_rnoise_and_err_alone(written_exposure, tmp_pa
         assert after[0].header["NSCVAR"] is False and after[0].header["NSCFVAR"] is False
         for name in ("VAR_RNOISE", "ERR"):
             np.testing.assert_array_equal(after[name].data, before[name].data)
+
+
+@pytest.mark.parametrize("shape", [(FULL, FULL), (32, 2048), (64, 64)])
+def test_a_constant_image_gives_its_level_and_no_nan(shape):
+    image = np.full(shape, 5.0, dtype=np.float32)
+    result = nsclean.fit(image, np.ones(shape, bool), method="readout")
+    assert np.isfinite(result.model).all() and np.isfinite(result.variance).all()
+    inner = result.model[4:-4, 4:-4] if shape == (FULL, FULL) else result.model
+    assert np.all(inner == 5.0)
+    assert np.all(nsclean.clean(image, np.ones(shape, bool))[4:-4, 4:-4] == 0.0)
+
+
+@pytest.mark.parametrize("shape", [(FULL, FULL), (32, 2048)])
+def test_a_nearly_blank_image_gives_a_finite_model(shape):
+    # One hot pixel in zeros: the sampled lines are constant, the white level is zero.
+    image = np.zeros(shape, dtype=np.float32)
+    image[10, 30] = 1.0
+    with np.errstate(divide="raise", invalid="raise", over="raise"):
+        result = nsclean.fit(image, np.ones(shape, bool), method="readout")
+    assert np.isfinite(result.model).all() and np.isfinite(result.variance).all()
+    assert np.abs(result.model).max() < 1e-3

@@ -72,6 +72,8 @@ _EM_ITERATIONS = 8
 _EM_TOLERANCE = 0.02
 # The mode count stops at the first run of this many modes that are not worth fitting.
 _GAP_MODES = 3
+# Smallest white-noise variance used (data units squared): a blank image has none.
+_WHITE_FLOOR = 1e-30
 # Samples further than this many sigma from the level are never used (cosmic rays,
 # hot pixels); the outlier pass judges the rest.
 _FAR = 10.0
@@ -107,6 +109,18 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
     """
     dtype = dms_image.dtype if dms_image.dtype in (np.float32, np.float64) else np.float64
     level, sigma = _level_and_sigma(dms_image, valid)
+    values = dms_image[valid]
+    if values.min() == values.max():
+        # A constant background has no noise to model (a blank or synthetic image): the
+        # model is its level (zero on a full frame's reference border).
+        model = np.full(dms_image.shape, level, dtype=dtype)
+        if full_frame:
+            b = REFERENCE_BORDER
+            model[:b] = model[-b:] = 0
+            model[:, :b] = model[:, -b:] = 0
+        info = {"n_lines": int(dms_image.shape[1]), "n_rejected": 0,
+                "n_background": valid.sum(axis=0), "n_predicted": 0}
+        return model, info, (np.zeros(dms_image.shape, np.float32) if variance else None)
     if not full_frame:
         kriged = _fit_subarray(dms_image, valid, detector, opts, level, sigma, variance,
                                dtype)
@@ -576,11 +590,17 @@ def _white_level(z, m):
     diff = (z[..., 2:] - z[..., :-2])[both]
     if diff.size < 10:
         values = z[m]
-        return float(np.var(values)) if values.size > 1 else 1.0
+        white = float(np.var(values)) if values.size > 1 else 1.0
+        return white if white > _WHITE_FLOOR else _WHITE_FLOOR
     if diff.size > 400_000:
         diff = diff[:: diff.size // 400_000]
     # A difference of two independent pixels has twice the variance of one.
-    return float((1.4826 * np.median(np.abs(diff))) ** 2 / 2.0) or float(np.var(diff) / 2)
+    white = float((1.4826 * np.median(np.abs(diff))) ** 2 / 2.0) or float(np.var(diff) / 2)
+    if not white > 0:  # the sampled lines are constant (a nearly blank image)
+        values = z[m]
+        white = float(np.var(values)) if values.size > 1 else 0.0
+    # Never zero: the Gram matrices are divided by it.
+    return white if white > _WHITE_FLOOR else _WHITE_FLOOR
 
 
 def _nnls(nnls, lhs, rhs):
