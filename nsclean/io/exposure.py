@@ -999,11 +999,18 @@ def _variance_images(rate_path: Path, variance) -> dict:
         err = np.asarray(hdul["ERR"].data)
         if var_rnoise.shape != variance.shape or err.shape != variance.shape:
             return {}
-        added = variance.astype(np.float64)
-        return {
-            "VAR_RNOISE": (var_rnoise + added).astype(var_rnoise.dtype),
-            "ERR": np.sqrt(err.astype(np.float64) ** 2 + added).astype(err.dtype),
-        }
+        # In the files' precision and native byte order (FITS data are big-endian; the
+        # arithmetic is several times slower on them), float64 only where a file is.
+        work = np.result_type(var_rnoise.dtype, err.dtype, np.float32).newbyteorder("=")
+        added = variance.astype(work)
+        new_var = var_rnoise.astype(work)
+        new_var += added
+        new_err = err.astype(work)
+        np.square(new_err, out=new_err)
+        new_err += added
+        np.sqrt(new_err, out=new_err)
+        return {"VAR_RNOISE": new_var.astype(var_rnoise.dtype, copy=False),
+                "ERR": new_err.astype(err.dtype, copy=False)}
 
 
 def _has_checksum(header: fits.Header) -> bool:
