@@ -154,13 +154,14 @@ _FIT_INFO_KEYWORDS = {
 
 class ExposureKeywords:
     """``detector``, ``exp_type`` and ``subarray`` of an exposure, from its ``header``
-    (upper case; SUBARRAY defaults to FULL).  Shared by the rate and rateints readers."""
+    (upper case; SUBARRAY defaults to FULL, the others to "").  Shared by the rate, cal
+    and rateints readers."""
 
     header: fits.Header
 
     @property
     def detector(self) -> str:
-        return str(self.header["DETECTOR"]).strip().upper()
+        return str(self.header.get("DETECTOR", "")).strip().upper()
 
     @property
     def exp_type(self) -> str:
@@ -205,7 +206,7 @@ class RateExposure(ExposureKeywords):
 
 
 @dataclass
-class CalExposure:
+class CalExposure(ExposureKeywords):
     """A NIRSpec stage-2 ``_cal`` product reduced to what the mask needs.
 
     Attributes
@@ -244,14 +245,6 @@ class CalExposure:
                 flagged[rows, cols] |= cutout[rows.start - row : rows.stop - row,
                                               cols.start - column : cols.stop - column]
         return flagged
-
-    @property
-    def exp_type(self) -> str:
-        return str(self.header.get("EXP_TYPE", "")).strip().upper()
-
-    @property
-    def detector(self) -> str:
-        return str(self.header.get("DETECTOR", "")).strip().upper()
 
     def footprint(self, shape: tuple[int, int], mode: str = "trace") -> np.ndarray:
         """Science footprint on a rate array of ``shape`` (``True`` = science)."""
