@@ -235,13 +235,7 @@ def _fit(dms_image, dms_mask, det, opts, want_variance=False):
     if mode == "auto":
         mode = "line" if dms_image.shape[0] >= 1024 else "timeseries"
     pixel_variance = None
-    if opts["method"] == "auto":
-        # The readout-aware model wins every full-frame case of the quality benchmark
-        # and the BOTS subarrays, whose short lines put the trace between background
-        # pixels tens of ticks apart; on tall subarrays (ALLSLITS, 256-pixel lines) it
-        # ties with fft at 20-30 times the cost (docs/benchmarks.md).
-        short_lines = dms_image.shape[0] <= AUTO_READOUT_MAX_LINE
-        opts["method"] = "readout" if full_frame or short_lines else "fft"
+    opts["method"] = resolved_method(opts["method"], dms_image.shape)
     if opts["method"] == "readout":
         from .readout import fit_readout
 
@@ -274,6 +268,20 @@ def _fit(dms_image, dms_mask, det, opts, want_variance=False):
     return FitResult(
         model=model, info=info, options=_json_options(opts), variance=pixel_variance
     )
+
+
+def resolved_method(method, shape):
+    """The fit method ``method`` means for an image of ``shape`` (DMS): "auto" resolved.
+
+    The readout-aware model wins every full-frame case of the quality benchmark and the
+    BOTS subarrays, whose short lines put the trace between background pixels tens of
+    ticks apart; on tall subarrays (ALLSLITS, 256-pixel lines) it ties with fft at 20-30
+    times the cost (docs/benchmarks.md), so "auto" is fft there.
+    """
+    if method != "auto":
+        return method
+    full_frame = tuple(shape) == (FULL_FRAME, FULL_FRAME)
+    return "readout" if full_frame or shape[0] <= AUTO_READOUT_MAX_LINE else "fft"
 
 
 def fit_background(image, background_mask, detector="NRS1", **options) -> np.ndarray:

@@ -938,23 +938,20 @@ def _solve_small_spd(matrices, rhs):
     """``solve(matrices, rhs)`` for a stack of small symmetric positive definite matrices.
 
     LAPACK's per-matrix overhead dominates for the 2 x 2 to 8 x 8 per-output blocks
-    (tens of thousands of them); Gaussian elimination vectorised over the stack needs
-    no pivoting for SPD matrices and is ~10x faster there.
+    (tens of thousands of them); the inverse Cholesky factors of the fft method's line
+    fits (:func:`nsclean.algorithm.core._inverse_factor`), vectorised over the stack,
+    are several times faster there.  ``rhs`` is (..., k, n).
     """
+    from .core import _inverse_factor
+
     k = matrices.shape[-1]
     if k > 8:
         return np.linalg.solve(matrices, rhs)
-    a = matrices.copy()
-    x = rhs.copy()
-    for i in range(k):
-        pivot = a[..., i, i]
-        factors = a[..., i + 1 :, i] / pivot[..., None]  # (..., k - i - 1)
-        a[..., i + 1 :, :] -= factors[..., :, None] * a[..., i, None, :]
-        x[..., i + 1 :, :] -= factors[..., :, None] * x[..., i, None, :]
-    for i in range(k - 1, -1, -1):
-        x[..., i, :] -= (a[..., i, i + 1 :, None] * x[..., i + 1 :, :]).sum(axis=-2)
-        x[..., i, :] /= a[..., i, i, None]
-    return x
+    factor, _ = _inverse_factor(np.moveaxis(matrices.reshape(-1, k, k), 0, -1))
+    stacked = rhs.reshape(-1, k, rhs.shape[-1])
+    # x = A^-1 b = F^T (F b)
+    half = np.einsum("pqm,mqr->mpr", factor, stacked)
+    return np.einsum("qpm,mqr->mpr", factor, half).reshape(rhs.shape)
 
 
 def _inverse_small_spd(matrices):
@@ -992,36 +989,25 @@ def _power_law_covariances(n_samples, n_lags):
     spectral density is ``f^-alpha`` (``alpha = _ALPHAS[i]``) from the lowest
     frequency of the series up to the Nyquist frequency, scaled to unit variance.
     """
-    shapes = np.empty((_ALPHAS.size, n_lags))
-    log_k = np.log(np.arange(1, n_samples // 2 + 1, dtype=np.float64))
-    spectrum = np.zeros(n_samples // 2 + 1)
-    for i, alpha in enumerate(_ALPHAS):  # one at a time: a long series is ~0.5M ticks
-        spectrum[1:] = np.exp(-alpha * log_k)
-        shapes[i] = np.fft.irfft(spectrum, n_samples)[:n_lags]
-    shapes /= shapes[:, :1]
+    shapes = np.stack([_power_law_covariance(n_samples, alpha)[:n_lags]
+                       for alpha in _ALPHAS])
     shapes.setflags(write=False)
     return shapes
 
 
-# Kriging operators of recent covariances, least recently used first (see fit()).
+# Kriging operators of recent covariances, least recently used first: the planes of a
+# time series, which share one covariance (shared_covariance), share their solves.
 _OPERATORS: dict = {}
 _OPERATORS_LOCK = threading.Lock()
 _OPERATOR_SETS = 4
 _OPERATOR_BYTES = 48 * 2**20  # per set
-# Covariance parameters are rounded to this relative step: well inside their sampling
-# error, and the planes of one time series then share their solves.
-_PARAMETER_STEP = 1.05
-
-
-def _quantized(value):
-    """``value`` rounded to the nearest power of ``_PARAMETER_STEP``."""
-    exponent = round(math.log(float(value)) / math.log(_PARAMETER_STEP))
-    return float(_PARAMETER_STEP**exponent)
 
 
 @functools.lru_cache(maxsize=4)
 def _power_law_covariance(n_samples, alpha):
-    """One row of :func:`_power_law_covariances`, at every lag of the series."""
+    """Autocovariance shape of a power-law spectrum ``f^-alpha`` on a series of
+    ``n_samples`` ticks (lowest frequency of the series to Nyquist), unit variance, at
+    every lag."""
     k = np.arange(n_samples // 2 + 1, dtype=np.float64)
     spectrum = np.zeros(k.size)
     spectrum[1:] = k[1:] ** -alpha
@@ -1134,17 +1120,16 @@ class _SeriesKriging:
         if best is None:
             return False
         coef, index = best[1], best[2]
-        amplitude = _quantized(coef[0])
-        alternating = _quantized(coef[1]) if coef[1] > 1e-3 * coef[0] else 0.0
-        white = _quantized(max(float(coef[2]), 1e-6 * float(coef[0] + coef[1])))
-        self.use((amplitude, alternating, index, white))
+        alternating = float(coef[1]) if coef[1] > 1e-3 * coef[0] else 0.0
+        white = max(float(coef[2]), 1e-6 * float(coef[0] + coef[1]))
+        self.use((float(coef[0]), alternating, index, white))
         return True
 
     def use(self, params):
         """Use these covariance parameters (amplitude, alternating, alpha index, white)."""
         self.params = params
         # The solves depend only on the covariance and the background patterns: planes
-        # of one time series (one mask, nearly the same noise) share them.
+        # of one time series (one mask, one shared covariance) share them.
         key = (self.n_lines, self.n_fast, self.params)
         with _OPERATORS_LOCK:
             self._cache = _OPERATORS.pop(key, None) or {}

@@ -556,14 +556,20 @@ def _fit_planes(sci, dq, mask, detector, fit_options, workers):
     With ``workers`` > 1 the planes are split into chunks fitted by forked processes
     (see the module notes).
     """
+    import contextlib
+
+    from ..algorithm.core import resolved_method
     from ..algorithm.readout import shared_covariance
 
     _JOB.update(sci=sci, dq=dq, mask=mask, detector=detector, options=fit_options)
     n_planes = sci.shape[0]
     # The readout model's noise covariance is measured once for all the integrations
     # (forked workers inherit it): the same fits whatever the number of workers.
+    method = resolved_method(fit_options.get("method", "auto"), sci.shape[1:])
+    sharing = (shared_covariance(sci, mask, detector) if method == "readout"
+               else contextlib.nullcontext())
     try:
-        with shared_covariance(sci, mask, detector):
+        with sharing:
             if workers <= 1 or n_planes < 2 * workers or not _can_fork():
                 _, model, totals, first = _fit_range((0, n_planes))
                 return model, totals, first
