@@ -479,8 +479,6 @@ def _empirical_prior(data, mask, opts, max_modes=None):
        accounts exactly for the gaps of every line, so the strong low modes (the
        banding) do not leak into the estimates of weak ones.
     """
-    from scipy.optimize import nnls
-
     n_out, length, n_seg = data.shape
     used = np.flatnonzero(mask.any(axis=(0, 1)))
     if used.size > _COVARIANCE_LINES:
@@ -498,25 +496,8 @@ def _empirical_prior(data, mask, opts, max_modes=None):
         max_modes = int(opts["max_modes"])
     n_common = int(min(length // 2, max_modes))
     n_output = int(min(length // 2, max(1, max_modes // 2))) if n_out > 1 else 0
-    basis = _dct_basis(length, n_common)
     mf = m.astype(np.float64)
-    g = _GramMaker(length, n_common).matrices(mf)  # (S, O, Jc, Jc)
-    x = z @ basis
-    g2 = g * g
-    auto_lhs = g2.sum(axis=(0, 1))
-    diag = np.arange(n_common)
-    white_col = g[..., diag, diag].sum(axis=(0, 1))
-    auto_rhs = (x * x).sum(axis=(0, 1)) - white * white_col
-    if n_out > 1:
-        g_sum = g.sum(axis=1)
-        cross_lhs = (g_sum * g_sum).sum(axis=0) - auto_lhs
-        cross_rhs = (x.sum(axis=1) ** 2).sum(axis=0) - (x * x).sum(axis=(0, 1))
-        lam_common = _nnls(nnls, cross_lhs, cross_rhs)
-        lam_output = _nnls(nnls, auto_lhs, auto_rhs - auto_lhs @ lam_common)[:n_output]
-    else:
-        lam_common = _nnls(nnls, auto_lhs, auto_rhs)
-        lam_output = np.zeros(0)
-    del g, g2
+    lam_common, lam_output = _first_guess(z, mf, white, n_common, n_output)
 
     fraction = float(np.median(mf.mean(axis=2).mean(axis=1)))
     fraction = max(fraction, 1.0 / length)
@@ -582,6 +563,35 @@ def _empirical_prior(data, mask, opts, max_modes=None):
         lam_output = np.append(dct_output[:keep_output], lam_output[-1])
     excluded += float(lam_common[keep_common:].sum()) / length
     return _Prior(lam_common[:keep_common], lam_output, white + excluded, excluded)
+
+
+def _first_guess(z, mf, white, n_common, n_output):
+    """First guess of the common and per-output mode variances (step 2 of
+    :func:`_empirical_prior`): small non-negative least-squares problems on the masked
+    second moments of the projections.  ``z``, ``mf``: (line, output, tick) data and
+    float mask of the sampled lines; returns ``(lam_common, lam_output)``.
+    """
+    from scipy.optimize import nnls
+
+    n_out, length = z.shape[1:]
+    basis = _dct_basis(length, n_common)
+    g = _GramMaker(length, n_common).matrices(mf)  # (S, O, Jc, Jc)
+    x = z @ basis
+    g2 = g * g
+    auto_lhs = g2.sum(axis=(0, 1))
+    diag = np.arange(n_common)
+    white_col = g[..., diag, diag].sum(axis=(0, 1))
+    auto_rhs = (x * x).sum(axis=(0, 1)) - white * white_col
+    if n_out > 1:
+        g_sum = g.sum(axis=1)
+        cross_lhs = (g_sum * g_sum).sum(axis=0) - auto_lhs
+        cross_rhs = (x.sum(axis=1) ** 2).sum(axis=0) - (x * x).sum(axis=(0, 1))
+        lam_common = _nnls(nnls, cross_lhs, cross_rhs)
+        lam_output = _nnls(nnls, auto_lhs, auto_rhs - auto_lhs @ lam_common)[:n_output]
+    else:
+        lam_common = _nnls(nnls, auto_lhs, auto_rhs)
+        lam_output = np.zeros(0)
+    return lam_common, lam_output
 
 
 def _white_level(z, m):
