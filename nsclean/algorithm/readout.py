@@ -67,6 +67,8 @@ _COVARIANCE_LINES = 256
 # The prior variances EM starts from are at least this fraction of the noise of a
 # coefficient estimate.
 _EM_START = 0.5
+# Segments solved at once (a block of the batched solves; blocks run on threads).
+_SOLVE_BLOCK = 256
 # Expectation-maximisation steps for the prior spectra (stops earlier when converged).
 _EM_ITERATIONS = 8
 _EM_TOLERANCE = 0.02
@@ -541,8 +543,8 @@ def _empirical_prior(data, mask, opts, max_modes=None):
                      np.ascontiguousarray(m.transpose(1, 2, 0)), prior)
     n_u = prior.n_output
     for _ in range(_EM_ITERATIONS):
-        coef = solver.solve()
-        second = coef * coef + solver.coefficient_variances()
+        coef, variances = solver.solve(variances=True)
+        second = coef * coef + variances
         new_common = second[:, :n_common].mean(axis=0)
         change = np.max(np.abs(new_common - prior.common) / (prior.common + 0.01 * white))
         prior.common = np.maximum(new_common, floor)
@@ -675,8 +677,9 @@ class _GramMaker:
         """Masked cosine sums (S, O, 2J - 1) from a 0/1 mask (O, L, S)."""
         return (self.cosines.T @ mask).transpose(2, 0, 1).astype(np.float64)
 
-    def from_sums(self, sums, rows=None):
-        """Gram matrices (..., rows, J) from cosine sums; ``rows`` leading rows only."""
+    def from_sums(self, sums, rows=None, scale=1.0):
+        """Gram matrices (..., rows, J) from cosine sums, times ``scale``; ``rows``
+        leading rows only."""
         from numpy.lib.stride_tricks import sliding_window_view
 
         j = self.n_modes
@@ -684,7 +687,11 @@ class _GramMaker:
         hankel = sliding_window_view(sums, j, axis=-1)[..., :rows, :]
         mirrored = np.concatenate([sums[..., j - 1 : 0 : -1], sums[..., :j]], axis=-1)
         toeplitz = sliding_window_view(mirrored, j, axis=-1)[..., ::-1, :][..., :rows, :]
-        return (hankel + toeplitz) * self.scale[:rows]
+        # C order (the sum of the strided views would be laid out like them, with
+        # the stack axis innermost, which makes every stacked solve copy it).
+        gram = np.add(hankel, toeplitz, out=np.empty(hankel.shape))
+        gram *= self.scale[:rows] * scale
+        return gram
 
     def matrices(self, mask):
         return self.from_sums(self.sums(mask))
@@ -731,77 +738,138 @@ class _Solver:
              self.alternating[:, None]], axis=1) if self.ku else np.zeros((length, 0))
         self._gram_maker = _GramMaker(length, self.jc)
         self.white = prior.white
-        self.gram_total = np.empty((n_seg, self.jc, self.jc))
-        self.gram_rows = np.empty((n_seg, n_out, self.ku, self.jc))
-        self.gram_u = np.empty((n_seg, n_out, self.ku, self.ku))
-        self.rhs = np.empty((n_seg, n_out, self.jc))
-        self.rhs_u = np.empty((n_seg, n_out, self.ku))
-        self._build(slice(None))
+        self._schur = None
+        self._build()
 
-    def _build(self, segments):
-        """Gram matrices and right-hand sides of these segments (white variance units)."""
-        maker, ju, ku = self._gram_maker, self.ju, self.ku
-        mask = self.mask[:, :, segments].astype(np.float32)  # (O, L, S)
-        sums = maker.sums_along_ticks(mask)  # (S, O, 2Jc - 1)
-        self.gram_total[segments] = maker.from_sums(sums.sum(axis=1)) / self.white
-        values = self.data[:, :, segments]
+    def _build(self):
+        """Gram matrices and right-hand sides of every segment (white variance units)."""
+        maker, jc, ju, ku = self._gram_maker, self.jc, self.ju, self.ku
+        n_cos = 2 * jc - 1
+        mask = self.mask.astype(np.float32)  # (O, L, S)
+        values = self.data
+        # One product gives the masked cosine sums (the DCT Gram matrices) and, for the
+        # per-output part, the DCT projections of the masked alternating mode.
+        left = maker.cosines.T
+        if ku:
+            alternating = self.alternating.astype(np.float32)
+            left = np.concatenate([left, self._basis32.T * alternating], axis=0)
+        products = (left @ mask).transpose(2, 0, 1).astype(np.float64)  # (S, O, ...)
+        sums = products[..., :n_cos]
+        self.gram_total = maker.from_sums(sums.sum(axis=1), scale=1.0 / self.white)
         projected = (self._basis32.T @ values).transpose(2, 0, 1)  # (S, O, Jc)
-        self.rhs[segments] = projected.astype(np.float64) / self.white
+        self.rhs = projected.astype(np.float64) / self.white
+        n_seg = projected.shape[0]
         if not ku:
+            self.gram_rows = np.empty((n_seg, self.n_out, 0, jc))
+            self.gram_u = np.empty((n_seg, self.n_out, 0, 0))
+            self.rhs_u = np.empty((n_seg, self.n_out, 0))
             return
-        n = projected.shape[0]
-        rows = np.empty((n, self.n_out, ku, self.jc))
+        rows = np.empty((n_seg, self.n_out, ku, jc))
         rows[..., :ju, :] = maker.from_sums(sums, rows=ju)
-        alt_mask = mask * self.alternating.astype(np.float32)[:, None]
-        rows[..., ju, :] = (self._basis32.T @ alt_mask).transpose(2, 0, 1)
-        self.gram_rows[segments] = rows / self.white
-        gram_u = np.empty((n, self.n_out, ku, ku))
+        rows[..., ju, :] = products[..., n_cos:]
+        rows /= self.white
+        self.gram_rows = rows
+        gram_u = np.empty((n_seg, self.n_out, ku, ku))
         gram_u[..., :ju, :ju] = rows[..., :ju, :ju]
         gram_u[..., ju, :ju] = gram_u[..., :ju, ju] = rows[..., ju, :ju]
-        gram_u[..., ju, ju] = mask.sum(axis=1).T / self.length
-        self.gram_u[segments] = gram_u / self.white
-        rhs_u = np.empty((n, self.n_out, ku))
-        rhs_u[..., :ju] = projected[..., :ju]
-        rhs_u[..., ju] = (self.alternating.astype(np.float32) @ values).T
-        self.rhs_u[segments] = rhs_u / self.white
+        gram_u[..., ju, ju] = mask.sum(axis=1).T / (self.length * self.white)
+        self.gram_u = gram_u
+        rhs_u = np.empty((n_seg, self.n_out, ku))
+        rhs_u[..., :ju] = self.rhs[..., :ju]
+        rhs_u[..., ju] = (alternating @ values).T / self.white
+        self.rhs_u = rhs_u
 
-    def solve(self):
-        """Posterior means of all coefficients, (segments, Jc + outputs * Ku)."""
+    def solve(self, variances=False):
+        """Posterior means of all coefficients, (segments, Jc + outputs * Ku).
+
+        With ``variances``, also their posterior variances, from the same factors.
+        Blocks of ``_SOLVE_BLOCK`` segments are solved on a few threads (small
+        temporaries, no new pages); the blocks are the same whatever the number of
+        threads, so the result is too.
+        """
+        from .core import _map_blocks
+
+        n_seg = self.gram_total.shape[0]
+        n_coef = self.jc + self.n_out * self.ku
+        if self._schur is None:
+            self._schur = np.empty(self.gram_total.shape)
+            self._h = np.empty(self.gram_u.shape)
+            self._coupling = np.empty(self.gram_rows.shape)
+        coef = np.empty((n_seg, n_coef))
+        var = np.empty((n_seg, n_coef)) if variances else None
+
+        def block(s0):
+            self._solve_block(slice(s0, min(s0 + _SOLVE_BLOCK, n_seg)), coef, var)
+
+        _map_blocks(block, n_seg, step=_SOLVE_BLOCK)
+        return (coef, var) if variances else coef
+
+    def _solve_block(self, rows, coef, var):
+        """:meth:`solve` for the segments ``rows`` (a slice); writes ``coef`` (and
+        ``var``) there and keeps the factors' inputs for the variances."""
         jc, ku, n_out = self.jc, self.ku, self.n_out
         # The Gram matrices are divided by the white variance, so the coefficients and
         # the prior precisions are in data units.
         inv_c = 1.0 / self.prior.common
         mean = self.prior.mean
-        schur = self.gram_total.copy()
+        schur = self._schur[rows]
+        np.copyto(schur, self.gram_total[rows])
         schur[:, np.arange(jc), np.arange(jc)] += inv_c
-        rhs_c = self.rhs.sum(axis=1)
+        rhs_c = self.rhs[rows].sum(axis=1)
         if mean is not None:
-            rhs_c += inv_c * mean[:, :jc]
+            rhs_c += inv_c * mean[rows, :jc]
+        h_inv = None
         if ku:
             inv_u = 1.0 / self.prior.output
-            rows = self.gram_rows  # (S, O, Ku, Jc)
-            h = self.gram_u.copy()
+            gram_rows = self.gram_rows[rows]  # (S, O, Ku, Jc)
+            h = self._h[rows]
+            np.copyto(h, self.gram_u[rows])
             h[..., np.arange(ku), np.arange(ku)] += inv_u
-            rhs_u = self.rhs_u.copy()
+            rhs_u = self.rhs_u[rows]
             if mean is not None:
-                rhs_u += inv_u * mean[:, jc:].reshape(-1, n_out, ku)
-            # H_o^-1 [U^T M_o D | r_u]: the coupling and the eliminated rhs in one solve.
-            both = _solve_small_spd(h, np.concatenate([rows, rhs_u[..., None]], axis=-1))
-            coupling, h_inv_r = both[..., :jc], both[..., jc]
+                rhs_u = rhs_u + inv_u * mean[rows, jc:].reshape(-1, n_out, ku)
+            # H_o^-1 [U^T M_o D | r_u]: the coupling and the eliminated rhs, from the
+            # explicit inverses of these small blocks (their inverse Cholesky factors
+            # squared: cheaper than any solve).
+            h_inv = _inverse_small_spd(h)
+            coupling = self._coupling[rows]
+            np.matmul(h_inv, gram_rows, out=coupling)
+            h_inv_r = (h_inv @ rhs_u[..., None])[..., 0]
             # Sums over the outputs as one product per segment: (Jc, O Ku) x (O Ku, Jc).
             n_seg = len(schur)
-            rows_flat = rows.reshape(n_seg, n_out * ku, jc)
+            rows_flat = gram_rows.reshape(n_seg, n_out * ku, jc)
             schur -= np.swapaxes(rows_flat, 1, 2) @ coupling.reshape(n_seg, n_out * ku, jc)
             rhs_c -= (h_inv_r.reshape(n_seg, 1, n_out * ku) @ rows_flat)[:, 0, :]
-            self._coupling, self._h = coupling, h
-        self._schur = schur
-        a = np.linalg.solve(schur, rhs_c[..., None])[..., 0]
-        if not ku:
-            return a
-        n_seg = len(a)
-        b = h_inv_r.reshape(n_seg, -1) - (
-            coupling.reshape(n_seg, n_out * ku, jc) @ a[:, :, None])[..., 0]
-        return np.concatenate([a, b], axis=1)
+        if var is not None:
+            # One inverse Cholesky factor of every Schur complement serves the means
+            # and the variances (an LU solve plus an inverse cost three times more).
+            factor = _spd_factor(schur)
+            a = _factor_solve(factor, rhs_c[..., None])[..., 0]
+            var[rows] = self._variances(factor, h_inv, rows)
+        else:
+            a = _cholesky_solve(schur, rhs_c)
+        coef[rows, :jc] = a
+        if ku:
+            n_seg = len(a)
+            coef[rows, jc:] = h_inv_r.reshape(n_seg, -1) - (
+                coupling.reshape(n_seg, n_out * ku, jc) @ a[:, :, None])[..., 0]
+
+    def _variances(self, factor, h_inv, rows=slice(None)):
+        """Posterior variances from the inverse factors of the Schur complements
+        (:func:`_spd_factor`) and the inverses of the per-output blocks of the segments
+        ``rows``."""
+        # S^-1 = F^T F: its diagonal is the column sums of F squared.
+        var_a = np.einsum("pim,pim->mi", factor, factor)
+        if not self.ku:
+            return var_a
+        # Var(b_o) = H_o^-1 + K_o S^-1 K_o^T, whose diagonal is that of H_o^-1 plus
+        # the column sums of (F K_o^T) squared.
+        n_seg = var_a.shape[0]
+        k = self._coupling[rows].reshape(n_seg, self.n_out * self.ku, self.jc)
+        fk = np.ascontiguousarray(np.moveaxis(factor, -1, 0)) @ np.swapaxes(k, 1, 2)
+        var_b = np.einsum("mpr,mpr->mr", fk, fk)
+        var_b += np.diagonal(h_inv, axis1=-2, axis2=-1).reshape(n_seg, -1)
+        return np.concatenate([var_a, var_b], axis=1)
 
     def evaluate(self, coef, dtype=np.float64):
         """Model of every segment, (outputs, length, segments)."""
@@ -819,38 +887,62 @@ class _Solver:
         """Drop background pixels whose residual exceeds ``threshold`` sigma; count them.
 
         The sigma is the white level of the exposure.  The dropped pixels' terms are
-        subtracted from the Gram matrices and right-hand sides (no rebuild).
+        subtracted from the Gram matrices and right-hand sides (no rebuild): their
+        cosine sums, summed per segment and output, give the Gram terms as in
+        :meth:`_build`.
         """
         model = self.evaluate(coef, np.float32)
         model -= self.data
         bad = np.abs(model) > threshold * math.sqrt(self.prior.white)
         bad &= self.mask
-        out, tick, seg = np.nonzero(bad)
-        if seg.size == 0:
+        flat = np.flatnonzero(bad)
+        if flat.size == 0:
             return 0
-        values = self.data[out, tick, seg].astype(np.float64) / self.white
+        out, tick, seg = np.unravel_index(flat, bad.shape)
+        jc, ju, ku, n_out = self.jc, self.ju, self.ku, self.n_out
+        values = self.data.reshape(-1)[flat].astype(np.float64)
         d = self.basis[tick]  # (n, Jc)
-        np.add.at(self.gram_total, seg, -(d[:, :, None] * d[:, None, :]) / self.white)
-        np.add.at(self.rhs, (seg, out), -d * values[:, None])
-        if self.ku:
-            du = self.basis_u[tick]  # (n, Ku)
-            np.add.at(self.gram_rows, (seg, out), -(du[:, :, None] * d[:, None, :]) / self.white)
-            np.add.at(self.gram_u, (seg, out), -(du[:, :, None] * du[:, None, :]) / self.white)
-            np.add.at(self.rhs_u, (seg, out), -du * values[:, None])
+        # Per bad pixel: cosine sums, then (with per-output modes) the alternating
+        # mode's DCT row and right-hand side, and its own square.
+        parts = [self._gram_maker.cosines[tick].astype(np.float64), d * values[:, None]]
+        if ku:
+            psi = self.alternating[tick]
+            parts += [d * psi[:, None], (psi * values)[:, None], (psi * psi)[:, None]]
+        terms = np.concatenate(parts, axis=1)
+        # Sums per (segment, output), in segment order.
+        key = seg * n_out + out
+        order = np.argsort(key, kind="stable")
+        key = key[order]
+        starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+        sums = np.add.reduceat(terms[order], starts, axis=0) / self.white
+        s_seg, s_out = np.divmod(key[starts], n_out)
+        n_cos = 2 * jc - 1
+        cos_sums = sums[:, :n_cos]
+        self.rhs[s_seg, s_out] -= sums[:, n_cos : n_cos + jc]
+        # Per segment: the outputs summed.
+        seg_starts = np.flatnonzero(np.r_[True, s_seg[1:] != s_seg[:-1]])
+        per_segment = np.add.reduceat(cos_sums, seg_starts, axis=0)
+        self.gram_total[s_seg[seg_starts]] -= self._gram_maker.from_sums(per_segment)
+        if ku:
+            rows = np.empty((len(s_seg), ku, jc))
+            rows[:, :ju] = self._gram_maker.from_sums(cos_sums, rows=ju)
+            rows[:, ju] = sums[:, n_cos + jc : n_cos + 2 * jc]
+            self.gram_rows[s_seg, s_out] -= rows
+            gram_u = np.empty((len(s_seg), ku, ku))
+            gram_u[:, :ju, :ju] = rows[:, :ju, :ju]
+            gram_u[:, ju, :ju] = gram_u[:, :ju, ju] = rows[:, ju, :ju]
+            gram_u[:, ju, ju] = sums[:, -1]
+            self.gram_u[s_seg, s_out] -= gram_u
+            self.rhs_u[s_seg, s_out, :ju] -= sums[:, n_cos : n_cos + ju]
+            self.rhs_u[s_seg, s_out, ju] -= sums[:, -2]
         self.mask[bad] = False
         self.data[bad] = 0.0
-        return int(seg.size)
+        return int(flat.size)
 
     def coefficient_variances(self, rows=slice(None)):
         """Posterior variances of the coefficients of these segments (last solve)."""
-        s_inv = np.linalg.inv(self._schur[rows])
-        var_a = np.diagonal(s_inv, axis1=1, axis2=2)
-        if not self.ku:
-            return var_a.copy()
-        h_inv = _inverse_small_spd(self._h[rows])
-        k = self._coupling[rows]
-        var_b = np.diagonal(h_inv, axis1=2, axis2=3) + ((k @ s_inv[:, None]) * k).sum(axis=-1)
-        return np.concatenate([var_a, var_b.reshape(len(var_a), -1)], axis=1)
+        h_inv = _inverse_small_spd(self._h[rows]) if self.ku else None
+        return self._variances(_spd_factor(self._schur[rows]), h_inv, rows)
 
     def share_neighbours(self, coef):
         """Prior means from the neighbouring segments (leave-one-out), chosen per coefficient.
@@ -944,20 +1036,27 @@ class _Solver:
         return out
 
 
-def _solve_small_spd(matrices, rhs):
-    """``solve(matrices, rhs)`` for a stack of small symmetric positive definite matrices.
+def _spd_factor(matrices):
+    """Inverse Cholesky factors ``F`` (``A^-1 = F^T F``) of a stack of SPD matrices.
 
-    LAPACK's per-matrix overhead dominates for the 2 x 2 to 8 x 8 per-output blocks
-    (tens of thousands of them); the inverse Cholesky factors of the fft method's line
-    fits (:func:`nsclean.algorithm.core._inverse_factor`), vectorised over the stack,
-    are several times faster there.  ``rhs`` is (..., k, n).
+    ``matrices`` is (..., k, k); the factors are (k, k, N) with the stack flattened
+    last, as :func:`nsclean.algorithm.core._inverse_factor` (the fft method's line
+    fits) builds them, vectorised over the stack: LAPACK's per-matrix overhead
+    dominates for these small matrices (the 2 x 2 to 8 x 8 per-output blocks, tens of
+    thousands of them, and the Schur complements, whose means and variances one
+    factor gives).  The matrices here are posterior precisions (a prior precision is
+    added to every diagonal), so every pivot is positive.
     """
     from .core import _inverse_factor
 
     k = matrices.shape[-1]
-    if k > 8:
-        return np.linalg.solve(matrices, rhs)
-    factor, _ = _inverse_factor(np.moveaxis(matrices.reshape(-1, k, k), 0, -1))
+    stack = np.ascontiguousarray(np.moveaxis(matrices.reshape(-1, k, k), 0, -1))
+    return _inverse_factor(stack)[0]
+
+
+def _factor_solve(factor, rhs):
+    """``A^-1 rhs`` from the inverse factors of :func:`_spd_factor`; ``rhs`` (..., k, n)."""
+    k = factor.shape[0]
     stacked = rhs.reshape(-1, k, rhs.shape[-1])
     # x = A^-1 b = F^T (F b)
     half = np.einsum("pqm,mqr->mpr", factor, stacked)
@@ -965,9 +1064,32 @@ def _solve_small_spd(matrices, rhs):
 
 
 def _inverse_small_spd(matrices):
-    """Inverses of a stack of small SPD matrices (see :func:`_solve_small_spd`)."""
-    identity = np.broadcast_to(np.eye(matrices.shape[-1]), matrices.shape)
-    return _solve_small_spd(matrices, identity)
+    """Inverses ``F^T F`` of a stack of small SPD matrices (..., k, k), from their
+    inverse Cholesky factors (:func:`_spd_factor`)."""
+    factor = _spd_factor(matrices)
+    return np.einsum("pqm,prm->mqr", factor, factor).reshape(matrices.shape)
+
+
+def _cholesky_solve(matrices, rhs):
+    """``solve(matrices, rhs)`` for a stack of SPD matrices (S, k, k), rhs (S, k).
+
+    LAPACK's Cholesky factorisation of every matrix, then the two triangular solves
+    vectorised over the stack (k steps each; numpy has no stacked triangular solve).
+    """
+    try:
+        lower = np.linalg.cholesky(matrices)
+    except np.linalg.LinAlgError:  # not numerically positive definite: LU
+        return np.linalg.solve(matrices, rhs[..., None])[..., 0]
+    k = matrices.shape[-1]
+    y = np.empty_like(rhs)
+    for i in range(k):
+        y[:, i] = (rhs[:, i] - np.einsum("sj,sj->s", lower[:, i, :i], y[:, :i])) \
+            / lower[:, i, i]
+    x = np.empty_like(rhs)
+    for i in range(k - 1, -1, -1):
+        x[:, i] = (y[:, i] - np.einsum("sj,sj->s", lower[:, i + 1 :, i], x[:, i + 1 :])) \
+            / lower[:, i, i]
+    return x
 
 
 @functools.lru_cache(maxsize=8)
