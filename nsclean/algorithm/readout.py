@@ -167,7 +167,7 @@ def _fit_segments(dms_image, valid, detector, opts, level, sigma, variance, dtyp
         shared = solver.share_neighbours(coef)
         coef = solver.solve()
 
-    model = layout.to_dms(solver.evaluate(coef, dtype), dtype, offset=level)
+    model = layout.model(solver, coef, dtype, offset=level)
     pixel_variance = None
     if variance:
         pixel_variance = layout.to_dms(solver.pixel_variance(), np.float32)
@@ -345,6 +345,19 @@ class _LineLayout:
         """The segments for the prior (which removes the mean over lines itself)."""
         return data
 
+    def model(self, solver, coef, dtype, offset=0.0):
+        """The solver's model plus ``offset`` as a DMS image (zero on the border)."""
+        dms = np.empty(self.shape, dtype=dtype)
+        # The outputs are blocks of DMS rows: the model is written there directly,
+        # the odd outputs (read in reverse) from the reversed basis.
+        grid = dms.reshape(self.n_out, self.length, self.n_lines)
+        solver.evaluate(coef, dtype, out=grid, flipped=range(1, self.n_out, 2))
+        dms += dms.dtype.type(offset)
+        b = REFERENCE_BORDER
+        dms[:b] = dms[-b:] = 0
+        dms[:, :b] = dms[:, -b:] = 0
+        return dms
+
     def to_dms(self, segments, dtype, offset=0.0):
         dms = np.empty(self.shape, dtype=dtype)
         for outputs, view in self._tick_views(dms):
@@ -412,6 +425,10 @@ class _ChunkLayout:
     def pattern_free(self, data, mask):
         """The segments without the pattern common to all lines (for the prior)."""
         return np.where(mask, data - self._pattern, 0.0).astype(np.float32)
+
+    def model(self, solver, coef, dtype, offset=0.0):
+        """The solver's model plus ``offset`` as a DMS image."""
+        return self.to_dms(solver.evaluate(coef, dtype), dtype, offset)
 
     def to_dms(self, segments, dtype, offset=0.0):
         series = np.zeros(self.padded)
@@ -871,17 +888,28 @@ class _Solver:
         var_b += np.diagonal(h_inv, axis1=-2, axis2=-1).reshape(n_seg, -1)
         return np.concatenate([var_a, var_b], axis=1)
 
-    def evaluate(self, coef, dtype=np.float64):
-        """Model of every segment, (outputs, length, segments)."""
+    def evaluate(self, coef, dtype=np.float64, segments=slice(None), out=None,
+                 flipped=()):
+        """Model of the ``segments`` (a slice), (outputs, length, segments).
+
+        One product per output, written into ``out`` (outputs, length, segments) when
+        given; the outputs in ``flipped`` are written in reverse tick order (as a full
+        frame's odd outputs sit in the DMS image).
+        """
         jc, ku = self.jc, self.ku
         basis = self._basis32 if dtype == np.float32 else self.basis
-        a = coef[:, :jc].astype(basis.dtype)
-        model = np.empty(self.data.shape, dtype=dtype)
-        model[...] = (basis @ a.T)[None]
         if ku:
-            b = coef[:, jc:].reshape(len(coef), self.n_out, ku).astype(basis.dtype)
-            model += self.basis_u.astype(basis.dtype) @ b.transpose(1, 2, 0)
-        return model
+            basis = np.concatenate([basis, self.basis_u.astype(basis.dtype)], axis=1)
+        reverse = np.ascontiguousarray(basis[::-1])
+        coef = coef[segments].astype(basis.dtype)
+        a = coef[:, :jc].T
+        if out is None:
+            out = np.empty((self.n_out, self.length, len(coef)), dtype=dtype)
+        for o in range(self.n_out):
+            c = np.ascontiguousarray(
+                np.concatenate([a, coef[:, jc + o * ku : jc + (o + 1) * ku].T]) if ku else a)
+            np.matmul(reverse if o in flipped else basis, c, out=out[o])
+        return out
 
     def reject_outliers(self, coef, threshold):
         """Drop background pixels whose residual exceeds ``threshold`` sigma; count them.
@@ -889,18 +917,30 @@ class _Solver:
         The sigma is the white level of the exposure.  The dropped pixels' terms are
         subtracted from the Gram matrices and right-hand sides (no rebuild): their
         cosine sums, summed per segment and output, give the Gram terms as in
-        :meth:`_build`.
+        :meth:`_build`.  The residuals are formed in blocks of segments on the fit's
+        threads.
         """
-        model = self.evaluate(coef, np.float32)
-        model -= self.data
-        bad = np.abs(model) > threshold * math.sqrt(self.prior.white)
-        bad &= self.mask
-        flat = np.flatnonzero(bad)
-        if flat.size == 0:
+        from .core import _map_blocks
+
+        n_seg = self.data.shape[2]
+        limit = np.float32(threshold * math.sqrt(self.prior.white))
+
+        def find(s0):
+            rows = slice(s0, min(s0 + _SOLVE_BLOCK, n_seg))
+            residual = self.evaluate(coef, np.float32, rows)
+            residual -= self.data[:, :, rows]
+            bad = np.abs(residual) > limit
+            bad &= self.mask[:, :, rows]
+            out, tick, seg = np.nonzero(bad)
+            return out, tick, seg + s0
+
+        found = _map_blocks(find, n_seg, step=_SOLVE_BLOCK)
+        out, tick, seg = (np.concatenate(part) for part in zip(*found, strict=True))
+        if seg.size == 0:
             return 0
-        out, tick, seg = np.unravel_index(flat, bad.shape)
+        flat = np.ravel_multi_index((out, tick, seg), self.data.shape)
         jc, ju, ku, n_out = self.jc, self.ju, self.ku, self.n_out
-        values = self.data.reshape(-1)[flat].astype(np.float64)
+        values = np.take(self.data, flat).astype(np.float64)
         d = self.basis[tick]  # (n, Jc)
         # Per bad pixel: cosine sums, then (with per-output modes) the alternating
         # mode's DCT row and right-hand side, and its own square.
@@ -935,8 +975,8 @@ class _Solver:
             self.gram_u[s_seg, s_out] -= gram_u
             self.rhs_u[s_seg, s_out, :ju] -= sums[:, n_cos : n_cos + ju]
             self.rhs_u[s_seg, s_out, ju] -= sums[:, -2]
-        self.mask[bad] = False
-        self.data[bad] = 0.0
+        np.put(self.mask, flat, False)
+        np.put(self.data, flat, 0.0)
         return int(flat.size)
 
     def coefficient_variances(self, rows=slice(None)):
