@@ -694,9 +694,9 @@ class _GramMaker:
         """Masked cosine sums (S, O, 2J - 1) from a 0/1 mask (O, L, S)."""
         return (self.cosines.T @ mask).transpose(2, 0, 1).astype(np.float64)
 
-    def from_sums(self, sums, rows=None, scale=1.0):
+    def from_sums(self, sums, rows=None, scale=1.0, out=None):
         """Gram matrices (..., rows, J) from cosine sums, times ``scale``; ``rows``
-        leading rows only."""
+        leading rows only; into ``out`` when given."""
         from numpy.lib.stride_tricks import sliding_window_view
 
         j = self.n_modes
@@ -706,7 +706,7 @@ class _GramMaker:
         toeplitz = sliding_window_view(mirrored, j, axis=-1)[..., ::-1, :][..., :rows, :]
         # C order (the sum of the strided views would be laid out like them, with
         # the stack axis innermost, which makes every stacked solve copy it).
-        gram = np.add(hankel, toeplitz, out=np.empty(hankel.shape))
+        gram = np.add(hankel, toeplitz, out=np.empty(hankel.shape) if out is None else out)
         gram *= self.scale[:rows] * scale
         return gram
 
@@ -759,42 +759,55 @@ class _Solver:
         self._build()
 
     def _build(self):
-        """Gram matrices and right-hand sides of every segment (white variance units)."""
-        maker, jc, ju, ku = self._gram_maker, self.jc, self.ju, self.ku
-        n_cos = 2 * jc - 1
-        mask = self.mask.astype(np.float32)  # (O, L, S)
-        values = self.data
+        """Gram matrices and right-hand sides of every segment (white variance units),
+        in blocks of segments on the fit's threads."""
+        from .core import _map_blocks
+
+        jc, ku, n_out = self.jc, self.ku, self.n_out
+        n_seg = self.data.shape[2]
+        self.gram_total = np.empty((n_seg, jc, jc))
+        self.rhs = np.empty((n_seg, n_out, jc))
+        self.gram_rows = np.empty((n_seg, n_out, ku, jc))
+        self.gram_u = np.empty((n_seg, n_out, ku, ku))
+        self.rhs_u = np.empty((n_seg, n_out, ku))
         # One product gives the masked cosine sums (the DCT Gram matrices) and, for the
         # per-output part, the DCT projections of the masked alternating mode.
-        left = maker.cosines.T
+        left = self._gram_maker.cosines.T
         if ku:
-            alternating = self.alternating.astype(np.float32)
-            left = np.concatenate([left, self._basis32.T * alternating], axis=0)
+            left = np.concatenate(
+                [left, self._basis32.T * self.alternating.astype(np.float32)], axis=0)
+        left = np.ascontiguousarray(left)
+
+        def block(s0):
+            self._build_block(slice(s0, min(s0 + _SOLVE_BLOCK, n_seg)), left)
+
+        _map_blocks(block, n_seg, step=_SOLVE_BLOCK)
+
+    def _build_block(self, segments, left):
+        """:meth:`_build` for the segments ``segments`` (a slice)."""
+        maker, jc, ju, ku = self._gram_maker, self.jc, self.ju, self.ku
+        n_cos = 2 * jc - 1
+        mask = self.mask[:, :, segments].astype(np.float32)  # (O, L, S)
+        values = self.data[:, :, segments]
         products = (left @ mask).transpose(2, 0, 1).astype(np.float64)  # (S, O, ...)
         sums = products[..., :n_cos]
-        self.gram_total = maker.from_sums(sums.sum(axis=1), scale=1.0 / self.white)
+        maker.from_sums(sums.sum(axis=1), scale=1.0 / self.white,
+                        out=self.gram_total[segments])
         projected = (self._basis32.T @ values).transpose(2, 0, 1)  # (S, O, Jc)
-        self.rhs = projected.astype(np.float64) / self.white
-        n_seg = projected.shape[0]
+        rhs = self.rhs[segments]
+        np.divide(projected, self.white, out=rhs)
         if not ku:
-            self.gram_rows = np.empty((n_seg, self.n_out, 0, jc))
-            self.gram_u = np.empty((n_seg, self.n_out, 0, 0))
-            self.rhs_u = np.empty((n_seg, self.n_out, 0))
             return
-        rows = np.empty((n_seg, self.n_out, ku, jc))
-        rows[..., :ju, :] = maker.from_sums(sums, rows=ju)
-        rows[..., ju, :] = products[..., n_cos:]
-        rows /= self.white
-        self.gram_rows = rows
-        gram_u = np.empty((n_seg, self.n_out, ku, ku))
+        rows = self.gram_rows[segments]
+        maker.from_sums(sums, rows=ju, scale=1.0 / self.white, out=rows[..., :ju, :])
+        np.divide(products[..., n_cos:], self.white, out=rows[..., ju, :])
+        gram_u = self.gram_u[segments]
         gram_u[..., :ju, :ju] = rows[..., :ju, :ju]
         gram_u[..., ju, :ju] = gram_u[..., :ju, ju] = rows[..., ju, :ju]
         gram_u[..., ju, ju] = mask.sum(axis=1).T / (self.length * self.white)
-        self.gram_u = gram_u
-        rhs_u = np.empty((n_seg, self.n_out, ku))
-        rhs_u[..., :ju] = self.rhs[..., :ju]
-        rhs_u[..., ju] = (alternating @ values).T / self.white
-        self.rhs_u = rhs_u
+        rhs_u = self.rhs_u[segments]
+        rhs_u[..., :ju] = rhs[..., :ju]
+        rhs_u[..., ju] = (self.alternating.astype(np.float32) @ values).T / self.white
 
     def solve(self, variances=False):
         """Posterior means of all coefficients, (segments, Jc + outputs * Ku).
@@ -892,23 +905,28 @@ class _Solver:
                  flipped=()):
         """Model of the ``segments`` (a slice), (outputs, length, segments).
 
-        One product per output, written into ``out`` (outputs, length, segments) when
-        given; the outputs in ``flipped`` are written in reverse tick order (as a full
-        frame's odd outputs sit in the DMS image).
+        The common part is evaluated once (one product) and added to every output's
+        own modes, written into ``out`` (outputs, length, segments) when given; the
+        outputs in ``flipped`` are written in reverse tick order (as a full frame's
+        odd outputs sit in the DMS image).
         """
         jc, ku = self.jc, self.ku
         basis = self._basis32 if dtype == np.float32 else self.basis
-        if ku:
-            basis = np.concatenate([basis, self.basis_u.astype(basis.dtype)], axis=1)
-        reverse = np.ascontiguousarray(basis[::-1])
         coef = coef[segments].astype(basis.dtype)
-        a = coef[:, :jc].T
         if out is None:
             out = np.empty((self.n_out, self.length, len(coef)), dtype=dtype)
+        common = basis @ np.ascontiguousarray(coef[:, :jc].T)  # (L, S)
+        basis_u = self.basis_u.astype(basis.dtype)
+        reverse_u = np.ascontiguousarray(basis_u[::-1])
         for o in range(self.n_out):
-            c = np.ascontiguousarray(
-                np.concatenate([a, coef[:, jc + o * ku : jc + (o + 1) * ku].T]) if ku else a)
-            np.matmul(reverse if o in flipped else basis, c, out=out[o])
+            flip = o in flipped
+            shared = common[::-1] if flip else common
+            if ku:
+                own = np.ascontiguousarray(coef[:, jc + o * ku : jc + (o + 1) * ku].T)
+                np.matmul(reverse_u if flip else basis_u, own, out=out[o])
+                out[o] += shared
+            else:
+                out[o] = shared
         return out
 
     def reject_outliers(self, coef, threshold):
