@@ -151,7 +151,7 @@ def _fit_segments(dms_image, valid, detector, opts, level, sigma, variance, dtyp
         layout.pattern_free(data, mask), mask, opts,
         max_modes=getattr(layout, "max_modes", None),
     )
-    solver = _Solver(data, mask, prior)
+    solver = _Solver(data, mask, prior, keep_factors=variance)
     coef = solver.solve()
     n_rejected = n_far
     if opts["outlier_sigma"] is not None:
@@ -557,7 +557,7 @@ def _empirical_prior(data, mask, opts, max_modes=None):
     prior = _Prior(np.maximum(lam_start[:n_common], floor),
                    np.maximum(lam_start[n_common:], floor), white, 0.0)
     solver = _Solver(np.ascontiguousarray(z.transpose(1, 2, 0), dtype=np.float32),
-                     np.ascontiguousarray(m.transpose(1, 2, 0)), prior)
+                     np.ascontiguousarray(m.transpose(1, 2, 0)), prior, keep_factors=False)
     n_u = prior.n_output
     for _ in range(_EM_ITERATIONS):
         coef, variances = solver.solve(variances=True)
@@ -735,7 +735,7 @@ class _Solver:
     Jc x Jc system per segment.
     """
 
-    def __init__(self, data, mask, prior):
+    def __init__(self, data, mask, prior, keep_factors=True):
         # The pixel arrays are (output, tick, segment): the DMS layout of a full frame.
         # The small per-segment matrices are (segment, ...).
         self.data = data
@@ -755,6 +755,8 @@ class _Solver:
              self.alternating[:, None]], axis=1) if self.ku else np.zeros((length, 0))
         self._gram_maker = _GramMaker(length, self.jc)
         self.white = prior.white
+        # Keep every segment's eliminated system after a solve (for pixel_variance).
+        self.keep_factors = keep_factors
         self._schur = None
         self._build()
 
@@ -814,14 +816,15 @@ class _Solver:
 
         With ``variances``, also their posterior variances, from the same factors.
         Blocks of ``_SOLVE_BLOCK`` segments are solved on a few threads (small
-        temporaries, no new pages); the blocks are the same whatever the number of
-        threads, so the result is too.
+        temporaries); the blocks are the same whatever the number of threads, so the
+        result is too.  With ``keep_factors`` (the default), the eliminated systems of
+        every segment are kept for :meth:`pixel_variance`.
         """
         from .core import _map_blocks
 
         n_seg = self.gram_total.shape[0]
         n_coef = self.jc + self.n_out * self.ku
-        if self._schur is None:
+        if self.keep_factors and self._schur is None:
             self._schur = np.empty(self.gram_total.shape)
             self._h = np.empty(self.gram_u.shape)
             self._coupling = np.empty(self.gram_rows.shape)
@@ -834,48 +837,66 @@ class _Solver:
         _map_blocks(block, n_seg, step=_SOLVE_BLOCK)
         return (coef, var) if variances else coef
 
-    def _solve_block(self, rows, coef, var):
-        """:meth:`solve` for the segments ``rows`` (a slice); writes ``coef`` (and
-        ``var``) there and keeps the factors' inputs for the variances."""
+    def _eliminated(self, rows, keep=False):
+        """The per-output blocks eliminated for the segments ``rows`` (a slice or an
+        index array) under the current prior.
+
+        Returns ``(schur, rhs_c, h, h_inv, coupling, h_inv_r)``: the Schur complements
+        (S, Jc, Jc) and their right-hand sides, the per-output blocks ``H_o``, their
+        inverses, ``K_o = H_o^-1 U^T M_o D`` and ``H_o^-1 r_u`` (None without
+        per-output modes).  With ``keep``, written into the kept arrays.
+        """
         jc, ku, n_out = self.jc, self.ku, self.n_out
         # The Gram matrices are divided by the white variance, so the coefficients and
         # the prior precisions are in data units.
         inv_c = 1.0 / self.prior.common
         mean = self.prior.mean
-        schur = self._schur[rows]
-        np.copyto(schur, self.gram_total[rows])
+        if keep:
+            schur = self._schur[rows]
+            np.copyto(schur, self.gram_total[rows])
+        else:
+            schur = self.gram_total[rows].copy()
         schur[:, np.arange(jc), np.arange(jc)] += inv_c
         rhs_c = self.rhs[rows].sum(axis=1)
         if mean is not None:
             rhs_c += inv_c * mean[rows, :jc]
-        h_inv = None
-        if ku:
-            inv_u = 1.0 / self.prior.output
-            gram_rows = self.gram_rows[rows]  # (S, O, Ku, Jc)
+        if not ku:
+            return schur, rhs_c, None, None, None, None
+        inv_u = 1.0 / self.prior.output
+        gram_rows = self.gram_rows[rows]  # (S, O, Ku, Jc)
+        if keep:
             h = self._h[rows]
             np.copyto(h, self.gram_u[rows])
-            h[..., np.arange(ku), np.arange(ku)] += inv_u
-            rhs_u = self.rhs_u[rows]
-            if mean is not None:
-                rhs_u = rhs_u + inv_u * mean[rows, jc:].reshape(-1, n_out, ku)
-            # H_o^-1 [U^T M_o D | r_u]: the coupling and the eliminated rhs, from the
-            # explicit inverses of these small blocks (their inverse Cholesky factors
-            # squared: cheaper than any solve).
-            h_inv = _inverse_small_spd(h)
-            coupling = self._coupling[rows]
-            np.matmul(h_inv, gram_rows, out=coupling)
-            h_inv_r = (h_inv @ rhs_u[..., None])[..., 0]
-            # Sums over the outputs as one product per segment: (Jc, O Ku) x (O Ku, Jc).
-            n_seg = len(schur)
-            rows_flat = gram_rows.reshape(n_seg, n_out * ku, jc)
-            schur -= np.swapaxes(rows_flat, 1, 2) @ coupling.reshape(n_seg, n_out * ku, jc)
-            rhs_c -= (h_inv_r.reshape(n_seg, 1, n_out * ku) @ rows_flat)[:, 0, :]
+        else:
+            h = self.gram_u[rows].copy()
+        h[..., np.arange(ku), np.arange(ku)] += inv_u
+        rhs_u = self.rhs_u[rows]
+        if mean is not None:
+            rhs_u = rhs_u + inv_u * mean[rows, jc:].reshape(-1, n_out, ku)
+        # H_o^-1 [U^T M_o D | r_u]: the coupling and the eliminated rhs, from the
+        # explicit inverses of these small blocks (their inverse Cholesky factors
+        # squared: cheaper than any solve).
+        h_inv = _inverse_small_spd(h)
+        coupling = np.matmul(h_inv, gram_rows, out=self._coupling[rows] if keep else None)
+        h_inv_r = (h_inv @ rhs_u[..., None])[..., 0]
+        # Sums over the outputs as one product per segment: (Jc, O Ku) x (O Ku, Jc).
+        n_seg = len(schur)
+        rows_flat = gram_rows.reshape(n_seg, n_out * ku, jc)
+        schur -= np.swapaxes(rows_flat, 1, 2) @ coupling.reshape(n_seg, n_out * ku, jc)
+        rhs_c -= (h_inv_r.reshape(n_seg, 1, n_out * ku) @ rows_flat)[:, 0, :]
+        return schur, rhs_c, h, h_inv, coupling, h_inv_r
+
+    def _solve_block(self, rows, coef, var):
+        """:meth:`solve` for the segments ``rows`` (a slice); writes ``coef`` (and
+        ``var``) there."""
+        jc, ku, n_out = self.jc, self.ku, self.n_out
+        schur, rhs_c, _, h_inv, coupling, h_inv_r = self._eliminated(rows, self.keep_factors)
         if var is not None:
             # One inverse Cholesky factor of every Schur complement serves the means
             # and the variances (an LU solve plus an inverse cost three times more).
             factor = _spd_factor(schur)
             a = _factor_solve(factor, rhs_c[..., None])[..., 0]
-            var[rows] = self._variances(factor, h_inv, rows)
+            var[rows] = self._variances(factor, h_inv, coupling)
         else:
             a = _cholesky_solve(schur, rhs_c)
         coef[rows, :jc] = a
@@ -884,10 +905,10 @@ class _Solver:
             coef[rows, jc:] = h_inv_r.reshape(n_seg, -1) - (
                 coupling.reshape(n_seg, n_out * ku, jc) @ a[:, :, None])[..., 0]
 
-    def _variances(self, factor, h_inv, rows=slice(None)):
+    def _variances(self, factor, h_inv, coupling):
         """Posterior variances from the inverse factors of the Schur complements
-        (:func:`_spd_factor`) and the inverses of the per-output blocks of the segments
-        ``rows``."""
+        (:func:`_spd_factor`), the inverses of the per-output blocks and the coupling
+        ``K_o`` of some segments."""
         # S^-1 = F^T F: its diagonal is the column sums of F squared.
         var_a = np.einsum("pim,pim->mi", factor, factor)
         if not self.ku:
@@ -895,7 +916,7 @@ class _Solver:
         # Var(b_o) = H_o^-1 + K_o S^-1 K_o^T, whose diagonal is that of H_o^-1 plus
         # the column sums of (F K_o^T) squared.
         n_seg = var_a.shape[0]
-        k = self._coupling[rows].reshape(n_seg, self.n_out * self.ku, self.jc)
+        k = coupling.reshape(n_seg, self.n_out * self.ku, self.jc)
         fk = np.ascontiguousarray(np.moveaxis(factor, -1, 0)) @ np.swapaxes(k, 1, 2)
         var_b = np.einsum("mpr,mpr->mr", fk, fk)
         var_b += np.diagonal(h_inv, axis1=-2, axis2=-1).reshape(n_seg, -1)
@@ -998,9 +1019,10 @@ class _Solver:
         return int(flat.size)
 
     def coefficient_variances(self, rows=slice(None)):
-        """Posterior variances of the coefficients of these segments (last solve)."""
-        h_inv = _inverse_small_spd(self._h[rows]) if self.ku else None
-        return self._variances(_spd_factor(self._schur[rows]), h_inv, rows)
+        """Posterior variances of the coefficients of these segments, under the
+        current prior and Gram matrices (those of the last solve)."""
+        schur, _, _, h_inv, coupling, _ = self._eliminated(rows)
+        return self._variances(_spd_factor(schur), h_inv, coupling)
 
     def share_neighbours(self, coef):
         """Prior means from the neighbouring segments (leave-one-out), chosen per coefficient.
