@@ -502,9 +502,10 @@ def _empirical_prior(data, mask, opts, max_modes=None):
     used = np.flatnonzero(mask.any(axis=(0, 1)))
     if used.size > _COVARIANCE_LINES:
         used = used[np.round(np.linspace(0, used.size - 1, _COVARIANCE_LINES)).astype(int)]
+    sample_data, sample_mask = data[:, :, used], mask[:, :, used]
     # (segment, output, tick) for the sample.
-    m = mask[:, :, used].transpose(2, 0, 1)
-    z = data[:, :, used].transpose(2, 0, 1).astype(np.float64)
+    m = sample_mask.transpose(2, 0, 1)
+    z = sample_data.transpose(2, 0, 1).astype(np.float64)
     # What is the same in every line (the picture frame's mean shape, a fixed pattern)
     # is left in: it is part of what the model must follow (its mean over lines is the
     # prior mean the neighbouring lines give; taking it out made the per-output modes
@@ -556,8 +557,7 @@ def _empirical_prior(data, mask, opts, max_modes=None):
     lam_start = np.maximum(np.concatenate([lam_common[:n_common], lam_output]), start)
     prior = _Prior(np.maximum(lam_start[:n_common], floor),
                    np.maximum(lam_start[n_common:], floor), white, 0.0)
-    solver = _Solver(np.ascontiguousarray(z.transpose(1, 2, 0), dtype=np.float32),
-                     np.ascontiguousarray(m.transpose(1, 2, 0)), prior, keep_factors=False)
+    solver = _Solver(sample_data, sample_mask, prior, keep_factors=False)
     n_u = prior.n_output
     for _ in range(_EM_ITERATIONS):
         coef, variances = solver.solve(variances=True)
@@ -968,9 +968,10 @@ class _Solver:
             rows = slice(s0, min(s0 + _SOLVE_BLOCK, n_seg))
             residual = self.evaluate(coef, np.float32, rows)
             residual -= self.data[:, :, rows]
-            bad = np.abs(residual) > limit
+            np.abs(residual, out=residual)
+            bad = residual > limit
             bad &= self.mask[:, :, rows]
-            out, tick, seg = np.nonzero(bad)
+            out, tick, seg = np.unravel_index(np.flatnonzero(bad), bad.shape)
             return out, tick, seg + s0
 
         found = _map_blocks(find, n_seg, step=_SOLVE_BLOCK)
