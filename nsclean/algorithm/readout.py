@@ -161,7 +161,8 @@ def _fit_segments(dms_image, valid, detector, opts, level, sigma, variance, dtyp
             if rejected == 0:
                 break
             n_rejected += rejected
-            coef = solver.solve()
+            # Same prior: only the segments that lost samples change.
+            coef = solver.solve(previous=coef)
 
     shared = None
     if full_frame and opts["share_lines"]:
@@ -760,6 +761,8 @@ class _Solver:
         # Keep every segment's eliminated system after a solve (for pixel_variance).
         self.keep_factors = keep_factors
         self._schur = None
+        # Segments whose Gram matrices changed since the last solve (outliers).
+        self.changed = np.zeros(0, dtype=int)
         self._build()
 
     def _build(self):
@@ -813,10 +816,13 @@ class _Solver:
         rhs_u[..., :ju] = rhs[..., :ju]
         rhs_u[..., ju] = (self.alternating.astype(np.float32) @ values).T / self.white
 
-    def solve(self, variances=False):
+    def solve(self, variances=False, previous=None):
         """Posterior means of all coefficients, (segments, Jc + outputs * Ku).
 
         With ``variances``, also their posterior variances, from the same factors.
+        With ``previous`` (the coefficients of the last solve, under the same prior),
+        only the segments whose Gram matrices changed since (:attr:`changed`) are
+        solved again.
         Blocks of ``_SOLVE_BLOCK`` segments are solved on a few threads (small
         temporaries); the blocks are the same whatever the number of threads, so the
         result is too.  With ``keep_factors`` (the default), the eliminated systems of
@@ -830,13 +836,23 @@ class _Solver:
             self._schur = np.empty(self.gram_total.shape)
             self._h = np.empty(self.gram_u.shape)
             self._coupling = np.empty(self.gram_rows.shape)
-        coef = np.empty((n_seg, n_coef))
         var = np.empty((n_seg, n_coef)) if variances else None
+        if previous is None or variances:
+            coef = np.empty((n_seg, n_coef))
+            segments = None
+        else:
+            coef = previous.copy()
+            segments = self.changed
 
         def block(s0):
-            self._solve_block(slice(s0, min(s0 + _SOLVE_BLOCK, n_seg)), coef, var)
+            if segments is None:
+                rows = slice(s0, min(s0 + _SOLVE_BLOCK, n_seg))
+            else:
+                rows = segments[s0 : s0 + _SOLVE_BLOCK]
+            self._solve_block(rows, coef, var)
 
-        _map_blocks(block, n_seg, step=_SOLVE_BLOCK)
+        _map_blocks(block, n_seg if segments is None else len(segments), step=_SOLVE_BLOCK)
+        self.changed = np.zeros(0, dtype=int)
         return (coef, var) if variances else coef
 
     def _eliminated(self, rows, keep=False):
@@ -846,31 +862,25 @@ class _Solver:
         Returns ``(schur, rhs_c, h, h_inv, coupling, h_inv_r)``: the Schur complements
         (S, Jc, Jc) and their right-hand sides, the per-output blocks ``H_o``, their
         inverses, ``K_o = H_o^-1 U^T M_o D`` and ``H_o^-1 r_u`` (None without
-        per-output modes).  With ``keep``, written into the kept arrays.
+        per-output modes).  With ``keep``, also stored in the kept arrays.
         """
         jc, ku, n_out = self.jc, self.ku, self.n_out
         # The Gram matrices are divided by the white variance, so the coefficients and
         # the prior precisions are in data units.
         inv_c = 1.0 / self.prior.common
         mean = self.prior.mean
-        if keep:
-            schur = self._schur[rows]
-            np.copyto(schur, self.gram_total[rows])
-        else:
-            schur = self.gram_total[rows].copy()
+        schur = self.gram_total[rows].copy()
         schur[:, np.arange(jc), np.arange(jc)] += inv_c
         rhs_c = self.rhs[rows].sum(axis=1)
         if mean is not None:
             rhs_c += inv_c * mean[rows, :jc]
         if not ku:
+            if keep:
+                self._schur[rows] = schur
             return schur, rhs_c, None, None, None, None
         inv_u = 1.0 / self.prior.output
         gram_rows = self.gram_rows[rows]  # (S, O, Ku, Jc)
-        if keep:
-            h = self._h[rows]
-            np.copyto(h, self.gram_u[rows])
-        else:
-            h = self.gram_u[rows].copy()
+        h = self.gram_u[rows].copy()
         h[..., np.arange(ku), np.arange(ku)] += inv_u
         rhs_u = self.rhs_u[rows]
         if mean is not None:
@@ -879,18 +889,20 @@ class _Solver:
         # explicit inverses of these small blocks (their inverse Cholesky factors
         # squared: cheaper than any solve).
         h_inv = _inverse_small_spd(h)
-        coupling = np.matmul(h_inv, gram_rows, out=self._coupling[rows] if keep else None)
+        coupling = h_inv @ gram_rows
         h_inv_r = (h_inv @ rhs_u[..., None])[..., 0]
         # Sums over the outputs as one product per segment: (Jc, O Ku) x (O Ku, Jc).
         n_seg = len(schur)
         rows_flat = gram_rows.reshape(n_seg, n_out * ku, jc)
         schur -= np.swapaxes(rows_flat, 1, 2) @ coupling.reshape(n_seg, n_out * ku, jc)
         rhs_c -= (h_inv_r.reshape(n_seg, 1, n_out * ku) @ rows_flat)[:, 0, :]
+        if keep:
+            self._schur[rows], self._h[rows], self._coupling[rows] = schur, h, coupling
         return schur, rhs_c, h, h_inv, coupling, h_inv_r
 
     def _solve_block(self, rows, coef, var):
-        """:meth:`solve` for the segments ``rows`` (a slice); writes ``coef`` (and
-        ``var``) there."""
+        """:meth:`solve` for the segments ``rows`` (a slice or an index array); writes
+        ``coef`` (and ``var``) there."""
         jc, ku, n_out = self.jc, self.ku, self.n_out
         schur, rhs_c, _, h_inv, coupling, h_inv_r = self._eliminated(rows, self.keep_factors)
         if var is not None:
@@ -998,6 +1010,7 @@ class _Solver:
         starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
         sums = np.add.reduceat(terms[order], starts, axis=0) / self.white
         s_seg, s_out = np.divmod(key[starts], n_out)
+        self.changed = np.union1d(self.changed, s_seg)
         n_cos = 2 * jc - 1
         cos_sums = sums[:, :n_cos]
         self.rhs[s_seg, s_out] -= sums[:, n_cos : n_cos + jc]
