@@ -110,8 +110,8 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
         Posterior variance of the noise at every pixel (image units squared), or None.
     """
     dtype = dms_image.dtype if dms_image.dtype in (np.float32, np.float64) else np.float64
-    level, sigma = _level_and_sigma(dms_image, valid)
     values = dms_image[valid]
+    level, sigma = _level_and_sigma(values)
     if values.min() == values.max():
         # A constant background has no noise to model (a blank or synthetic image): the
         # model is its level (zero on a full frame's reference border).
@@ -449,9 +449,10 @@ class _ChunkLayout:
 # --------------------------------------------------------------------------------------
 
 
-def _level_and_sigma(image, valid):
-    """Robust background level and white-noise sigma (median, MAD) from a sample."""
-    values = image[valid]
+def _level_and_sigma(image, valid=None):
+    """Robust background level and white-noise sigma (median, MAD) from a sample
+    (``image[valid]``, or the values ``image`` themselves)."""
+    values = image if valid is None else image[valid]
     if values.size > 200_000:
         values = values[:: values.size // 200_000]
     values = values.astype(np.float64)
@@ -772,7 +773,10 @@ class _Solver:
 
         jc, ku, n_out = self.jc, self.ku, self.n_out
         n_seg = self.data.shape[2]
-        self.gram_total = np.empty((n_seg, jc, jc))
+        # The common Gram matrices are kept as their 2 Jc - 1 cosine sums, summed over
+        # the outputs (each solve forms its block's matrices from them: less memory to
+        # fill than the matrices themselves).
+        self.cosine_sums = np.empty((n_seg, 2 * jc - 1))
         self.rhs = np.empty((n_seg, n_out, jc))
         self.gram_rows = np.empty((n_seg, n_out, ku, jc))
         self.gram_u = np.empty((n_seg, n_out, ku, ku))
@@ -798,8 +802,7 @@ class _Solver:
         values = self.data[:, :, segments]
         products = (left @ mask).transpose(2, 0, 1).astype(np.float64)  # (S, O, ...)
         sums = products[..., :n_cos]
-        maker.from_sums(sums.sum(axis=1), scale=1.0 / self.white,
-                        out=self.gram_total[segments])
+        sums.sum(axis=1, out=self.cosine_sums[segments])
         projected = (self._basis32.T @ values).transpose(2, 0, 1)  # (S, O, Jc)
         rhs = self.rhs[segments]
         np.divide(projected, self.white, out=rhs)
@@ -830,10 +833,10 @@ class _Solver:
         """
         from .core import _map_blocks
 
-        n_seg = self.gram_total.shape[0]
+        n_seg = self.cosine_sums.shape[0]
         n_coef = self.jc + self.n_out * self.ku
         if self.keep_factors and self._schur is None:
-            self._schur = np.empty(self.gram_total.shape)
+            self._schur = np.empty((n_seg, self.jc, self.jc))
             self._h = np.empty(self.gram_u.shape)
             self._coupling = np.empty(self.gram_rows.shape)
         var = np.empty((n_seg, n_coef)) if variances else None
@@ -869,7 +872,7 @@ class _Solver:
         # the prior precisions are in data units.
         inv_c = 1.0 / self.prior.common
         mean = self.prior.mean
-        schur = self.gram_total[rows].copy()
+        schur = self._gram_maker.from_sums(self.cosine_sums[rows], scale=1.0 / self.white)
         schur[:, np.arange(jc), np.arange(jc)] += inv_c
         rhs_c = self.rhs[rows].sum(axis=1)
         if mean is not None:
@@ -1008,7 +1011,8 @@ class _Solver:
         order = np.argsort(key, kind="stable")
         key = key[order]
         starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-        sums = np.add.reduceat(terms[order], starts, axis=0) / self.white
+        raw = np.add.reduceat(terms[order], starts, axis=0)
+        sums = raw / self.white
         s_seg, s_out = np.divmod(key[starts], n_out)
         self.changed = np.union1d(self.changed, s_seg)
         n_cos = 2 * jc - 1
@@ -1016,8 +1020,8 @@ class _Solver:
         self.rhs[s_seg, s_out] -= sums[:, n_cos : n_cos + jc]
         # Per segment: the outputs summed.
         seg_starts = np.flatnonzero(np.r_[True, s_seg[1:] != s_seg[:-1]])
-        per_segment = np.add.reduceat(cos_sums, seg_starts, axis=0)
-        self.gram_total[s_seg[seg_starts]] -= self._gram_maker.from_sums(per_segment)
+        per_segment = np.add.reduceat(raw[:, :n_cos], seg_starts, axis=0)
+        self.cosine_sums[s_seg[seg_starts]] -= per_segment
         if ku:
             rows = np.empty((len(s_seg), ku, jc))
             rows[:, :ju] = self._gram_maker.from_sums(cos_sums, rows=ju)
