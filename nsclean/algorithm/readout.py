@@ -67,8 +67,11 @@ _COVARIANCE_LINES = 256
 # The prior variances EM starts from are at least this fraction of the noise of a
 # coefficient estimate.
 _EM_START = 0.5
-# Expectation-maximisation steps for the prior spectra (stops earlier when converged).
-_EM_ITERATIONS = 8
+# Accelerated expectation-maximisation cycles (three EM steps each) for the prior
+# spectra, stopping earlier when no log variance moves by more than the tolerance; the
+# longest extrapolation is this many steps.
+_EM_CYCLES = 3
+_EM_MAX_STEP = 8.0
 _EM_TOLERANCE = 0.02
 # The mode count stops at the first run of this many modes that are not worth fitting.
 _GAP_MODES = 3
@@ -452,6 +455,7 @@ class _Prior:
         self.n_common = common.size
         self.n_output = output.size
         self.mean = None  # (segments, Jc + outputs * Ju) prior means, set by sharing
+        self.pattern = None  # (Jc + outputs * Ju,) the mean over lines, if measured
 
     def common_fraction(self):
         total = float(self.common.sum() + N_OUTPUTS * self.output.sum())
@@ -475,9 +479,13 @@ def _empirical_prior(data, mask, opts, max_modes=None):
        these are small non-negative least-squares problems.
     3. Maximum likelihood by expectation-maximisation from that guess: the posterior of
        every sampled line's coefficients under the current prior gives the new prior
-       variance of mode j as the mean of ``mean_j^2 + var_j`` over lines.  This
-       accounts exactly for the gaps of every line, so the strong low modes (the
-       banding) do not leak into the estimates of weak ones.
+       variance of mode j as the mean of ``(mean_j - pattern_j)^2 + var_j`` over lines,
+       and the prior mean (``pattern``: what is the same in every line, such as the
+       picture frame's mean shape) as the mean of ``mean_j``.  This accounts exactly for
+       the gaps of every line, so the strong low modes (the banding) do not leak into
+       the estimates of weak ones.  EM alone creeps towards a weak mode's variance
+       (most of each step's posterior is the prior itself), so its steps are
+       extrapolated (SQUAREM): a weak mode's variance is no longer left near its start.
     """
     n_out, length, n_seg = data.shape
     used = np.flatnonzero(mask.any(axis=(0, 1)))
@@ -540,20 +548,51 @@ def _empirical_prior(data, mask, opts, max_modes=None):
     solver = _Solver(np.ascontiguousarray(z.transpose(1, 2, 0), dtype=np.float32),
                      np.ascontiguousarray(m.transpose(1, 2, 0)), prior)
     n_u = prior.n_output
-    for _ in range(_EM_ITERATIONS):
+    n_lines = z.shape[0]
+    n_lam = n_common + n_u
+
+    def em_map(state):
+        """One EM update of (log variances, pattern): the pattern is what is the same in
+        every line (the picture frame's mean shape), the prior's mean."""
+        lam = np.maximum(np.exp(state[:n_lam]), floor)
+        prior.common, prior.output = lam[:n_common], lam[n_common:]
+        prior.mean = np.broadcast_to(state[n_lam:], (n_lines, state.size - n_lam))
         coef = solver.solve()
-        second = coef * coef + solver.coefficient_variances()
-        new_common = second[:, :n_common].mean(axis=0)
-        change = np.max(np.abs(new_common - prior.common) / (prior.common + 0.01 * white))
-        prior.common = np.maximum(new_common, floor)
+        pattern = coef.mean(axis=0)
+        deviation = coef - pattern
+        second = deviation * deviation + solver.coefficient_variances()
+        new = [second[:, :n_common].mean(axis=0)]
         if n_u:
-            second = second[:, n_common:].reshape(len(coef), n_out, n_u)
-            prior.output = np.maximum(second.mean(axis=(0, 1)), floor)
+            new.append(second[:, n_common:].reshape(n_lines, n_out, n_u).mean(axis=(0, 1)))
+        return np.concatenate([np.log(np.maximum(np.concatenate(new), floor)), pattern])
+
+    state = np.concatenate([np.log(np.concatenate([prior.common, prior.output])),
+                            np.zeros(n_common + n_out * n_u if n_u else n_common)])
+    # EM moves a weak mode's variance towards its maximum likelihood slowly (each step
+    # keeps most of the prior where the data say little), so the steps are
+    # extrapolated (SQUAREM, Varadhan & Roland 2008), in log variance.
+    for _ in range(_EM_CYCLES):
+        first = em_map(state)
+        second_ = em_map(first)
+        r = first - state
+        v = second_ - first - r
+        alpha = -math.sqrt(float(r @ r) / max(float(v @ v), 1e-300))
+        alpha = min(max(alpha, -_EM_MAX_STEP), -1.0)
+        jumped = state - 2.0 * alpha * r + alpha * alpha * v
+        if not np.all(np.isfinite(jumped)):
+            jumped = second_
+        new_state = em_map(jumped)
+        change = np.max(np.abs(new_state[:n_lam] - state[:n_lam]))
+        state = new_state
         if change < _EM_TOLERANCE:
             break
+    lam = np.maximum(np.exp(state[:n_lam]), floor)
+    prior.common, prior.output = lam[:n_common], lam[n_common:]
+    pattern = state[n_lam:]
     lam_common, lam_output = prior.common, prior.output
     keep_common = worth(lam_common, noise_common, error_common, n_common)
     excluded = 0.0
+    keep_pattern = np.zeros(pattern.size, dtype=bool)
     if n_u:
         dct_output = lam_output[:-1]
         keep_output = worth(dct_output, noise_output, error_output, n_u - 1) \
@@ -561,8 +600,14 @@ def _empirical_prior(data, mask, opts, max_modes=None):
         keep_common = max(keep_common, keep_output)
         excluded += float(dct_output[keep_output:].sum()) / length
         lam_output = np.append(dct_output[:keep_output], lam_output[-1])
+        per_output = keep_pattern[n_common:].reshape(n_out, n_u)
+        per_output[:, :keep_output] = True
+        per_output[:, -1] = True
+    keep_pattern[:keep_common] = True
     excluded += float(lam_common[keep_common:].sum()) / length
-    return _Prior(lam_common[:keep_common], lam_output, white + excluded, excluded)
+    result = _Prior(lam_common[:keep_common], lam_output, white + excluded, excluded)
+    result.pattern = pattern[keep_pattern]
+    return result
 
 
 def _first_guess(z, mf, white, n_common, n_output):
@@ -731,6 +776,8 @@ class _Solver:
              self.alternating[:, None]], axis=1) if self.ku else np.zeros((length, 0))
         self._gram_maker = _GramMaker(length, self.jc)
         self.white = prior.white
+        if prior.pattern is not None:
+            prior.mean = np.broadcast_to(prior.pattern, (n_seg, prior.pattern.size))
         self.gram_total = np.empty((n_seg, self.jc, self.jc))
         self.gram_rows = np.empty((n_seg, n_out, self.ku, self.jc))
         self.gram_u = np.empty((n_seg, n_out, self.ku, self.ku))
@@ -864,8 +911,11 @@ class _Solver:
         has_data = self.mask.any(axis=(0, 1)).astype(np.float64)
         n_seg = coef.shape[0]
         weighted = coef * has_data[:, None]
-        best_error = (weighted * coef).sum(axis=0)
+        # Without sharing, the prior mean is the pattern common to all lines (or zero).
         best_mean = np.zeros_like(coef)
+        if self.prior.pattern is not None:
+            best_mean[:] = self.prior.pattern
+        best_error = (((coef - best_mean) ** 2) * has_data[:, None]).sum(axis=0)
         best_width = np.zeros(coef.shape[1])
         nfft = 2 * n_seg
         f_val = np.fft.rfft(weighted, n=nfft, axis=0)
