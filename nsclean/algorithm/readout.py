@@ -476,7 +476,7 @@ def _empirical_prior(data, mask, opts, max_modes=None):
        ``E[x_oj x_o'j] = sum_k G_o,jk G_o',jk lc_k`` across outputs (the common part is
        the same at the same tick of every output) and
        ``E[x_oj^2] = sum_k G_o,jk^2 (lc_k + lu_k) + white G_o,jj``; summed over lines
-       these are small non-negative least-squares problems.
+       these are small least-squares problems (clipped at zero: a start for step 3).
     3. Maximum likelihood by expectation-maximisation from that guess: the posterior of
        every sampled line's coefficients under the current prior gives the new prior
        variance of mode j as the mean of ``(mean_j - pattern_j)^2 + var_j`` over lines,
@@ -537,7 +537,7 @@ def _empirical_prior(data, mask, opts, max_modes=None):
         lam_output = np.append(lam_output[:n_output], lam_alt)
     # Expectation-maximisation cannot bring back a variance that starts at zero (its
     # posterior is then zero too), and the first guess can put a mode's power in
-    # another one (NNLS sets one of two nearly collinear columns to zero).  Every mode
+    # another one (of two nearly collinear columns, one may be clipped to zero).  Every mode
     # kept starts at least at a fraction of the noise of its estimate, from where EM
     # moves it up or down.
     start = _EM_START * np.concatenate([np.full(n_common, noise_common),
@@ -612,12 +612,10 @@ def _empirical_prior(data, mask, opts, max_modes=None):
 
 def _first_guess(z, mf, white, n_common, n_output):
     """First guess of the common and per-output mode variances (step 2 of
-    :func:`_empirical_prior`): small non-negative least-squares problems on the masked
+    :func:`_empirical_prior`): small least-squares problems, clipped at zero, on the masked
     second moments of the projections.  ``z``, ``mf``: (line, output, tick) data and
     float mask of the sampled lines; returns ``(lam_common, lam_output)``.
     """
-    from scipy.optimize import nnls
-
     n_out, length = z.shape[1:]
     basis = _dct_basis(length, n_common)
     g = _GramMaker(length, n_common).matrices(mf)  # (S, O, Jc, Jc)
@@ -631,10 +629,10 @@ def _first_guess(z, mf, white, n_common, n_output):
         g_sum = g.sum(axis=1)
         cross_lhs = (g_sum * g_sum).sum(axis=0) - auto_lhs
         cross_rhs = (x.sum(axis=1) ** 2).sum(axis=0) - (x * x).sum(axis=(0, 1))
-        lam_common = _nnls(nnls, cross_lhs, cross_rhs)
-        lam_output = _nnls(nnls, auto_lhs, auto_rhs - auto_lhs @ lam_common)[:n_output]
+        lam_common = _clipped_lstsq(cross_lhs, cross_rhs)
+        lam_output = _clipped_lstsq(auto_lhs, auto_rhs - auto_lhs @ lam_common)[:n_output]
     else:
-        lam_common = _nnls(nnls, auto_lhs, auto_rhs)
+        lam_common = _clipped_lstsq(auto_lhs, auto_rhs)
         lam_output = np.zeros(0)
     return lam_common, lam_output
 
@@ -658,12 +656,9 @@ def _white_level(z, m):
     return white if white > _WHITE_FLOOR else _WHITE_FLOOR
 
 
-def _nnls(nnls, lhs, rhs):
-    """Non-negative least squares, scaled so that every column has unit norm."""
-    norms = np.linalg.norm(lhs, axis=0)
-    norms[norms == 0] = 1.0
-    solution, _ = nnls(lhs / norms, rhs, maxiter=50 * lhs.shape[1])
-    return solution / norms
+def _clipped_lstsq(lhs, rhs):
+    """Least squares clipped at zero: a first guess of variances, refined by EM."""
+    return np.maximum(np.linalg.lstsq(lhs, rhs, rcond=None)[0], 0.0)
 
 
 @functools.lru_cache(maxsize=8)
