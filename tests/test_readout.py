@@ -149,6 +149,31 @@ def test_readout_never_worse_than_no_cleaning_with_an_extended_source():
         assert after < np.mean(fft[where].astype(float) ** 2)
 
 
+@pytest.fixture(scope="module")
+def dark_nrs2():
+    return simulate.simulate_exposure("dark", "NRS2", seed=4)
+
+
+@pytest.mark.parametrize("kind", ["rows 0-40", "10 columns", "1 % of pixels"])
+def test_hostile_masks_never_make_the_rest_worse(dark_nrs2, kind):
+    """Background in a 40-row band only, in 10 columns only, or on 1 % of the pixels:
+    where there is none, the model may predict little, but never add noise."""
+    sim = dark_nrs2
+    usable = usable_region()
+    if kind == "rows 0-40":
+        mask = usable & (np.arange(FULL)[:, None] < 40)
+    elif kind == "10 columns":
+        mask = usable & (np.arange(FULL)[None, :] % 200 == 0)
+    else:
+        mask = usable & (np.random.default_rng(0).random((FULL, FULL)) < 0.01)
+    result = nsclean.fit(sim.rate, mask, "NRS2", method="readout")
+    rest = usable & ~mask
+    before = np.mean(sim.noise_correlated[rest].astype(float) ** 2)
+    after = np.mean((sim.noise_correlated - result.model)[rest].astype(float) ** 2)
+    assert np.isfinite(result.model[usable]).all() and np.isfinite(result.variance).all()
+    assert after < 1.02 * before
+
+
 def test_default_is_readout_on_full_frames_and_short_subarrays_fft_on_tall_ones():
     rng = np.random.default_rng(0)
     full = rng.normal(size=(FULL, FULL)).astype(np.float32)

@@ -62,6 +62,8 @@ OUTPUT_TICKS = CHANNEL_ROWS
 _MIN_SNR = 0.05
 # Candidate widths (Gaussian sigma, in lines) of the neighbour prior mean; 0 = none.
 _SHARE_WIDTHS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+# Fewest lines with background for neighbour sharing.
+_SHARE_MIN_LINES = 64
 # At most this many lines (evenly spaced) are used to estimate the covariances.
 _COVARIANCE_LINES = 256
 # The prior variances EM starts from are at least this fraction of the noise of a
@@ -164,7 +166,10 @@ def _fit_segments(dms_image, valid, detector, opts, level, sigma, variance, dtyp
             coef = solver.solve()
 
     shared = None
-    if full_frame and opts["share_lines"]:
+    # Which width of neighbours predicts a line best is judged on the lines with
+    # background; with few of them (a handful of columns), that choice is noise.
+    if full_frame and opts["share_lines"] and \
+            np.count_nonzero(mask.any(axis=(0, 1))) >= _SHARE_MIN_LINES:
         shared = solver.share_neighbours(coef)
         coef = solver.solve()
 
@@ -560,25 +565,32 @@ def _empirical_prior(data, mask, opts, max_modes=None):
         coef = solver.solve()
         pattern = coef.mean(axis=0)
         deviation = coef - pattern
+        spread[:] = (deviation * deviation).mean(axis=0)
         second = deviation * deviation + solver.coefficient_variances()
         new = [second[:, :n_common].mean(axis=0)]
         if n_u:
             new.append(second[:, n_common:].reshape(n_lines, n_out, n_u).mean(axis=(0, 1)))
         return np.concatenate([np.log(np.maximum(np.concatenate(new), floor)), pattern])
 
+    n_pattern = n_common + n_out * n_u if n_u else n_common
+    spread = np.zeros(n_pattern)  # of the lines' estimates about the pattern (last step)
     state = np.concatenate([np.log(np.concatenate([prior.common, prior.output])),
-                            np.zeros(n_common + n_out * n_u if n_u else n_common)])
+                            np.zeros(n_pattern)])
     # EM moves a weak mode's variance towards its maximum likelihood slowly (each step
     # keeps most of the prior where the data say little), so the steps are
     # extrapolated (SQUAREM, Varadhan & Roland 2008), in log variance.
     for _ in range(_EM_CYCLES):
         first = em_map(state)
         second_ = em_map(first)
-        r = first - state
-        v = second_ - first - r
+        # Only the log variances are extrapolated: the pattern is EM's own (a line
+        # pattern extrapolated where the data barely constrain it, such as across a
+        # wide gap, can run away).
+        r = (first - state)[:n_lam]
+        v = (second_ - first)[:n_lam] - r
         alpha = -math.sqrt(float(r @ r) / max(float(v @ v), 1e-300))
         alpha = min(max(alpha, -_EM_MAX_STEP), -1.0)
-        jumped = state - 2.0 * alpha * r + alpha * alpha * v
+        jumped = second_.copy()
+        jumped[:n_lam] = state[:n_lam] - 2.0 * alpha * r + alpha * alpha * v
         if not np.all(np.isfinite(jumped)):
             jumped = second_
         new_state = em_map(jumped)
@@ -588,7 +600,13 @@ def _empirical_prior(data, mask, opts, max_modes=None):
             break
     lam = np.maximum(np.exp(state[:n_lam]), floor)
     prior.common, prior.output = lam[:n_common], lam[n_common:]
+    # The pattern is a mean over n lines, uncertain by spread / n: shrunk towards zero
+    # where it is not clearly larger than that (positive-part James-Stein), so that a
+    # few lines' chance pattern is not imposed on the lines without background.
     pattern = state[n_lam:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shrink = 1.0 - spread / (n_lines * pattern * pattern)
+    pattern = pattern * np.clip(np.nan_to_num(shrink, nan=0.0, neginf=0.0), 0.0, 1.0)
     lam_common, lam_output = prior.common, prior.output
     keep_common = worth(lam_common, noise_common, error_common, n_common)
     excluded = 0.0
