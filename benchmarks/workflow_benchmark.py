@@ -8,7 +8,7 @@ files (Markdown, ready for docs/benchmarks.md).
 Usage::
 
     .venv/bin/python benchmarks/workflow_benchmark.py [--exposures 24] [--cores 2]
-        [--workdir DIR] [--fsync true|false]
+        [--workdir DIR] [--fsync true|false] [--clean-method fft]
 
 Every job runs in its own process (Snakemake's ``script:``), so the ``benchmark:`` files
 measure the whole job, start-up included.  The summary line adds the machine's CPU time
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="simulated data are kept here between runs")
     parser.add_argument("--fsync", choices=("true", "false"), default="false",
                         help="the workflow's fsync setting")
+    parser.add_argument("--clean-method", choices=("auto", "readout", "fft", "median"),
+                        help="the cleaner's method (config clean.method; default: the "
+                             "config's default)")
     args = parser.parse_args(argv)
 
     workdir = Path(args.workdir).resolve()
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         snakefile = workflow_snakefile(ROOT / "Snakefile")
         command = [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile),
                    "--configfile", str(config), "--cores", str(args.cores)]
+        if args.clean_method:
+            command += ["--config", f"clean={{method: {args.clean_method}}}"]
         started, cpu_before = time.perf_counter(), machine_cpu_seconds()
         self_before = process_cpu_seconds(resource.RUSAGE_SELF)
         status = subprocess.run(command, cwd=workdir, timeout=3600,
@@ -134,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.exposures} exposures, --cores {args.cores}: wall {wall:.1f} s end to end "
           f"(fetch included), {wall / args.exposures:.2f} s per exposure, {n_jobs} jobs, "
           f"exit status {status}; fsync: {args.fsync}; "
+          f"clean method: {args.clean_method or 'default'}; "
           f"machine CPU over the run {machine_cpu:.0f} s (everything on the machine; "
           f"{machine_cpu / args.exposures:.2f} CPU-s per exposure), of "
           f"which Snakemake with its job processes {snakemake_cpu:.0f} s and the loopback "

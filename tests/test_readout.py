@@ -71,6 +71,38 @@ def test_prior_spectra_are_measured_from_the_exposure(model_drawn):
     assert prior.n_common <= len(common) and prior.n_output - 1 <= len(per_output)
 
 
+def test_a_pattern_common_to_all_lines_is_the_prior_mean_not_its_variance():
+    # A picture-frame-like fixed shape: per-output mode 1 of every line has mean +-4
+    # (alternating over the outputs; its variance about that mean is 2), and the
+    # common mode 2 has mean -3.
+    rng = np.random.default_rng(7)
+    common, per_output = [40.0, 10.0, 3.0], [10.0, 2.0]
+    correlated = readout_noise(rng, common, per_output)
+    layout = readout._LineLayout((FULL, FULL), "NRS1")
+    length = readout.OUTPUT_TICKS
+    basis = readout._dct_basis(length, 3)
+    signs = np.array([1.0, -1.0, 1.0, -1.0])[:, None]
+    shape = (4.0 * signs * basis[:, 1] - 3.0 * basis[:, 2])[:, :, None]  # (output, tick, line)
+    fixed = layout.to_dms(np.broadcast_to(shape, (4, length, FULL)).copy(), np.float64)
+    white = rng.normal(size=(FULL, FULL))
+    mask = usable_region() & (np.random.default_rng(2).random((FULL, FULL)) < 0.3)
+    data, seg_mask = layout.segments(correlated + fixed + white, mask, 0.0)
+    prior = readout._empirical_prior(data, seg_mask, {"max_modes": 32})
+    assert prior.pattern[2] == pytest.approx(-3.0, abs=0.5)
+    ku = prior.n_output
+    per_output_means = prior.pattern[prior.n_common:].reshape(4, ku)[:, 1]
+    assert per_output_means == pytest.approx(4.0 * signs[:, 0], abs=0.6)
+    # Variances about the mean: a mean of 4 would add 16 to a variance of 2.
+    assert prior.output[1] == pytest.approx(per_output[1], rel=0.5)
+    assert prior.common[2] == pytest.approx(common[2], rel=0.5)
+    # The posterior variance stays honest with the fixed pattern in the data.
+    result = nsclean.fit(correlated + fixed + white, mask, "NRS1", method="readout")
+    residual = correlated + fixed - result.model
+    for where in (usable_region() & mask, usable_region() & ~mask):
+        ratio = result.variance[where].mean() / np.mean(residual[where] ** 2)
+        assert 0.8 < ratio < 1.25
+
+
 def test_long_gap_on_one_output_is_predicted_from_the_other_outputs(model_drawn):
     correlated, white, _, _ = model_drawn
     image = correlated + white
@@ -115,6 +147,31 @@ def test_readout_never_worse_than_no_cleaning_with_an_extended_source():
         after = np.mean(residual[where].astype(float) ** 2)
         assert after < 0.3 * before
         assert after < np.mean(fft[where].astype(float) ** 2)
+
+
+@pytest.fixture(scope="module")
+def dark_nrs2():
+    return simulate.simulate_exposure("dark", "NRS2", seed=4)
+
+
+@pytest.mark.parametrize("kind", ["rows 0-40", "10 columns", "1 % of pixels"])
+def test_hostile_masks_never_make_the_rest_worse(dark_nrs2, kind):
+    """Background in a 40-row band only, in 10 columns only, or on 1 % of the pixels:
+    where there is none, the model may predict little, but never add noise."""
+    sim = dark_nrs2
+    usable = usable_region()
+    if kind == "rows 0-40":
+        mask = usable & (np.arange(FULL)[:, None] < 40)
+    elif kind == "10 columns":
+        mask = usable & (np.arange(FULL)[None, :] % 200 == 0)
+    else:
+        mask = usable & (np.random.default_rng(0).random((FULL, FULL)) < 0.01)
+    result = nsclean.fit(sim.rate, mask, "NRS2", method="readout")
+    rest = usable & ~mask
+    before = np.mean(sim.noise_correlated[rest].astype(float) ** 2)
+    after = np.mean((sim.noise_correlated - result.model)[rest].astype(float) ** 2)
+    assert np.isfinite(result.model[usable]).all() and np.isfinite(result.variance).all()
+    assert after < 1.02 * before
 
 
 def test_default_is_readout_on_full_frames_and_short_subarrays_fft_on_tall_ones():

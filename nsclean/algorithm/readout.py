@@ -62,6 +62,8 @@ OUTPUT_TICKS = CHANNEL_ROWS
 _MIN_SNR = 0.05
 # Candidate widths (Gaussian sigma, in lines) of the neighbour prior mean; 0 = none.
 _SHARE_WIDTHS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
+# Fewest lines with background for neighbour sharing.
+_SHARE_MIN_LINES = 64
 # At most this many lines (evenly spaced) are used to estimate the covariances.
 _COVARIANCE_LINES = 256
 # The prior variances EM starts from are at least this fraction of the noise of a
@@ -69,8 +71,11 @@ _COVARIANCE_LINES = 256
 _EM_START = 0.5
 # Segments solved at once (a block of the batched solves; blocks run on threads).
 _SOLVE_BLOCK = 256
-# Expectation-maximisation steps for the prior spectra (stops earlier when converged).
-_EM_ITERATIONS = 8
+# Accelerated expectation-maximisation cycles (three EM steps each) for the prior
+# spectra, stopping earlier when no log variance moves by more than the tolerance; the
+# longest extrapolation is this many steps.
+_EM_CYCLES = 3
+_EM_MAX_STEP = 8.0
 _EM_TOLERANCE = 0.02
 # The mode count stops at the first run of this many modes that are not worth fitting.
 _GAP_MODES = 3
@@ -165,7 +170,10 @@ def _fit_segments(dms_image, valid, detector, opts, level, sigma, variance, dtyp
             coef = solver.solve(previous=coef)
 
     shared = None
-    if full_frame and opts["share_lines"]:
+    # Which width of neighbours predicts a line best is judged on the lines with
+    # background; with few of them (a handful of columns), that choice is noise.
+    if full_frame and opts["share_lines"] and \
+            np.count_nonzero(mask.any(axis=(0, 1))) >= _SHARE_MIN_LINES:
         shared = solver.share_neighbours(coef)
         coef = solver.solve()
 
@@ -474,6 +482,7 @@ class _Prior:
         self.n_common = common.size
         self.n_output = output.size
         self.mean = None  # (segments, Jc + outputs * Ju) prior means, set by sharing
+        self.pattern = None  # (Jc + outputs * Ju,) the mean over lines, if measured
 
     def common_fraction(self):
         total = float(self.common.sum() + N_OUTPUTS * self.output.sum())
@@ -494,12 +503,16 @@ def _empirical_prior(data, mask, opts, max_modes=None):
        ``E[x_oj x_o'j] = sum_k G_o,jk G_o',jk lc_k`` across outputs (the common part is
        the same at the same tick of every output) and
        ``E[x_oj^2] = sum_k G_o,jk^2 (lc_k + lu_k) + white G_o,jj``; summed over lines
-       these are small non-negative least-squares problems.
+       these are small least-squares problems (clipped at zero: a start for step 3).
     3. Maximum likelihood by expectation-maximisation from that guess: the posterior of
        every sampled line's coefficients under the current prior gives the new prior
-       variance of mode j as the mean of ``mean_j^2 + var_j`` over lines.  This
-       accounts exactly for the gaps of every line, so the strong low modes (the
-       banding) do not leak into the estimates of weak ones.
+       variance of mode j as the mean of ``(mean_j - pattern_j)^2 + var_j`` over lines,
+       and the prior mean (``pattern``: what is the same in every line, such as the
+       picture frame's mean shape) as the mean of ``mean_j``.  This accounts exactly for
+       the gaps of every line, so the strong low modes (the banding) do not leak into
+       the estimates of weak ones.  EM alone creeps towards a weak mode's variance
+       (most of each step's posterior is the prior itself), so its steps are
+       extrapolated (SQUAREM): a weak mode's variance is no longer left near its start.
     """
     n_out, length, n_seg = data.shape
     used = np.flatnonzero(mask.any(axis=(0, 1)))
@@ -553,7 +566,7 @@ def _empirical_prior(data, mask, opts, max_modes=None):
         lam_output = np.append(lam_output[:n_output], lam_alt)
     # Expectation-maximisation cannot bring back a variance that starts at zero (its
     # posterior is then zero too), and the first guess can put a mode's power in
-    # another one (NNLS sets one of two nearly collinear columns to zero).  Every mode
+    # another one (of two nearly collinear columns, one may be clipped to zero).  Every mode
     # kept starts at least at a fraction of the noise of its estimate, from where EM
     # moves it up or down.
     start = _EM_START * np.concatenate([np.full(n_common, noise_common),
@@ -563,20 +576,64 @@ def _empirical_prior(data, mask, opts, max_modes=None):
                    np.maximum(lam_start[n_common:], floor), white, 0.0)
     solver = _Solver(sample_data, sample_mask, prior, keep_factors=False)
     n_u = prior.n_output
-    for _ in range(_EM_ITERATIONS):
+    n_lines = z.shape[0]
+    n_lam = n_common + n_u
+
+    def em_map(state):
+        """One EM update of (log variances, pattern): the pattern is what is the same in
+        every line (the picture frame's mean shape), the prior's mean."""
+        lam = np.maximum(np.exp(state[:n_lam]), floor)
+        prior.common, prior.output = lam[:n_common], lam[n_common:]
+        prior.mean = np.broadcast_to(state[n_lam:], (n_lines, state.size - n_lam))
         coef, variances = solver.solve(variances=True)
-        second = coef * coef + variances
-        new_common = second[:, :n_common].mean(axis=0)
-        change = np.max(np.abs(new_common - prior.common) / (prior.common + 0.01 * white))
-        prior.common = np.maximum(new_common, floor)
+        pattern = coef.mean(axis=0)
+        deviation = coef - pattern
+        spread[:] = (deviation * deviation).mean(axis=0)
+        second = deviation * deviation + variances
+        new = [second[:, :n_common].mean(axis=0)]
         if n_u:
-            second = second[:, n_common:].reshape(len(coef), n_out, n_u)
-            prior.output = np.maximum(second.mean(axis=(0, 1)), floor)
+            new.append(second[:, n_common:].reshape(n_lines, n_out, n_u).mean(axis=(0, 1)))
+        return np.concatenate([np.log(np.maximum(np.concatenate(new), floor)), pattern])
+
+    n_pattern = n_common + n_out * n_u if n_u else n_common
+    spread = np.zeros(n_pattern)  # of the lines' estimates about the pattern (last step)
+    state = np.concatenate([np.log(np.concatenate([prior.common, prior.output])),
+                            np.zeros(n_pattern)])
+    # EM moves a weak mode's variance towards its maximum likelihood slowly (each step
+    # keeps most of the prior where the data say little), so the steps are
+    # extrapolated (SQUAREM, Varadhan & Roland 2008), in log variance.
+    for _ in range(_EM_CYCLES):
+        first = em_map(state)
+        second_ = em_map(first)
+        # Only the log variances are extrapolated: the pattern is EM's own (a line
+        # pattern extrapolated where the data barely constrain it, such as across a
+        # wide gap, can run away).
+        r = (first - state)[:n_lam]
+        v = (second_ - first)[:n_lam] - r
+        alpha = -math.sqrt(float(r @ r) / max(float(v @ v), 1e-300))
+        alpha = min(max(alpha, -_EM_MAX_STEP), -1.0)
+        jumped = second_.copy()
+        jumped[:n_lam] = state[:n_lam] - 2.0 * alpha * r + alpha * alpha * v
+        if not np.all(np.isfinite(jumped)):
+            jumped = second_
+        new_state = em_map(jumped)
+        change = np.max(np.abs(new_state[:n_lam] - state[:n_lam]))
+        state = new_state
         if change < _EM_TOLERANCE:
             break
+    lam = np.maximum(np.exp(state[:n_lam]), floor)
+    prior.common, prior.output = lam[:n_common], lam[n_common:]
+    # The pattern is a mean over n lines, uncertain by spread / n: shrunk towards zero
+    # where it is not clearly larger than that (positive-part James-Stein), so that a
+    # few lines' chance pattern is not imposed on the lines without background.
+    pattern = state[n_lam:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shrink = 1.0 - spread / (n_lines * pattern * pattern)
+    pattern = pattern * np.clip(np.nan_to_num(shrink, nan=0.0, neginf=0.0), 0.0, 1.0)
     lam_common, lam_output = prior.common, prior.output
     keep_common = worth(lam_common, noise_common, error_common, n_common)
     excluded = 0.0
+    keep_pattern = np.zeros(pattern.size, dtype=bool)
     if n_u:
         dct_output = lam_output[:-1]
         keep_output = worth(dct_output, noise_output, error_output, n_u - 1) \
@@ -584,18 +641,22 @@ def _empirical_prior(data, mask, opts, max_modes=None):
         keep_common = max(keep_common, keep_output)
         excluded += float(dct_output[keep_output:].sum()) / length
         lam_output = np.append(dct_output[:keep_output], lam_output[-1])
+        per_output = keep_pattern[n_common:].reshape(n_out, n_u)
+        per_output[:, :keep_output] = True
+        per_output[:, -1] = True
+    keep_pattern[:keep_common] = True
     excluded += float(lam_common[keep_common:].sum()) / length
-    return _Prior(lam_common[:keep_common], lam_output, white + excluded, excluded)
+    result = _Prior(lam_common[:keep_common], lam_output, white + excluded, excluded)
+    result.pattern = pattern[keep_pattern]
+    return result
 
 
 def _first_guess(z, mf, white, n_common, n_output):
     """First guess of the common and per-output mode variances (step 2 of
-    :func:`_empirical_prior`): small non-negative least-squares problems on the masked
+    :func:`_empirical_prior`): small least-squares problems, clipped at zero, on the masked
     second moments of the projections.  ``z``, ``mf``: (line, output, tick) data and
     float mask of the sampled lines; returns ``(lam_common, lam_output)``.
     """
-    from scipy.optimize import nnls
-
     n_out, length = z.shape[1:]
     basis = _dct_basis(length, n_common)
     g = _GramMaker(length, n_common).matrices(mf)  # (S, O, Jc, Jc)
@@ -609,10 +670,10 @@ def _first_guess(z, mf, white, n_common, n_output):
         g_sum = g.sum(axis=1)
         cross_lhs = (g_sum * g_sum).sum(axis=0) - auto_lhs
         cross_rhs = (x.sum(axis=1) ** 2).sum(axis=0) - (x * x).sum(axis=(0, 1))
-        lam_common = _nnls(nnls, cross_lhs, cross_rhs)
-        lam_output = _nnls(nnls, auto_lhs, auto_rhs - auto_lhs @ lam_common)[:n_output]
+        lam_common = _clipped_lstsq(cross_lhs, cross_rhs)
+        lam_output = _clipped_lstsq(auto_lhs, auto_rhs - auto_lhs @ lam_common)[:n_output]
     else:
-        lam_common = _nnls(nnls, auto_lhs, auto_rhs)
+        lam_common = _clipped_lstsq(auto_lhs, auto_rhs)
         lam_output = np.zeros(0)
     return lam_common, lam_output
 
@@ -636,12 +697,9 @@ def _white_level(z, m):
     return white if white > _WHITE_FLOOR else _WHITE_FLOOR
 
 
-def _nnls(nnls, lhs, rhs):
-    """Non-negative least squares, scaled so that every column has unit norm."""
-    norms = np.linalg.norm(lhs, axis=0)
-    norms[norms == 0] = 1.0
-    solution, _ = nnls(lhs / norms, rhs, maxiter=50 * lhs.shape[1])
-    return solution / norms
+def _clipped_lstsq(lhs, rhs):
+    """Least squares clipped at zero: a first guess of variances, refined by EM."""
+    return np.maximum(np.linalg.lstsq(lhs, rhs, rcond=None)[0], 0.0)
 
 
 @functools.lru_cache(maxsize=8)
@@ -759,6 +817,8 @@ class _Solver:
              self.alternating[:, None]], axis=1) if self.ku else np.zeros((length, 0))
         self._gram_maker = _GramMaker(length, self.jc)
         self.white = prior.white
+        if prior.pattern is not None:
+            prior.mean = np.broadcast_to(prior.pattern, (n_seg, prior.pattern.size))
         # Keep every segment's eliminated system after a solve (for pixel_variance).
         self.keep_factors = keep_factors
         self._schur = None
@@ -1058,8 +1118,11 @@ class _Solver:
         # (coefficient, segment): the transforms run along contiguous rows.
         values = np.ascontiguousarray(coef.T)
         weighted = values * has_data
-        best_error = (weighted * values).sum(axis=1)
+        # Without sharing, the prior mean is the pattern common to all lines (or zero).
         best_mean = np.zeros_like(values)
+        if self.prior.pattern is not None:
+            best_mean[:] = self.prior.pattern[:, None]
+        best_error = (((values - best_mean) ** 2) * has_data).sum(axis=1)
         best_width = np.zeros(coef.shape[1])
         nfft = 2 * n_seg
         f_val = np.fft.rfft(weighted, n=nfft, axis=1)
