@@ -659,16 +659,25 @@ def _first_guess(z, mf, white, n_common, n_output):
     """
     n_out, length = z.shape[1:]
     basis = _dct_basis(length, n_common)
-    g = _GramMaker(length, n_common).matrices(mf)  # (S, O, Jc, Jc)
+    maker = _GramMaker(length, n_common)
+    sums = maker.sums(mf)  # (S, O, 2 Jc - 1)
     x = z @ basis
-    g2 = g * g
-    auto_lhs = g2.sum(axis=(0, 1))
+    # Sums over lines of the Gram matrices' squares, formed 64 lines at a time (all of
+    # them at once are megabytes of fresh memory).
     diag = np.arange(n_common)
-    white_col = g[..., diag, diag].sum(axis=(0, 1))
+    auto_lhs = np.zeros((n_common, n_common))
+    cross_sq = np.zeros((n_common, n_common))
+    white_col = np.zeros(n_common)
+    for s0 in range(0, len(sums), 64):
+        g = maker.from_sums(sums[s0 : s0 + 64])  # (lines, O, Jc, Jc)
+        auto_lhs += (g * g).sum(axis=(0, 1))
+        white_col += g[..., diag, diag].sum(axis=(0, 1))
+        if n_out > 1:
+            g_sum = g.sum(axis=1)
+            cross_sq += (g_sum * g_sum).sum(axis=0)
     auto_rhs = (x * x).sum(axis=(0, 1)) - white * white_col
     if n_out > 1:
-        g_sum = g.sum(axis=1)
-        cross_lhs = (g_sum * g_sum).sum(axis=0) - auto_lhs
+        cross_lhs = cross_sq - auto_lhs
         cross_rhs = (x.sum(axis=1) ** 2).sum(axis=0) - (x * x).sum(axis=(0, 1))
         lam_common = _clipped_lstsq(cross_lhs, cross_rhs)
         lam_output = _clipped_lstsq(auto_lhs, auto_rhs - auto_lhs @ lam_common)[:n_output]
