@@ -69,7 +69,10 @@ _COVARIANCE_LINES = 256
 # The prior variances EM starts from are at least this fraction of the noise of a
 # coefficient estimate.
 _EM_START = 0.5
-# Segments solved at once (a block of the batched solves; blocks run on threads).
+# Segments solved at once: the stacked solves, Gram matrices and residuals work on
+# blocks of this many segments (small temporaries that stay in cache).  The blocks run
+# one after the other: on two threads they were slower (the GIL between the many
+# small numpy calls), docs/benchmarks.md.
 _SOLVE_BLOCK = 256
 # Accelerated expectation-maximisation cycles (three EM steps each) for the prior
 # spectra, stopping earlier when no log variance moves by more than the tolerance; the
@@ -837,9 +840,7 @@ class _Solver:
 
     def _build(self):
         """Gram matrices and right-hand sides of every segment (white variance units),
-        in blocks of segments on the fit's threads."""
-        from .core import _map_blocks
-
+        in blocks of segments."""
         jc, ku, n_out = self.jc, self.ku, self.n_out
         n_seg = self.data.shape[2]
         # The common Gram matrices are kept as their 2 Jc - 1 cosine sums, summed over
@@ -861,7 +862,8 @@ class _Solver:
         def block(s0):
             self._build_block(slice(s0, min(s0 + _SOLVE_BLOCK, n_seg)), left)
 
-        _map_blocks(block, n_seg, step=_SOLVE_BLOCK)
+        for s0 in range(0, n_seg, _SOLVE_BLOCK):
+            block(s0)
 
     def _build_block(self, segments, left):
         """:meth:`_build` for the segments ``segments`` (a slice)."""
@@ -895,13 +897,10 @@ class _Solver:
         With ``previous`` (the coefficients of the last solve, under the same prior),
         only the segments whose Gram matrices changed since (:attr:`changed`) are
         solved again.
-        Blocks of ``_SOLVE_BLOCK`` segments are solved on a few threads (small
-        temporaries); the blocks are the same whatever the number of threads, so the
-        result is too.  With ``keep_factors`` (the default), the eliminated systems of
-        every segment are kept for :meth:`pixel_variance`.
+        Blocks of ``_SOLVE_BLOCK`` segments are solved at once (small temporaries).
+        With ``keep_factors`` (the default), the eliminated systems of every segment
+        are kept for :meth:`pixel_variance`.
         """
-        from .core import _map_blocks
-
         n_seg = self.cosine_sums.shape[0]
         n_coef = self.jc + self.n_out * self.ku
         if self.keep_factors and self._schur is None:
@@ -923,7 +922,8 @@ class _Solver:
                 rows = segments[s0 : s0 + _SOLVE_BLOCK]
             self._solve_block(rows, coef, var)
 
-        _map_blocks(block, n_seg if segments is None else len(segments), step=_SOLVE_BLOCK)
+        for s0 in range(0, n_seg if segments is None else len(segments), _SOLVE_BLOCK):
+            block(s0)
         self.changed = np.zeros(0, dtype=int)
         return (coef, var) if variances else coef
 
@@ -1042,11 +1042,8 @@ class _Solver:
         The sigma is the white level of the exposure.  The dropped pixels' terms are
         subtracted from the Gram matrices and right-hand sides (no rebuild): their
         cosine sums, summed per segment and output, give the Gram terms as in
-        :meth:`_build`.  The residuals are formed in blocks of segments on the fit's
-        threads.
+        :meth:`_build`.  The residuals are formed in blocks of segments.
         """
-        from .core import _map_blocks
-
         n_seg = self.data.shape[2]
         limit = np.float32(threshold * math.sqrt(self.prior.white))
 
@@ -1060,7 +1057,7 @@ class _Solver:
             out, tick, seg = np.unravel_index(np.flatnonzero(bad), bad.shape)
             return out, tick, seg + s0
 
-        found = _map_blocks(find, n_seg, step=_SOLVE_BLOCK)
+        found = [find(s0) for s0 in range(0, n_seg, _SOLVE_BLOCK)]
         out, tick, seg = (np.concatenate(part) for part in zip(*found, strict=True))
         if seg.size == 0:
             return 0
