@@ -527,9 +527,9 @@ def _empirical_prior(data, mask, opts, max_modes=None):
     m = sample_mask.transpose(2, 0, 1)
     z = sample_data.transpose(2, 0, 1).astype(np.float64)
     # What is the same in every line (the picture frame's mean shape, a fixed pattern)
-    # is left in: it is part of what the model must follow (its mean over lines is the
-    # prior mean the neighbouring lines give; taking it out made the per-output modes
-    # too weak to follow a strong picture frame, docs/benchmarks.md).
+    # is left in the data: the model must follow it.  It becomes the prior's mean (step
+    # 3); taking it out of the data made the per-output modes too weak to follow a
+    # strong picture frame (docs/algorithm.md).
     white = _white_level(z, m)
 
     if max_modes is None:
@@ -578,61 +578,8 @@ def _empirical_prior(data, mask, opts, max_modes=None):
     prior = _Prior(np.maximum(lam_start[:n_common], floor),
                    np.maximum(lam_start[n_common:], floor), white, 0.0)
     solver = _Solver(sample_data, sample_mask, prior, keep_factors=False)
+    pattern = _maximum_likelihood(solver, prior, floor)
     n_u = prior.n_output
-    n_lines = z.shape[0]
-    n_lam = n_common + n_u
-
-    def em_map(state):
-        """One EM update of (log variances, pattern): the pattern is what is the same in
-        every line (the picture frame's mean shape), the prior's mean."""
-        lam = np.maximum(np.exp(state[:n_lam]), floor)
-        prior.common, prior.output = lam[:n_common], lam[n_common:]
-        prior.mean = np.broadcast_to(state[n_lam:], (n_lines, state.size - n_lam))
-        coef, variances = solver.solve(variances=True)
-        pattern = coef.mean(axis=0)
-        deviation = coef - pattern
-        spread[:] = (deviation * deviation).mean(axis=0)
-        second = deviation * deviation + variances
-        new = [second[:, :n_common].mean(axis=0)]
-        if n_u:
-            new.append(second[:, n_common:].reshape(n_lines, n_out, n_u).mean(axis=(0, 1)))
-        return np.concatenate([np.log(np.maximum(np.concatenate(new), floor)), pattern])
-
-    n_pattern = n_common + n_out * n_u if n_u else n_common
-    spread = np.zeros(n_pattern)  # of the lines' estimates about the pattern (last step)
-    state = np.concatenate([np.log(np.concatenate([prior.common, prior.output])),
-                            np.zeros(n_pattern)])
-    # EM moves a weak mode's variance towards its maximum likelihood slowly (each step
-    # keeps most of the prior where the data say little), so the steps are
-    # extrapolated (SQUAREM, Varadhan & Roland 2008), in log variance.
-    for _ in range(_EM_CYCLES):
-        first = em_map(state)
-        second_ = em_map(first)
-        # Only the log variances are extrapolated: the pattern is EM's own (a line
-        # pattern extrapolated where the data barely constrain it, such as across a
-        # wide gap, can run away).
-        r = (first - state)[:n_lam]
-        v = (second_ - first)[:n_lam] - r
-        alpha = -math.sqrt(float(r @ r) / max(float(v @ v), 1e-300))
-        alpha = min(max(alpha, -_EM_MAX_STEP), -1.0)
-        jumped = second_.copy()
-        jumped[:n_lam] = state[:n_lam] - 2.0 * alpha * r + alpha * alpha * v
-        if not np.all(np.isfinite(jumped)):
-            jumped = second_
-        new_state = em_map(jumped)
-        change = np.max(np.abs(new_state[:n_lam] - state[:n_lam]))
-        state = new_state
-        if change < _EM_TOLERANCE:
-            break
-    lam = np.maximum(np.exp(state[:n_lam]), floor)
-    prior.common, prior.output = lam[:n_common], lam[n_common:]
-    # The pattern is a mean over n lines, uncertain by spread / n: shrunk towards zero
-    # where it is not clearly larger than that (positive-part James-Stein), so that a
-    # few lines' chance pattern is not imposed on the lines without background.
-    pattern = state[n_lam:]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        shrink = 1.0 - spread / (n_lines * pattern * pattern)
-    pattern = pattern * np.clip(np.nan_to_num(shrink, nan=0.0, neginf=0.0), 0.0, 1.0)
     lam_common, lam_output = prior.common, prior.output
     keep_common = worth(lam_common, noise_common, error_common, n_common)
     excluded = 0.0
@@ -652,6 +599,68 @@ def _empirical_prior(data, mask, opts, max_modes=None):
     result = _Prior(lam_common[:keep_common], lam_output, white + excluded, excluded)
     result.pattern = pattern[keep_pattern]
     return result
+
+
+def _maximum_likelihood(solver, prior, floor):
+    """Step 3 of :func:`_empirical_prior`: the prior's variances (set in ``prior``) and
+    mean (returned: the pattern common to all lines, such as the picture frame's mean
+    shape) by expectation-maximisation over the sampled lines of ``solver``.
+
+    EM moves a weak mode's variance towards its maximum likelihood slowly (each step
+    keeps most of the prior where the data say little), so its steps are extrapolated
+    (SQUAREM, Varadhan & Roland 2008) in log variance.  Variances stay above ``floor``.
+    """
+    n_common, n_u, n_out = prior.n_common, prior.n_output, solver.n_out
+    n_lines = solver.data.shape[2]
+    n_lam = n_common + n_u
+    n_pattern = n_common + n_out * n_u if n_u else n_common
+    spread = np.zeros(n_pattern)  # of the lines' estimates about the pattern (last step)
+
+    def em_map(state):
+        """One EM update of (log variances, pattern)."""
+        lam = np.maximum(np.exp(state[:n_lam]), floor)
+        prior.common, prior.output = lam[:n_common], lam[n_common:]
+        prior.mean = np.broadcast_to(state[n_lam:], (n_lines, n_pattern))
+        coef, variances = solver.solve(variances=True)
+        pattern = coef.mean(axis=0)
+        deviation = coef - pattern
+        spread[:] = (deviation * deviation).mean(axis=0)
+        second = deviation * deviation + variances
+        new = [second[:, :n_common].mean(axis=0)]
+        if n_u:
+            new.append(second[:, n_common:].reshape(n_lines, n_out, n_u).mean(axis=(0, 1)))
+        return np.concatenate([np.log(np.maximum(np.concatenate(new), floor)), pattern])
+
+    state = np.concatenate([np.log(np.concatenate([prior.common, prior.output])),
+                            np.zeros(n_pattern)])
+    for _ in range(_EM_CYCLES):
+        first = em_map(state)
+        second = em_map(first)
+        # Only the log variances are extrapolated: the pattern is EM's own (a line
+        # pattern extrapolated where the data barely constrain it, such as across a
+        # wide gap, can run away).
+        r = (first - state)[:n_lam]
+        v = (second - first)[:n_lam] - r
+        alpha = -math.sqrt(float(r @ r) / max(float(v @ v), 1e-300))
+        alpha = min(max(alpha, -_EM_MAX_STEP), -1.0)
+        jumped = second.copy()
+        jumped[:n_lam] = state[:n_lam] - 2.0 * alpha * r + alpha * alpha * v
+        if not np.all(np.isfinite(jumped)):
+            jumped = second
+        new_state = em_map(jumped)
+        change = np.max(np.abs(new_state[:n_lam] - state[:n_lam]))
+        state = new_state
+        if change < _EM_TOLERANCE:
+            break
+    lam = np.maximum(np.exp(state[:n_lam]), floor)
+    prior.common, prior.output = lam[:n_common], lam[n_common:]
+    # The pattern is a mean over n lines, uncertain by spread / n: shrunk towards zero
+    # where it is not clearly larger than that (positive-part James-Stein), so that a
+    # few lines' chance pattern is not imposed on the lines without background.
+    pattern = state[n_lam:]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shrink = 1.0 - spread / (n_lines * pattern * pattern)
+    return pattern * np.clip(np.nan_to_num(shrink, nan=0.0, neginf=0.0), 0.0, 1.0)
 
 
 def _first_guess(z, mf, white, n_common, n_output):
