@@ -257,6 +257,35 @@ def test_solver_equals_the_dense_posterior(length, jc, ku, n_out):
         np.testing.assert_allclose(pixel_variance[..., seg].ravel(), pixel, rtol=1e-6)
 
 
+def test_pixel_variance_lands_on_the_dms_pixels_of_its_ticks():
+    # The variance image is written straight into the DMS layout (odd outputs read in
+    # reverse): it must be the solver's (output, tick, line) variance put through the
+    # same mapping as the data, which differs from tick to tick and line to line.
+    rng = np.random.default_rng(3)
+    layout = readout._LineLayout((FULL, FULL), "NRS2")
+    valid = usable_region() & (rng.random((FULL, FULL)) < 0.2)
+    valid[:, 100:140] = False  # lines without background
+    data, mask = layout.segments(rng.normal(size=(FULL, FULL)).astype(np.float32), valid, 0.0)
+    prior = readout._Prior(np.array([3.0, 1.0, 0.5]), np.array([1.0, 0.4, 0.2]), 1.0, 0.0)
+    solver = readout._Solver(data, mask, prior)
+    solver.solve()
+    expected = layout.to_dms(solver.pixel_variance(), np.float32)
+    np.testing.assert_array_equal(layout.variance(solver), expected)
+    assert np.ptp(expected[4:-4, 4:-4]) > 0
+
+
+def test_small_inverses_fall_back_to_lu_where_elimination_fails():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(4, 5, 5))
+    stack = a @ np.swapaxes(a, 1, 2) + 5 * np.eye(5)
+    # Nonsingular but not positive definite, with a singular leading 2 x 2 block:
+    # block elimination divides by zero there.
+    stack[2] = np.eye(5)
+    stack[2, :3, :3] = [[1, 1, 1], [1, 1, 0], [1, 0, 1]]
+    np.testing.assert_allclose(readout._inverse_spd(stack), np.linalg.inv(stack),
+                               rtol=1e-12, atol=1e-14)
+
+
 @pytest.fixture(scope="module")
 def written_exposure(tmp_path_factory):
     directory = tmp_path_factory.mktemp("readout")
