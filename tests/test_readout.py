@@ -221,31 +221,69 @@ def test_outliers_in_the_background_do_not_pull_the_model(model_drawn):
     assert np.abs(result.model - clean_model).max() < 0.2
 
 
-def test_solver_equals_the_dense_posterior():
+# Shapes: the default (even length), an odd length (the mirrored half of the ticks has
+# a middle tick), only the alternating mode per output, as many per-output DCT modes as
+# common ones, and one output (no per-output modes, as a subarray's chunks).
+@pytest.mark.parametrize("length, jc, ku, n_out", [
+    (64, 6, 3, 4), (63, 5, 3, 4), (64, 5, 1, 4), (64, 4, 5, 4), (65, 7, 0, 1),
+])
+def test_solver_equals_the_dense_posterior(length, jc, ku, n_out):
     rng = np.random.default_rng(0)
-    length, jc, ku = 64, 6, 3
-    mask = rng.random((4, length, 2)) > 0.4  # (output, tick, segment)
-    data = (rng.normal(size=(4, length, 2)) * mask).astype(np.float32)
-    prior = readout._Prior(np.linspace(2, 0.5, jc), np.linspace(1, 0.3, ku), 1.3, 0.0)
+    mask = rng.random((n_out, length, 3)) > 0.4  # (output, tick, segment)
+    data = (rng.normal(size=(n_out, length, 3)) * mask).astype(np.float32)
+    prior = readout._Prior(np.linspace(2, 0.5, jc), np.linspace(1, 0.3, ku), 1.3, 0.01)
     solver = readout._Solver(data.copy(), mask.copy(), prior)
     dct = readout._dct_basis(length, jc)
     per_output = np.concatenate(
         [dct[:, : ku - 1], ((-1.0) ** np.arange(length) / math.sqrt(length))[:, None]], axis=1
-    )
-    design = np.zeros((4 * length, jc + 4 * ku))
-    for o in range(4):
+    ) if ku else np.zeros((length, 0))
+    design = np.zeros((n_out * length, jc + n_out * ku))
+    for o in range(n_out):
         design[o * length : (o + 1) * length, :jc] = dct
         design[o * length : (o + 1) * length, jc + o * ku : jc + (o + 1) * ku] = per_output
-    used = mask[..., 0].ravel()
-    lam = np.concatenate([prior.common, np.tile(prior.output, 4)])
-    precision = design[used].T @ design[used] / 1.3 + np.diag(1 / lam)
-    covariance = np.linalg.inv(precision)
-    mean = covariance @ design[used].T @ data[..., 0].ravel()[used] / 1.3
-    np.testing.assert_allclose(solver.solve()[0], mean, atol=1e-5)
-    np.testing.assert_allclose(solver.coefficient_variances()[0], np.diag(covariance),
-                               rtol=1e-5)
-    pixel = np.einsum("ij,jk,ik->i", design, covariance, design)
-    np.testing.assert_allclose(solver.pixel_variance()[..., 0].ravel(), pixel, rtol=1e-4)
+    coef = solver.solve()
+    pixel_variance = solver.pixel_variance()
+    for seg in range(3):
+        used = mask[..., seg].ravel()
+        lam = np.concatenate([prior.common, np.tile(prior.output, n_out)])
+        precision = design[used].T @ design[used] / 1.3 + np.diag(1 / lam)
+        covariance = np.linalg.inv(precision)
+        mean = covariance @ design[used].T @ data[..., seg].ravel()[used] / 1.3
+        np.testing.assert_allclose(coef[seg], mean, atol=1e-5)
+        np.testing.assert_allclose(solver.coefficient_variances()[seg], np.diag(covariance),
+                                   rtol=1e-5)
+        # (plus the power of the modes left out of the model: prior.excluded)
+        pixel = np.einsum("ij,jk,ik->i", design, covariance, design) + 0.01
+        np.testing.assert_allclose(pixel_variance[..., seg].ravel(), pixel, rtol=1e-6)
+
+
+def test_pixel_variance_lands_on_the_dms_pixels_of_its_ticks():
+    # The variance image is written straight into the DMS layout (odd outputs read in
+    # reverse): it must be the solver's (output, tick, line) variance put through the
+    # same mapping as the data, which differs from tick to tick and line to line.
+    rng = np.random.default_rng(3)
+    layout = readout._LineLayout((FULL, FULL), "NRS2")
+    valid = usable_region() & (rng.random((FULL, FULL)) < 0.2)
+    valid[:, 100:140] = False  # lines without background
+    data, mask = layout.segments(rng.normal(size=(FULL, FULL)).astype(np.float32), valid, 0.0)
+    prior = readout._Prior(np.array([3.0, 1.0, 0.5]), np.array([1.0, 0.4, 0.2]), 1.0, 0.0)
+    solver = readout._Solver(data, mask, prior)
+    solver.solve()
+    expected = layout.to_dms(solver.pixel_variance(), np.float32)
+    np.testing.assert_array_equal(layout.variance(solver), expected)
+    assert np.ptp(expected[4:-4, 4:-4]) > 0
+
+
+def test_small_inverses_fall_back_to_lu_where_elimination_fails():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(4, 5, 5))
+    stack = a @ np.swapaxes(a, 1, 2) + 5 * np.eye(5)
+    # Nonsingular but not positive definite, with a singular leading 2 x 2 block:
+    # block elimination divides by zero there.
+    stack[2] = np.eye(5)
+    stack[2, :3, :3] = [[1, 1, 1], [1, 1, 0], [1, 0, 1]]
+    np.testing.assert_allclose(readout._inverse_spd(stack), np.linalg.inv(stack),
+                               rtol=1e-12, atol=1e-14)
 
 
 @pytest.fixture(scope="module")

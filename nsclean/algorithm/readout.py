@@ -183,7 +183,7 @@ def _fit_segments(dms_image, valid, detector, opts, level, sigma, variance, dtyp
     model = layout.model(solver, coef, dtype, offset=level)
     pixel_variance = None
     if variance:
-        pixel_variance = layout.to_dms(solver.pixel_variance(), np.float32)
+        pixel_variance = layout.variance(solver)
 
     n_background = valid.sum(axis=0)
     info = {
@@ -371,6 +371,17 @@ class _LineLayout:
         dms[:, :b] = dms[:, -b:] = 0
         return dms
 
+    def variance(self, solver):
+        """The solver's pixel variance as a float32 DMS image (zero on the border),
+        written there directly as :meth:`model` is."""
+        dms = np.empty(self.shape, dtype=np.float32)
+        grid = dms.reshape(self.n_out, self.length, self.n_lines)
+        solver.pixel_variance(out=grid, flipped=range(1, self.n_out, 2))
+        b = REFERENCE_BORDER
+        dms[:b] = dms[-b:] = 0
+        dms[:, :b] = dms[:, -b:] = 0
+        return dms
+
     def to_dms(self, segments, dtype, offset=0.0):
         dms = np.empty(self.shape, dtype=dtype)
         for outputs, view in self._tick_views(dms):
@@ -442,6 +453,10 @@ class _ChunkLayout:
     def model(self, solver, coef, dtype, offset=0.0):
         """The solver's model plus ``offset`` as a DMS image."""
         return self.to_dms(solver.evaluate(coef, dtype), dtype, offset)
+
+    def variance(self, solver):
+        """The solver's pixel variance as a float32 DMS image."""
+        return self.to_dms(solver.pixel_variance(), np.float32)
 
     def to_dms(self, segments, dtype, offset=0.0):
         series = np.zeros(self.padded)
@@ -914,7 +929,7 @@ class _Solver:
         n_coef = self.jc + self.n_out * self.ku
         if self.keep_factors and self._schur is None:
             self._schur = np.empty((n_seg, self.jc, self.jc))
-            self._h = np.empty(self.gram_u.shape)
+            self._h_inv = np.empty(self.gram_u.shape)
             self._coupling = np.empty(self.gram_rows.shape)
         var = np.empty((n_seg, n_coef)) if variances else None
         if previous is None or variances:
@@ -978,7 +993,8 @@ class _Solver:
         schur -= np.swapaxes(rows_flat, 1, 2) @ coupling.reshape(n_seg, n_out * ku, jc)
         rhs_c -= (h_inv_r.reshape(n_seg, 1, n_out * ku) @ rows_flat)[:, 0, :]
         if keep:
-            self._schur[rows], self._h[rows], self._coupling[rows] = schur, h, coupling
+            self._schur[rows], self._h_inv[rows] = schur, h_inv
+            self._coupling[rows] = coupling
         return schur, rhs_c, h, h_inv, coupling, h_inv_r
 
     def _solve_block(self, rows, coef, var):
@@ -1174,47 +1190,171 @@ class _Solver:
         prior.mean = best_mean
         return shared
 
-    def pixel_variance(self):
+    def pixel_variance(self, out=None, flipped=()):
         """Posterior variance of the noise at every pixel, (outputs, length, segments).
 
         With the per-output modes eliminated, ``v = xi^T S^-1 xi + u^T H_o^-1 u`` where
         ``u(t)`` is the per-output basis at tick t and ``xi = phi - K_o^T u``.  Splitting
         ``u`` into its DCT part and the alternating mode ``psi(t) = (-1)^t / sqrt(L)``,
-        ``v(t) = phi^T P phi + 2 psi q^T phi + r psi^2``; ``phi^T P phi`` is a cosine
-        series of twice the highest mode (products of cosines), evaluated in one
-        product.  The power of the modes left out of the model is added: it stays in
-        the data.
+        ``v(t) = phi^T P phi + 2 psi q^T phi + r psi^2``, where ``P`` is ``S^-1`` (the
+        same for the four outputs) plus terms in the rows and columns of the Ju
+        per-output DCT modes only.  A quadratic form ``phi^T P phi`` is a cosine series
+        of twice the highest mode (products of cosines: sums along P's diagonals and
+        anti-diagonals), so every output's variance is one series in ``cos`` and
+        ``psi cos``, evaluated with one product per output on half the ticks (the
+        other half mirrors them).  The power of the modes left out of the model is
+        added: it stays in the data.  Blocks of ``_SOLVE_BLOCK`` segments.
+
+        Written into ``out`` (float32, outputs x length x segments) when given, the
+        outputs in ``flipped`` in reverse tick order (as in :meth:`evaluate`).
         """
-        jc, ju, ku = self.jc, self.ju, self.ku
+        jc, ju, ku, n_out = self.jc, self.ju, self.ku, self.n_out
         n_seg = self._schur.shape[0]
-        s_inv = np.linalg.inv(self._schur)
-        out = np.empty(self.data.shape, dtype=np.float32)
-        reducer = _quadratic_form_reducer(self.length, jc)
-        cos_t = self._gram_maker.cosines.T.astype(np.float64)  # (2Jc-1, L)
-        for s0 in range(0, n_seg, 128):
-            s1 = min(s0 + 128, n_seg)
-            p = s_inv[s0:s1]
-            if ku:
-                k = self._coupling[s0:s1]  # (S, O, Ku, Jc)
-                h_inv = _inverse_small_spd(self._h[s0:s1])
-                # B^T = I - E^T K with E^T K holding K's DCT rows.
-                b_t = np.broadcast_to(np.eye(jc), (s1 - s0, self.n_out, jc, jc)).copy()
-                b_t[..., :ju, :] -= k[..., :ju, :]
-                s_inv_o = np.broadcast_to(p[:, None], b_t.shape)
-                alt = k[..., ju, :]  # (S, O, Jc): the alternating mode's row of K
-                p_full = b_t @ s_inv_o @ np.swapaxes(b_t, -1, -2)
-                p_full[..., :ju, :ju] += h_inv[..., :ju, :ju]
-                q = -(b_t @ (s_inv_o @ alt[..., None]))[..., 0]
-                q[..., :ju] += h_inv[..., ju, :ju]
-                r = (alt[..., None, :] @ s_inv_o @ alt[..., None])[..., 0, 0] + h_inv[..., ju, ju]
-                series = p_full.reshape(*p_full.shape[:2], jc * jc) @ reducer
-                v = series @ cos_t
-                v += (2.0 * (q @ self.basis.T)) * self.alternating
-                v += (r / self.length)[..., None]
-            else:
-                v = (p.reshape(len(p), 1, jc * jc) @ reducer) @ cos_t
-            out[:, :, s0:s1] = (v + self.prior.excluded).transpose(1, 2, 0)
+        if out is None:
+            out = np.empty(self.data.shape, dtype=np.float32)
+        # Every output's ticks in the order it is written.
+        ticks = [out[o, ::-1] if o in flipped else out[o] for o in range(n_out)]
+        halves = _mirrored_series(self.length, jc, ku > 0)
+        # Weights of a quadratic form's entries in its cosine series: phi_j phi_k =
+        # s_j s_k (cos((j + k) x) + cos((j - k) x)) / 2.
+        weight = self._gram_maker.scale
+        for s0 in range(0, n_seg, _SOLVE_BLOCK):
+            rows = slice(s0, min(s0 + _SOLVE_BLOCK, n_seg))
+            s_inv = _inverse_spd(self._schur[rows])  # (S, Jc, Jc)
+            series = _diagonal_sums(s_inv * weight)  # (S, 2 Jc - 1)
+            series[:, 0] += self.prior.excluded
+            if not ku:
+                _evaluate_mirrored(halves, series, ticks[0][:, rows])
+                for o in range(1, n_out):
+                    ticks[o][:, rows] = ticks[0][:, rows]
+                continue
+            n_blk = series.shape[0]
+            k = self._coupling[rows]  # (S, O, Ku, Jc): K_o, its last row the alternating
+            h_inv = self._h_inv[rows]
+            ks = (k.reshape(n_blk, n_out * ku, jc) @ s_inv).reshape(k.shape)  # K_o S^-1
+            ksk = ks @ np.swapaxes(k, -1, -2)  # K_o S^-1 K_o^T, (S, O, Ku, Ku)
+            w = ks[..., :ju, :]
+            # P - S^-1, rows of the per-output DCT modes (symmetric): -W - W^T + W K_d^T
+            # + H^-1 in the leading Ju x Ju block, -W beyond it, counted twice there
+            # (for the columns' mirror image).
+            band = -2.0 * w
+            band[..., :ju] = ksk[..., :ju, :ju] + h_inv[..., :ju, :ju] - w[..., :ju]
+            band[..., :ju] -= np.swapaxes(w[..., :ju], -1, -2)
+            # Coefficients of every output: the series of P, then those of psi phi
+            # (q, with the constant r psi^2 = r / L in the series' constant term).
+            coef = np.empty((n_out, n_blk, 3 * jc - 1))
+            coef[..., : 2 * jc - 1] = series[None]
+            band_sums = _diagonal_sums(band * weight[:ju]).transpose(1, 0, 2)
+            coef[..., : jc + ju - 1] += band_sums
+            coef[..., 0] += ((ksk[..., ju, ju] + h_inv[..., ju, ju]) / self.length).T
+            q = -ks[..., ju, :]
+            q[..., :ju] += ksk[..., :ju, ju] + h_inv[..., ju, :ju]
+            coef[..., 2 * jc - 1 :] = q.transpose(1, 0, 2)
+            for o in range(n_out):
+                _evaluate_mirrored(halves, coef[o], ticks[o][:, rows])
         return out
+
+
+def _inverse_spd(matrices):
+    """Inverses of a stack (S, k, k) of symmetric positive definite matrices.
+
+    Recursive 2 x 2 block elimination (the Schur complement of the leading block),
+    each level a few stacked products: about twice as fast as LAPACK's LU inverse one
+    small matrix at a time.  Any matrix whose inverse comes out non-finite (not
+    numerically positive definite) is inverted by LU instead.
+    """
+    inverse = _block_inverse(matrices)
+    bad = ~np.isfinite(inverse).all(axis=(-2, -1))
+    if bad.any():
+        inverse[bad] = np.linalg.inv(matrices[bad])
+    return inverse
+
+
+def _block_inverse(matrices):
+    """:func:`_inverse_spd` without the check."""
+    k = matrices.shape[-1]
+    if k == 0:
+        return np.empty(matrices.shape)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        if k == 1:
+            return 1.0 / matrices
+        if k == 2:
+            a, b, c = matrices[:, 0, 0], matrices[:, 0, 1], matrices[:, 1, 1]
+            scale = 1.0 / (a * c - b * b)
+            inverse = np.empty(matrices.shape)
+            np.multiply(c, scale, out=inverse[:, 0, 0])
+            np.multiply(a, scale, out=inverse[:, 1, 1])
+            np.multiply(-b, scale, out=inverse[:, 0, 1])
+            inverse[:, 1, 0] = inverse[:, 0, 1]
+            return inverse
+        h = k // 2
+        a, b, c = matrices[:, :h, :h], matrices[:, :h, h:], matrices[:, h:, h:]
+        a_inv = _block_inverse(a)
+        x = a_inv @ b
+        z_inv = _block_inverse(c - np.swapaxes(b, -1, -2) @ x)
+        xz = x @ z_inv
+        inverse = np.empty(matrices.shape)
+        np.add(a_inv, xz @ np.swapaxes(x, -1, -2), out=inverse[:, :h, :h])
+    np.negative(xz, out=inverse[:, :h, h:])
+    inverse[:, h:, :h] = np.swapaxes(inverse[:, :h, h:], -1, -2)
+    inverse[:, h:, h:] = z_inv
+    return inverse
+
+
+def _diagonal_sums(m):
+    """Cosine series of the quadratic forms ``phi^T M phi`` given ``M`` times the weights.
+
+    ``m`` is (..., r, k) with r <= k (the leading r rows of a matrix, already
+    weighted); entry (j, l) goes to frequencies ``j + l`` and ``|j - l|``.  Returns
+    (..., k + r - 1).  One pass per row (a loop over modes, not over segments).
+    """
+    r, k = m.shape[-2:]
+    sums = np.zeros(m.shape[:-2] + (k + r - 1,))
+    for j in range(r):
+        row = m[..., j, :]
+        sums[..., j : j + k] += row  # j + l
+        sums[..., : k - j] += row[..., j:]  # l - j for l >= j
+        if j:
+            sums[..., j:0:-1] += row[..., :j]  # j - l for l < j
+    return sums
+
+
+@functools.lru_cache(maxsize=8)
+def _mirrored_series(length, n_modes, alternating):
+    """The functions of :meth:`_Solver.pixel_variance`'s series on the first half of
+    the ticks, split by their symmetry about the middle of the line.
+
+    The columns are ``cos(pi f (t + 1/2) / L)`` for f < 2 J - 1 and, with
+    ``alternating``, ``2 psi(t) phi_j(t)`` for j < J.  At tick ``L - 1 - t`` a column
+    is its value at t times ``(-1)^f`` (the cosines) or ``(-1)^(L - 1 + j)``
+    (``psi phi_j``).  Returns ``(even, odd, even_columns, odd_columns)``: the values of
+    the columns of each symmetry at ticks ``t < ceil(L / 2)``, and which columns.
+    """
+    t = np.arange(length) + 0.5
+    freq = np.arange(2 * n_modes - 1)
+    columns = [np.cos(np.pi * np.outer(t, freq) / length)]
+    sign = [(-1.0) ** freq]
+    if alternating:
+        psi = (-1.0) ** np.arange(length) / math.sqrt(length)
+        columns.append(2.0 * psi[:, None] * _dct_basis(length, n_modes))
+        sign.append((-1.0) ** (length - 1 + np.arange(n_modes)))
+    columns = np.concatenate(columns, axis=1)[: (length + 1) // 2]
+    sign = np.concatenate(sign)
+    even, odd = np.flatnonzero(sign > 0), np.flatnonzero(sign < 0)
+    return (np.ascontiguousarray(columns[:, even]), np.ascontiguousarray(columns[:, odd]),
+            even, odd)
+
+
+def _evaluate_mirrored(halves, coef, out):
+    """Write the series with coefficients ``coef`` (S, F) at every tick into ``out``
+    (L, S): the even and odd parts on the first half of the ticks, their sum there
+    and their difference at the mirrored ticks."""
+    even, odd, even_columns, odd_columns = halves
+    length = out.shape[0]
+    sym = even @ np.ascontiguousarray(coef[:, even_columns].T)
+    anti = odd @ np.ascontiguousarray(coef[:, odd_columns].T)
+    np.add(sym, anti, out=out[: sym.shape[0]])
+    np.subtract(sym[: length // 2], anti[: length // 2], out=out[::-1][: length // 2])
 
 
 def _spd_factor(matrices):
@@ -1271,19 +1411,6 @@ def _cholesky_solve(matrices, rhs):
         x[:, i] = (y[:, i] - np.einsum("sj,sj->s", lower[:, i + 1 :, i], x[:, i + 1 :])) \
             / lower[:, i, i]
     return x
-
-
-@functools.lru_cache(maxsize=8)
-def _quadratic_form_reducer(length, n_modes):
-    """R with ``phi(t)^T P phi(t) = sum_f (vec(P) @ R)_f cos(pi f (t + 1/2) / L)``."""
-    j = np.arange(n_modes)
-    scale = np.where(j == 0, math.sqrt(1.0 / length), math.sqrt(2.0 / length))
-    weight = 0.5 * np.outer(scale, scale)
-    reducer = np.zeros((n_modes, n_modes, 2 * n_modes - 1))
-    jj, kk = np.meshgrid(j, j, indexing="ij")
-    np.add.at(reducer, (jj, kk, jj + kk), weight)
-    np.add.at(reducer, (jj, kk, np.abs(jj - kk)), weight)
-    return reducer.reshape(n_modes * n_modes, 2 * n_modes - 1)
 
 
 # --------------------------------------------------------------------------------------
