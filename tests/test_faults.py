@@ -301,23 +301,30 @@ def running_rule_script(workdir):
     return None
 
 
-def test_sigint_then_rerun_gives_the_uninterrupted_products(reference, server, tmp_path):
-    assert reference["result"].returncode == 0
-    config = write_config(tmp_path, server.url)
-    results = tmp_path / "results"
-    process = start_workflow(tmp_path, config)
-    try:
-        wait_until(lambda: list(results.glob(f"{PROGRAM}/*/*_mask.json")), process,
-                   "first mask")
-        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole process group
-        process.wait(timeout=120)
-    finally:
-        stop_group(process)
-    log = (tmp_path / "interrupted.log").read_text()
-    assert process.returncode != 0, log[-3000:]
-    assert not (results / "run_status.json").exists(), "interrupted too late"
+def test_sigint_then_rerun_gives_the_uninterrupted_products(reference, served, tmp_path):
+    from nsclean.testing.mastserver import MastServer
 
-    again = run_workflow(tmp_path, config)
+    assert reference["result"].returncode == 0
+    directory, stems = served
+    # The last exposure's download stalls once for 10 s, so the run is still going when
+    # the first mask appears and Ctrl-C comes (the rest of the run takes a second or two).
+    with MastServer(directory, slow_seconds=10.0,
+                    faults={f"{stems[-1]}_calints.fits": ["slow"]}) as server:
+        config = write_config(tmp_path, server.url)
+        results = tmp_path / "results"
+        process = start_workflow(tmp_path, config)
+        try:
+            wait_until(lambda: list(results.glob(f"{PROGRAM}/*/*_mask.json")), process,
+                       "first mask")
+            os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: the whole process group
+            process.wait(timeout=120)
+        finally:
+            stop_group(process)
+        log = (tmp_path / "interrupted.log").read_text()
+        assert process.returncode != 0, log[-3000:]
+        assert not (results / "run_status.json").exists(), "interrupted too late"
+
+        again = run_workflow(tmp_path, config)
     assert again.returncode == 0, again.stdout[-5000:]
     assert_same_products(results, reference["results"])
     assert leftover_temporaries(results) == []
