@@ -249,11 +249,19 @@ def test_refused_and_persistently_failing_downloads_fail_their_exposure_only(ser
 # ------------------------------------------------------------------------------------
 # interruptions
 # ------------------------------------------------------------------------------------
+def _default_sigint():
+    # A shell without job control starts background commands with SIGINT ignored, and
+    # an ignored signal stays ignored across exec (Python then installs no Ctrl-C
+    # handler): the workflow gets the default, as a terminal's foreground job does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_workflow(workdir, config):
     """Start the workflow in its own process group (as a shell runs a command)."""
     log = open(workdir / "interrupted.log", "w", encoding="utf-8")  # noqa: SIM115
     process = subprocess.Popen(snakemake_command(config), cwd=workdir, stdout=log,
-                               stderr=subprocess.STDOUT, start_new_session=True)
+                               stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=_default_sigint)
     process.log = log
     return process
 
