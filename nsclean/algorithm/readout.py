@@ -49,6 +49,7 @@ import threading
 
 import numpy as np
 
+from .core import _set_border
 from .nirspec import CHANNEL_ROWS, LINE_OVERHEAD_TICKS, N_CHANNELS, REFERENCE_BORDER
 from .orientation import detector_to_dms, dms_to_detector, normalize_detector
 
@@ -125,9 +126,7 @@ def fit_readout(dms_image, valid, detector, opts, *, full_frame, variance=False)
         # model is its level (zero on a full frame's reference border).
         model = np.full(dms_image.shape, level, dtype=dtype)
         if full_frame:
-            b = REFERENCE_BORDER
-            model[:b] = model[-b:] = 0
-            model[:, :b] = model[:, -b:] = 0
+            _set_border(model, 0)
         info = {"n_lines": int(dms_image.shape[1]), "n_rejected": 0,
                 "n_background": valid.sum(axis=0), "n_predicted": 0}
         return model, info, (np.zeros(dms_image.shape, np.float32) if variance else None)
@@ -243,9 +242,8 @@ def shared_covariance(planes, valid, detector):
             usable = valid & np.isfinite(plane)
             if not usable.any():
                 continue
-            level, sigma = _level_and_sigma(plane, usable)
-            lines = dms_to_detector(plane, detector).astype(np.float64) - level
-            good = dms_to_detector(usable, detector) & (np.abs(lines) <= _FAR * sigma)
+            lines, _, good = _series_samples(plane, usable, detector,
+                                             *_level_and_sigma(plane, usable))
             more_products, more_pairs = kriging.autocovariance(lines, good)
             products, pairs = products + more_products, pairs + more_pairs
         if not np.isscalar(pairs) and kriging.fit_autocovariance(products, pairs):
@@ -260,6 +258,15 @@ def shared_covariance(planes, valid, detector):
         _SHARED_COVARIANCE.pop(key, None)
 
 
+def _series_samples(dms_image, valid, detector, level, sigma):
+    """A subarray as read-out lines (detector frame, ``level`` subtracted): ``(lines,
+    given, usable)``, ``given`` the finite background samples and ``usable`` those
+    within ``_FAR`` sigma of the level."""
+    lines = dms_to_detector(dms_image, detector).astype(np.float64) - level
+    given = dms_to_detector(valid, detector) & np.isfinite(lines)
+    return lines, given, given & (np.abs(lines) <= _FAR * sigma)
+
+
 def _fit_subarray(dms_image, valid, detector, opts, level, sigma, variance, dtype):
     """Subarray: kriging along the read-out time series (:class:`_SeriesKriging`).
 
@@ -268,9 +275,7 @@ def _fit_subarray(dms_image, valid, detector, opts, level, sigma, variance, dtyp
     reach are predicted from the nearest samples further away.  Returns None when the
     background cannot give a covariance (the chunked DCT model is then used).
     """
-    lines = dms_to_detector(dms_image, detector).astype(np.float64) - level
-    given = dms_to_detector(valid, detector) & np.isfinite(lines)
-    usable = given & (np.abs(lines) <= _FAR * sigma)
+    lines, given, usable = _series_samples(dms_image, valid, detector, level, sigma)
     kriging = _SeriesKriging(*lines.shape)
     shared = _SHARED_COVARIANCE.get((detector, lines.shape))
     if shared is not None:
@@ -366,9 +371,7 @@ class _LineLayout:
         grid = dms.reshape(self.n_out, self.length, self.n_lines)
         solver.evaluate(coef, dtype, out=grid, flipped=range(1, self.n_out, 2))
         dms += dms.dtype.type(offset)
-        b = REFERENCE_BORDER
-        dms[:b] = dms[-b:] = 0
-        dms[:, :b] = dms[:, -b:] = 0
+        _set_border(dms, 0)
         return dms
 
     def variance(self, solver):
@@ -377,18 +380,14 @@ class _LineLayout:
         dms = np.empty(self.shape, dtype=np.float32)
         grid = dms.reshape(self.n_out, self.length, self.n_lines)
         solver.pixel_variance(out=grid, flipped=range(1, self.n_out, 2))
-        b = REFERENCE_BORDER
-        dms[:b] = dms[-b:] = 0
-        dms[:, :b] = dms[:, -b:] = 0
+        _set_border(dms, 0)
         return dms
 
     def to_dms(self, segments, dtype, offset=0.0):
         dms = np.empty(self.shape, dtype=dtype)
         for outputs, view in self._tick_views(dms):
             np.add(segments[outputs], offset, out=view, casting="unsafe")
-        b = REFERENCE_BORDER
-        dms[:b] = dms[-b:] = 0
-        dms[:, :b] = dms[:, -b:] = 0
+        _set_border(dms, 0)
         return dms
 
 
@@ -808,9 +807,6 @@ class _GramMaker:
         gram *= self.scale[:rows] * scale
         return gram
 
-    def matrices(self, mask):
-        return self.from_sums(self.sums(mask))
-
 
 # --------------------------------------------------------------------------------------
 # The batched conditional mean
@@ -883,11 +879,8 @@ class _Solver:
                 [left, self._basis32.T * self.alternating.astype(np.float32)], axis=0)
         left = np.ascontiguousarray(left)
 
-        def block(s0):
-            self._build_block(slice(s0, min(s0 + _SOLVE_BLOCK, n_seg)), left)
-
         for s0 in range(0, n_seg, _SOLVE_BLOCK):
-            block(s0)
+            self._build_block(slice(s0, min(s0 + _SOLVE_BLOCK, n_seg)), left)
 
     def _build_block(self, segments, left):
         """:meth:`_build` for the segments ``segments`` (a slice)."""
@@ -939,15 +932,12 @@ class _Solver:
             coef = previous.copy()
             segments = self.changed
 
-        def block(s0):
+        for s0 in range(0, n_seg if segments is None else len(segments), _SOLVE_BLOCK):
             if segments is None:
                 rows = slice(s0, min(s0 + _SOLVE_BLOCK, n_seg))
             else:
                 rows = segments[s0 : s0 + _SOLVE_BLOCK]
             self._solve_block(rows, coef, var)
-
-        for s0 in range(0, n_seg if segments is None else len(segments), _SOLVE_BLOCK):
-            block(s0)
         self.changed = np.zeros(0, dtype=int)
         return (coef, var) if variances else coef
 
@@ -955,10 +945,10 @@ class _Solver:
         """The per-output blocks eliminated for the segments ``rows`` (a slice or an
         index array) under the current prior.
 
-        Returns ``(schur, rhs_c, h, h_inv, coupling, h_inv_r)``: the Schur complements
-        (S, Jc, Jc) and their right-hand sides, the per-output blocks ``H_o``, their
-        inverses, ``K_o = H_o^-1 U^T M_o D`` and ``H_o^-1 r_u`` (None without
-        per-output modes).  With ``keep``, also stored in the kept arrays.
+        Returns ``(schur, rhs_c, h_inv, coupling, h_inv_r)``: the Schur complements
+        (S, Jc, Jc) and their right-hand sides, the inverses of the per-output blocks
+        ``H_o``, ``K_o = H_o^-1 U^T M_o D`` and ``H_o^-1 r_u`` (None without per-output
+        modes).  With ``keep``, also stored in the kept arrays.
         """
         jc, ku, n_out = self.jc, self.ku, self.n_out
         # The Gram matrices are divided by the white variance, so the coefficients and
@@ -973,7 +963,7 @@ class _Solver:
         if not ku:
             if keep:
                 self._schur[rows] = schur
-            return schur, rhs_c, None, None, None, None
+            return schur, rhs_c, None, None, None
         inv_u = 1.0 / self.prior.output
         gram_rows = self.gram_rows[rows]  # (S, O, Ku, Jc)
         h = self.gram_u[rows].copy()
@@ -995,13 +985,13 @@ class _Solver:
         if keep:
             self._schur[rows], self._h_inv[rows] = schur, h_inv
             self._coupling[rows] = coupling
-        return schur, rhs_c, h, h_inv, coupling, h_inv_r
+        return schur, rhs_c, h_inv, coupling, h_inv_r
 
     def _solve_block(self, rows, coef, var):
         """:meth:`solve` for the segments ``rows`` (a slice or an index array); writes
         ``coef`` (and ``var``) there."""
         jc, ku, n_out = self.jc, self.ku, self.n_out
-        schur, rhs_c, _, h_inv, coupling, h_inv_r = self._eliminated(rows, self.keep_factors)
+        schur, rhs_c, h_inv, coupling, h_inv_r = self._eliminated(rows, self.keep_factors)
         if var is not None:
             # One inverse Cholesky factor of every Schur complement serves the means
             # and the variances (an LU solve plus an inverse cost three times more).
@@ -1132,7 +1122,7 @@ class _Solver:
     def coefficient_variances(self, rows=slice(None)):
         """Posterior variances of the coefficients of these segments, under the
         current prior and Gram matrices (those of the last solve)."""
-        schur, _, _, h_inv, coupling, _ = self._eliminated(rows)
+        schur, _, h_inv, coupling, _ = self._eliminated(rows)
         return self._variances(_spd_factor(schur), h_inv, coupling)
 
     def share_neighbours(self, coef):
